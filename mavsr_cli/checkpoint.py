@@ -1,0 +1,68 @@
+"""Self-describing checkpoints: only what was trained, plus what is needed to use it.
+
+exp/<tag>/ckpt/step-NNNNNN/
+    model.safetensors   trained tensors (projectors, LoRA, modality markers); metadata "meta"
+    trainer.pt          optimizer + scheduler + epoch, for resuming (weights_only load)
+meta: mavsr version, rate grid (tags), LoRA strategy, modality, LLM and encoder references,
+feature dims and cache tag, step/epoch. The resolved config lies in exp/<tag>/config.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import MavsrError
+
+
+def save(ckpt_root: Path, step: int, state: dict, meta: dict, trainer: dict | None, keep: int) -> Path:
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = ckpt_root / f".step-{step:06d}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"meta": json.dumps(meta, sort_keys=True)})
+    if trainer is not None:
+        torch.save(trainer, tmp / "trainer.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.glob("step-*") if (p / "model.safetensors").is_file())
+
+
+def latest(exp_dir: Path) -> Path:
+    ckpts = list_checkpoints(exp_dir / "ckpt")
+    if not ckpts:
+        raise MavsrError(f"no checkpoint in {exp_dir}/ckpt: train first (`mavsr train`)")
+    return ckpts[-1]
+
+
+def read_meta(ckpt: Path) -> dict:
+    try:
+        with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+            return json.loads(f.metadata()["meta"])
+    except Exception as e:
+        raise MavsrError(f"unreadable checkpoint {ckpt}: {e}") from None
+
+
+def load_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(ckpt / "model.safetensors"))
+    except Exception as e:
+        raise MavsrError(f"unreadable checkpoint {ckpt}: {e}") from None

@@ -1,0 +1,191 @@
+"""The `mavsr` command line: parse options, then call one stage function. No logic here."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .errors import MavsrError
+
+app = typer.Typer(
+    name="mavsr",
+    help="Adaptive audio-visual speech recognition with Matryoshka multimodal LLMs. "
+    "Stages read and write files in a recipe directory: prepare -> extract-features -> train -> "
+    "decode -> score.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+DirOpt = Annotated[Path, typer.Option("--dir", "-d", help="Recipe directory holding data/, dump/, exp/.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (e.g. conf/synth.yaml); defaults otherwise.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo work even if its .done marker exists.")]
+
+
+def _log(msg: str) -> None:
+    out.print(msg, highlight=False, markup=False)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _recipe(d: Path):
+    from .recipe import Recipe
+
+    if not d.is_dir():
+        raise MavsrError(f"recipe directory not found: {d}")
+    return Recipe(d)
+
+
+@app.command()
+def prepare(
+    corpus: Annotated[str, typer.Argument(help="Corpus to prepare: synth (lrs3, lrs2: not yet, see issue 6).")],
+    dir: DirOpt = Path("."),
+    num_utts: Annotated[int, typer.Option(help="synth: utterances in the train split.")] = 400,
+    test_utts: Annotated[int, typer.Option(help="synth: utterances in the test split.")] = 60,
+    speakers: Annotated[int, typer.Option(help="synth: number of speakers (voice + face).")] = 4,
+    heldout_speakers: Annotated[int, typer.Option(help="synth: speakers used only in test (0 = test uses all).")] = 0,
+    seed: Annotated[int, typer.Option(help="synth: random seed; the corpus is a function of it.")] = 0,
+    force: ForceOpt = False,
+) -> None:
+    """Turn a corpus into data/<split>/manifest.jsonl (synth: generate it first under corpus/synth/)."""
+    from .stages import prepare as stage
+
+    if corpus != "synth":
+        raise MavsrError(f"corpus {corpus!r} is not supported yet (available: synth; lrs3/lrs2 come with issue 6)")
+    recipe = _recipe(dir)
+    stage.run_synth(recipe, stage.SynthOptions(num_utts, test_utts, speakers, heldout_speakers, seed), force, _log)
+
+
+@app.command("tiny-models")
+def tiny_models(
+    dir: DirOpt = Path("."),
+    audio_dim: Annotated[int, typer.Option(help="Whisper encoder width.")] = 128,
+    audio_layers: Annotated[int, typer.Option(help="Whisper encoder layers.")] = 2,
+    video_dim: Annotated[int, typer.Option(help="Lip encoder width.")] = 128,
+    video_layers: Annotated[int, typer.Option(help="Lip encoder transformer layers.")] = 2,
+    llm_hidden: Annotated[int, typer.Option(help="Llama hidden size.")] = 192,
+    llm_layers: Annotated[int, typer.Option(help="Llama layers.")] = 2,
+    lm_epochs: Annotated[int, typer.Option(help="Language-model warm-up epochs on the train transcripts (0 = none).")] = 8,
+    seed: Annotated[int, typer.Option(help="Random seed for the initial weights.")] = 0,
+    force: ForceOpt = False,
+) -> None:
+    """Synthetic recipe only: build small Whisper, lip encoder and Llama into models/ (real on-disk formats)."""
+    _quiet_libraries()
+    from .stages import tiny_models as stage
+
+    opt = stage.TinyOptions(audio_dim, audio_layers, video_dim, video_layers, llm_hidden, llm_layers, lm_epochs, seed=seed)
+    stage.run(_recipe(dir), opt, force, _log)
+
+
+@app.command("extract-features")
+def extract_features(
+    dir: DirOpt = Path("."),
+    config: ConfigOpt = None,
+    split: Annotated[list[str], typer.Option("--split", "-s", help="Split(s) to extract; repeat the option for several.")] = ["train", "test"],
+    force: ForceOpt = False,
+) -> None:
+    """Run the frozen encoders once and cache native-rate features in dump/<encoders>/<split>/."""
+    _quiet_libraries()
+    from . import config as C
+    from .stages import extract_features as stage
+
+    stage.run(_recipe(dir), C.load(config), split, force, _log)
+
+
+@app.command()
+def train(
+    dir: DirOpt = Path("."),
+    config: ConfigOpt = None,
+    rates: Annotated[str, typer.Option(help="'all' = every configuration of the config's grid, or tags like a4v2,a16v5.")] = "all",
+    tag: Annotated[str | None, typer.Option(help="Experiment name under exp/ (default: <config>_<lora>_<rates>).")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Matryoshka training of projectors + LoRA over the frozen LLM; writes exp/<tag>/."""
+    _quiet_libraries()
+    from . import config as C
+    from .stages import train as stage
+
+    cfg = C.load(config)
+    tag = tag or stage.default_tag(str(config) if config else None, cfg.model.lora.strategy, rates)
+    stage.run(_recipe(dir), cfg, rates, tag, force, _log)
+
+
+@app.command()
+def decode(
+    exp: Annotated[Path, typer.Option(help="Experiment dir (exp/<tag>), relative to --dir or absolute.")],
+    dir: DirOpt = Path("."),
+    split: Annotated[str, typer.Option(help="Split to decode.")] = "test",
+    audio_rate: Annotated[int | None, typer.Option(help="Audio compression rate (must be in the trained grid).")] = None,
+    video_rate: Annotated[int | None, typer.Option(help="Video compression rate (must be in the trained grid).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Utterances decoded together (default: config).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Longest transcript generated (default: config).")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Decode a split at one rate pair, greedily and deterministically, into exp/<tag>/decode_<rates>_greedy/<split>/."""
+    _quiet_libraries()
+    from .stages import decode as stage
+
+    stage.run(_recipe(dir), exp, split, audio_rate, video_rate, batch_size, max_new_tokens, force, _log)
+
+
+@app.command()
+def score(
+    exp: Annotated[Path, typer.Option(help="Experiment dir (exp/<tag>), relative to --dir or absolute.")],
+    dir: DirOpt = Path("."),
+    force: ForceOpt = False,
+) -> None:
+    """Score every finished decode dir of an experiment (wer.json, result.txt) and write exp/<tag>/RESULTS.md."""
+    from .stages import score as stage
+
+    stage.run(_recipe(dir), exp, force, _log)
+
+
+@app.command()
+def info() -> None:
+    """Print versions of mavsr and its libraries, torchaudio's status and the available devices."""
+    import platform
+
+    import torch
+
+    from . import __version__, compat
+
+    _quiet_libraries()
+    import av
+    import peft
+    import transformers
+
+    _log(f"mavsr {__version__}, Python {platform.python_version()} on {platform.machine()}")
+    _log(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, PyAV {av.__version__}")
+    _log("torchaudio: " + ("usable" if compat.TORCHAUDIO is not None else f"not used ({compat.TORCHAUDIO_ERROR})"))
+    cuda = torch.cuda.is_available()
+    _log(f"devices: cpu ({os.cpu_count()} cores)" + (f", cuda x{torch.cuda.device_count()} ({torch.cuda.get_device_name(0)})" if cuda else ""))
+
+
+def main() -> None:
+    try:
+        app()
+    except MavsrError as e:
+        from rich.markup import escape
+
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]: finished work is kept; rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Configuration: frozen dataclasses (one comment per field), loaded from and dumped to YAML.
+
+A recipe's `conf/*.yaml` overrides the defaults below; unknown keys are an error that names the
+nearest valid key. The resolved config is written beside every output (`config.yaml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import MavsrError
+from .rates import Rates, grid
+
+
+@dataclass(frozen=True)
+class AudioEncoderConfig:
+    path: str = "openai/whisper-small"  # Whisper model: hub id or local dir (from_pretrained)
+    mode: str = "fast"  # fast: run encoder layers on the true length; faithful: pad to 30 s as Whisper does
+    sample_rate: int = 16000  # input sample rate expected by the feature extractor
+
+
+@dataclass(frozen=True)
+class VideoEncoderConfig:
+    path: str = "large_vox_iter5.pt"  # video encoder: mavsr dir (config.json + safetensors)
+    fps: int = 25  # video frame rate the encoder expects
+    crop: int = 88  # centre crop (pixels) taken from the 96x96 mouth ROI (paper.md, Pipeline 2)
+    mean: float = 0.421  # pixel normalisation mean (reference code)
+    std: float = 0.165  # pixel normalisation std (reference code)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    strategy: str = "ms"  # ms: one shared LoRA for every configuration (SS/MSS: issue 3)
+    rank: int = 64  # LoRA bottleneck (64 for Llama 3.2-1B in the reference code)
+    alpha: int = 8  # LoRA scaling numerator (scale = alpha / rank)
+    dropout: float = 0.05  # dropout on the LoRA input
+    targets: tuple[str, ...] = ("q_proj", "v_proj")  # attention projections adapted (paper.md, LLM)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    llm: str = "meta-llama/Llama-3.2-1B"  # causal LM: hub id or local dir (from_pretrained)
+    modality: str = "av"  # av: audio-visual, a: audio only (ASR), v: video only (VSR)
+    audio_rates: tuple[int, ...] = (4, 16)  # Matryoshka audio rates (50 Hz / r tokens per second)
+    video_rates: tuple[int, ...] = (2, 5)  # Matryoshka video rates (25 Hz / r tokens per second)
+    compression: str = "avg"  # avg: average pooling of r tokens; stack: concatenate r tokens
+    projector_hidden: int = 2048  # hidden width of each per-rate projector MLP
+    projector_layernorm: bool = False  # LayerNorm after the projector
+    prompt: str = ""  # instruction after the media tokens; empty = the paper's prompt for the modality
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def rate_grid(self) -> list[Rates]:
+        """Every configuration trained together (audio rates x video rates for AVSR)."""
+        a = list(self.audio_rates) if self.modality in ("av", "a") else None
+        v = list(self.video_rates) if self.modality in ("av", "v") else None
+        return grid(a, v)
+
+    def resolved_prompt(self) -> str:
+        if self.prompt:
+            return self.prompt
+        return {
+            "av": "Transcribe speech and video to text.",
+            "a": "Transcribe speech to text.",
+            "v": "Transcribe video to text.",
+        }[self.modality]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 8  # utterances per step
+    lr: float = 1e-3  # peak learning rate (paper: 1e-3 ASR/AVSR)
+    weight_decay: float = 0.1  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas
+    warmup_steps: int = 0  # linear warm-up steps before cosine decay (paper: none)
+    grad_clip: float = 10.0  # max gradient norm
+    seed: int = 0  # seed for initialisation and data order
+    log_every: int = 10  # steps between log lines in train.log
+    keep_checkpoints: int = 2  # how many step checkpoints to keep
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    batch_size: int = 16  # utterances decoded together
+    max_new_tokens: int = 32  # longest transcript generated (paper: 32)
+
+
+@dataclass(frozen=True)
+class Config:
+    audio_encoder: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
+    video_encoder: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(dataclasses.asdict(self))
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _to_plain(x):
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise MavsrError(f"config section {where or 'top level'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else f" (valid: {', '.join(names)})"
+            raise MavsrError(f"unknown config key {where + key!r}{hint}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value or {}, f"{where}{key}.")
+        elif typing.get_origin(typ) is tuple and isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def from_dict(data: dict) -> Config:
+    return _build(Config, data or {}, "")
+
+
+def load(path: str | Path | None) -> Config:
+    """Load a YAML config over the defaults; None gives the defaults."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    if not p.is_file():
+        raise MavsrError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise MavsrError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    cfg = from_dict(data or {})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    m = cfg.model
+    if m.modality not in ("av", "a", "v"):
+        raise MavsrError(f"model.modality must be av, a or v, got {m.modality!r}")
+    if m.compression not in ("avg", "stack"):
+        raise MavsrError(f"model.compression must be avg or stack, got {m.compression!r}")
+    if m.lora.strategy != "ms":
+        raise MavsrError(f"model.lora.strategy {m.lora.strategy!r} is not supported yet (only ms)")
+    if cfg.audio_encoder.mode not in ("fast", "faithful"):
+        raise MavsrError(f"audio_encoder.mode must be fast or faithful, got {cfg.audio_encoder.mode!r}")
+    m.rate_grid()

@@ -1,0 +1,86 @@
+"""The feature cache: native-rate encoder outputs (audio 50 Hz, video 25 Hz), before compression.
+
+dump/<encoders-tag>/<split>/
+    shard-NNNNN.safetensors   tensors "<id>/audio" (Ta, Da) and "<id>/video" (Tv, Dv), fp16;
+                              metadata "ids" (JSON list) so a rerun can verify and reuse a shard
+    index.jsonl               {"id", "shard", "audio_len", "video_len"} per utterance
+    provenance.json           encoders, their config and weights hashes, dims
+One cache serves every rate configuration: compression happens at load time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import MavsrError
+
+
+def file_digest(path: Path, limit: int = 64 << 20) -> str:
+    """sha256 of a file (of its first and last `limit` bytes for very large files, plus its size)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= 2 * limit:
+            h.update(f.read())
+        else:
+            h.update(f.read(limit))
+            f.seek(size - limit)
+            h.update(f.read(limit))
+    return h.hexdigest()
+
+
+def model_digest(path: str) -> str:
+    """A hash of a model dir's config and weight files, or of the reference itself for hub ids."""
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_dir():
+        for f in sorted(p.iterdir()):
+            if f.suffix in (".json", ".safetensors", ".bin", ".pt"):
+                h.update(f.name.encode())
+                h.update(file_digest(f).encode())
+    elif p.is_file():
+        h.update(file_digest(p).encode())
+    else:
+        h.update(path.encode())
+    return h.hexdigest()
+
+
+class FeatureStore:
+    """Read access to one split of the cache."""
+
+    def __init__(self, d: Path) -> None:
+        self.dir = Path(d)
+        idx = self.dir / "index.jsonl"
+        if not (self.dir / ".done").is_file() or not idx.is_file():
+            raise MavsrError(f"no finished feature cache at {self.dir}: run `mavsr extract-features` first")
+        self.entries = {}
+        for line in idx.read_text().splitlines():
+            e = json.loads(line)
+            self.entries[e["id"]] = e
+        self.provenance = json.loads((self.dir / "provenance.json").read_text())
+        self._handles: dict[str, object] = {}
+
+    def ids(self) -> list[str]:
+        return sorted(self.entries)
+
+    def get(self, uid: str, modality: str) -> torch.Tensor:
+        e = self.entries[uid]
+        h = self._handles.get(e["shard"])
+        if h is None:
+            h = self._handles[e["shard"]] = safe_open(str(self.dir / e["shard"]), framework="pt")
+        return h.get_tensor(f"{uid}/{modality}").float()
+
+
+def pad_batch(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """list of (T_i, D) -> (B, T, D) zero-padded, lengths (B,)."""
+    lengths = torch.tensor([t.shape[0] for t in tensors])
+    out = torch.zeros(len(tensors), int(lengths.max()), tensors[0].shape[1])
+    for i, t in enumerate(tensors):
+        out[i, : t.shape[0]] = t
+    return out, lengths

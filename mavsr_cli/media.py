@@ -1,0 +1,137 @@
+"""Media I/O through PyAV: mouth-ROI video and 16 kHz mono audio.
+
+Read errors of any kind (missing file, truncated container, no stream of the wanted type) become
+one `MediaError` with the file name, so callers can count and skip bad utterances.
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from .errors import MavsrError
+
+SAMPLE_RATE = 16000
+FPS = 25
+
+
+class MediaError(MavsrError):
+    pass
+
+
+def _open(path: Path):
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"media file not found: {path}")
+    try:
+        return av.open(str(path))
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise MediaError(f"cannot open {path}: {e}") from None
+
+
+def read_video_gray(path: Path) -> np.ndarray:
+    """All frames as grayscale uint8, (T, H, W)."""
+    frames = []
+    with _open(path) as c:
+        if not c.streams.video:
+            raise MediaError(f"{path} has no video stream")
+        try:
+            for frame in c.decode(video=0):
+                frames.append(frame.to_ndarray(format="gray"))
+        except (av.error.FFmpegError, ValueError) as e:
+            raise MediaError(f"corrupt video in {path}: {e}") from None
+    if not frames:
+        raise MediaError(f"{path} has no video frames")
+    return np.stack(frames)
+
+
+def read_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """The first audio stream, mixed to mono and resampled, as float32 in [-1, 1], (T,)."""
+    chunks = []
+    with _open(path) as c:
+        if not c.streams.audio:
+            raise MediaError(f"{path} has no audio stream")
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        try:
+            for frame in c.decode(audio=0):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+        except (av.error.FFmpegError, ValueError) as e:
+            raise MediaError(f"corrupt audio in {path}: {e}") from None
+    if not chunks:
+        raise MediaError(f"{path} has no audio samples")
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def _tmp_for(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+
+
+def write_av(path: Path, frames: np.ndarray, audio: np.ndarray | None, fps: int = FPS,
+             sample_rate: int = SAMPLE_RATE, crf: int = 18) -> None:
+    """Write grayscale frames (T, H, W) uint8 as H.264 and optional mono float audio as AAC.
+
+    Written to a temporary name and renamed, so a crash never leaves a half file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_for(path)
+    t, h, w = frames.shape
+    try:
+        with av.open(str(tmp), "w", format="mp4") as c:
+            vs = c.add_stream("libx264", rate=fps)
+            vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+            vs.options = {"crf": str(crf), "preset": "veryfast"}
+            vs.codec_context.time_base = Fraction(1, fps)
+            ast = None
+            if audio is not None:
+                ast = c.add_stream("aac", rate=sample_rate, layout="mono")
+            for i in range(t):
+                vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="gray")
+                vf.pts = i
+                for pkt in vs.encode(vf.reformat(format="yuv420p")):
+                    c.mux(pkt)
+            for pkt in vs.encode(None):
+                c.mux(pkt)
+            if ast is not None:
+                pcm = np.clip(audio, -1, 1).astype(np.float32)
+                step = 1024
+                for start in range(0, len(pcm), step):
+                    chunk = pcm[start:start + step]
+                    af = av.AudioFrame.from_ndarray(chunk[None, :], format="flt", layout="mono")
+                    af.sample_rate = sample_rate
+                    af.pts = start
+                    for pkt in ast.encode(af):
+                        c.mux(pkt)
+                for pkt in ast.encode(None):
+                    c.mux(pkt)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_wav(path: Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """16-bit PCM WAV, written atomically."""
+    import wave
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_for(path)
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+    try:
+        with wave.open(str(tmp), "wb") as f:
+            f.setnchannels(1)
+            f.setsampwidth(2)
+            f.setframerate(sample_rate)
+            f.writeframes(pcm.tobytes())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

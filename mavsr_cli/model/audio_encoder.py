@@ -1,0 +1,85 @@
+"""Frozen Whisper audio encoder, loaded through transformers' `from_pretrained`.
+
+Whisper's encoder insists on 30 s of log-mel (3000 frames). Two ways to encode shorter speech:
+  faithful: pad to 30 s as Whisper was trained, run the model, keep the frames of the true length;
+  fast:     drive the conv stem and layers directly on the true length, with the positional
+            embeddings sliced to it (design.md, "Whisper and Llama").
+Output: 50 tokens per second of audio, (T, d_model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import MavsrError
+
+
+class WhisperAudioEncoder(nn.Module):
+    def __init__(self, extractor, encoder, mode: str = "fast") -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.mode = mode
+        self.dim = encoder.config.d_model
+
+    @classmethod
+    def load(cls, name_or_path: str, mode: str = "fast") -> WhisperAudioEncoder:
+        from transformers import WhisperFeatureExtractor, WhisperModel
+
+        try:
+            extractor = WhisperFeatureExtractor.from_pretrained(name_or_path)
+            # WhisperModel maps both hub layouts (WhisperModel and ...ForConditionalGeneration
+            # checkpoints); WhisperEncoder.from_pretrained would silently leave weights random.
+            model, info = WhisperModel.from_pretrained(name_or_path, output_loading_info=True)
+        except OSError as e:
+            raise MavsrError(f"cannot load Whisper from {name_or_path!r}: {str(e).splitlines()[0]}") from None
+        missing = [k for k in info["missing_keys"] if k.startswith("encoder.")]
+        if missing:
+            raise MavsrError(f"Whisper checkpoint {name_or_path!r} lacks encoder weights: {', '.join(missing[:3])}")
+        encoder = model.encoder
+        del model  # the decoder is not needed
+        return cls(extractor, encoder, mode)
+
+    @staticmethod
+    def tiny(out_dir: Path, d_model: int = 128, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
+        """Build a small random Whisper from a config and save it in the real on-disk format."""
+        from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+        torch.manual_seed(seed)
+        cfg = WhisperConfig(
+            num_mel_bins=80, d_model=d_model, encoder_layers=layers, decoder_layers=1,
+            encoder_attention_heads=heads, decoder_attention_heads=heads,
+            encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model, vocab_size=64, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+            max_source_positions=1500, max_target_positions=64,
+        )
+        WhisperForConditionalGeneration(cfg).save_pretrained(out_dir)  # the hub's layout
+        WhisperFeatureExtractor(feature_size=80).save_pretrained(out_dir)
+        return Path(out_dir)
+
+    @torch.no_grad()
+    def forward(self, wav: np.ndarray) -> torch.Tensor:
+        """One utterance of 16 kHz mono float audio -> (T, d_model) at 50 Hz."""
+        n_tokens = max(1, len(wav) // 320)  # 10 ms mel hop, then stride-2 conv: 20 ms per token
+        enc = self.encoder
+        dev = enc.conv1.weight.device
+        if self.mode == "faithful":
+            mel = self.extractor(wav, sampling_rate=16000, return_tensors="pt").input_features
+            out = enc(mel.to(dev, enc.conv1.weight.dtype)).last_hidden_state[0]
+            return out[:n_tokens]
+        mel = self.extractor(wav, sampling_rate=16000, return_tensors="pt", padding="longest",
+                             truncation=False).input_features  # (1, 80, frames)
+        mel = mel[..., : 2 * n_tokens].to(dev, enc.conv1.weight.dtype)
+        max_frames = 2 * enc.embed_positions.num_embeddings
+        if mel.shape[-1] > max_frames:
+            raise MavsrError(f"audio of {len(wav) / 16000:.1f} s is longer than Whisper's 30 s window")
+        h = nn.functional.gelu(enc.conv1(mel))
+        h = nn.functional.gelu(enc.conv2(h)).permute(0, 2, 1)  # (1, T, D)
+        h = h + enc.embed_positions.weight[: h.shape[1]]
+        for layer in enc.layers:
+            h = layer(h, None)
+        return enc.layer_norm(h)[0]

@@ -1,0 +1,116 @@
+"""The AVSR model: frozen LLM with LoRA, fed compressed and projected audio/video tokens.
+
+LLM input (paper.md, Pipeline 5):
+    [BOS] <audio> A.. </audio> <video> V.. </video> prompt transcript [EOS]
+The four modality markers are learned embeddings owned by this module (not new rows in the LLM's
+vocabulary), so the frozen LLM is untouched and the checkpoint holds them with the projectors.
+Loss: next-token cross-entropy on the transcript and EOS only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..rates import Rates
+from . import projector as proj
+from .compress import compress
+
+MARKERS = ("<audio>", "</audio>", "<video>", "</video>")
+
+
+class AVSRModel(nn.Module):
+    def __init__(self, llm, tokenizer, projectors: nn.ModuleDict, prompt: str, compression: str,
+                 grid: list[Rates]) -> None:
+        super().__init__()
+        self.llm = llm  # peft-wrapped causal LM
+        self.tokenizer = tokenizer
+        self.projectors = projectors
+        width = llm.get_input_embeddings().weight.shape[1]
+        self.markers = nn.Parameter(torch.randn(len(MARKERS), width) * 0.02)  # (4, D)
+        self.compression = compression
+        self.grid = list(grid)
+        self.prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+
+    # ---- trained state -------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            from ..errors import MavsrError
+
+            raise MavsrError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for n, p in own.items():
+                p.copy_(state[n].to(p.dtype))
+
+    # ---- inputs --------------------------------------------------------------------------
+    def _media_tokens(self, feats: dict, rates: Rates) -> list[list[torch.Tensor]]:
+        """Per utterance, the marker-wrapped compressed token blocks: list of (n_i, D) pieces."""
+        pieces: list[list[torch.Tensor]] = None
+        for modality, rate, (m_open, m_close) in (("audio", rates.audio, (0, 1)), ("video", rates.video, (2, 3))):
+            if rate is None:
+                continue
+            x, lengths = feats[modality]  # (B, T, Din), (B,)
+            y, ylen = compress(x, lengths, rate, self.compression)  # (B, T', Din*)
+            y = self.projectors[proj.key(modality[0], rate)](y)  # (B, T', D)
+            if pieces is None:
+                pieces = [[] for _ in range(y.shape[0])]
+            for i in range(y.shape[0]):
+                pieces[i] += [self.markers[m_open:m_open + 1], y[i, : ylen[i]], self.markers[m_close:m_close + 1]]
+        return pieces
+
+    def _embed(self, ids: list[int], device) -> torch.Tensor:
+        emb = self.llm.get_input_embeddings()
+        return emb(torch.tensor(ids, dtype=torch.long, device=device))
+
+    def build(self, feats: dict, rates: Rates, targets: list[list[int]] | None = None, left_pad: bool = False):
+        """-> inputs_embeds (B, L, D), attention_mask (B, L), labels (B, L) or None."""
+        pieces = self._media_tokens(feats, rates)
+        device = self.markers.device
+        tok = self.tokenizer
+        bos = self._embed([tok.bos_token_id], device)
+        prompt = self._embed(self.prompt_ids, device)
+        seqs, labels = [], []
+        for i, p in enumerate(pieces):
+            prefix = torch.cat([bos] + p + [prompt])  # (P, D)
+            if targets is not None:
+                tgt = targets[i] + [tok.eos_token_id]
+                seqs.append(torch.cat([prefix, self._embed(tgt, device)]))
+                labels.append([-100] * prefix.shape[0] + tgt)
+            else:
+                seqs.append(prefix)
+        longest = max(s.shape[0] for s in seqs)
+        width = seqs[0].shape[1]
+        b = len(seqs)
+        emb = torch.zeros(b, longest, width, dtype=seqs[0].dtype, device=device)
+        mask = torch.zeros(b, longest, dtype=torch.long, device=device)
+        lab = torch.full((b, longest), -100, dtype=torch.long, device=device) if targets is not None else None
+        for i, s in enumerate(seqs):
+            n = s.shape[0]
+            sl = slice(longest - n, longest) if left_pad else slice(0, n)
+            emb[i, sl] = s
+            mask[i, sl] = 1
+            if lab is not None:
+                lab[i, sl] = torch.tensor(labels[i], device=device)
+        return emb, mask, lab
+
+    def loss(self, feats: dict, rates: Rates, targets: list[list[int]]) -> torch.Tensor:
+        emb, mask, lab = self.build(feats, rates, targets)
+        return self.llm(inputs_embeds=emb, attention_mask=mask, labels=lab).loss
+
+    @torch.no_grad()
+    def generate(self, feats: dict, rates: Rates, max_new_tokens: int) -> tuple[list[str], int]:
+        """Greedy, deterministic decoding. Returns texts and the LLM input length per utterance."""
+        emb, mask, _ = self.build(feats, rates, None, left_pad=True)
+        tok = self.tokenizer
+        out = self.llm.generate(
+            inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            num_beams=1, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )
+        texts = tok.batch_decode(out, skip_special_tokens=True)
+        return [" ".join(t.split()) for t in texts], mask.sum(1).tolist()

@@ -1,0 +1,39 @@
+"""Assemble the AVSR model from its parts in numbered steps (design.md, "The model")."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import Config
+from . import llm as llm_mod
+from . import projector as proj
+from .avsr import AVSRModel
+
+
+def build_model(cfg: Config, audio_dim: int | None, video_dim: int | None, seed: int = 0,
+                llm_path: str | None = None) -> AVSRModel:
+    """Build the trainable AVSR model over a frozen LLM; encoder widths come from the feature cache.
+
+    `llm_path` overrides `cfg.model.llm` where the recipe resolved it to a local directory.
+    """
+    m = cfg.model
+    grid = m.rate_grid()
+    torch.manual_seed(seed)
+    # 1. the frozen LLM and its tokenizer, through from_pretrained
+    llm, tok = llm_mod.load(llm_path or m.llm)
+    width = llm.get_input_embeddings().weight.shape[1]
+    # 2. LoRA adapters on the attention projections (MS: one shared adapter)
+    llm = llm_mod.add_lora(llm, m.lora.rank, m.lora.alpha, m.lora.dropout, m.lora.targets)
+    # 3. one projector per (modality, rate); configurations sharing a rate share it
+    stack = m.compression == "stack"
+    projectors = nn.ModuleDict()
+    for r in grid:
+        for modality, rate, dim in (("a", r.audio, audio_dim), ("v", r.video, video_dim)):
+            if rate is None or proj.key(modality, rate) in projectors:
+                continue
+            in_dim = dim * (rate if stack else 1)
+            projectors[proj.key(modality, rate)] = proj.Projector(in_dim, m.projector_hidden, width,
+                                                                  m.projector_layernorm)
+    # 4. the wrapper that builds the LLM input sequence and owns the modality markers
+    return AVSRModel(llm, tok, projectors, m.resolved_prompt(), m.compression, grid)

@@ -1,0 +1,68 @@
+"""The LLM decoder: any transformers causal LM (Llama 3.x by default), frozen, with peft LoRA.
+
+`load` goes through AutoTokenizer/AutoModelForCausalLM.from_pretrained, as for a real Llama.
+`tiny` builds a small Llama and a word-level tokenizer from configs and saves both in the real
+on-disk format, so tests and the synthetic recipe load them through the same `load`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import MavsrError
+
+ADAPTER_MS = "ms"  # the shared LoRA used by every rate configuration (paper.md, MS)
+
+
+def load(name_or_path: str, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except OSError as e:
+        raise MavsrError(f"cannot load LLM from {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if tok.bos_token_id is None or tok.eos_token_id is None:
+        raise MavsrError(f"LLM tokenizer at {name_or_path!r} has no BOS/EOS token")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is masked out; any id will do
+    model.eval().requires_grad_(False)
+    return model, tok
+
+
+def add_lora(model, rank: int, alpha: int, dropout: float, targets: tuple[str, ...]):
+    """Wrap the frozen LLM with the shared LoRA adapter (peft)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                     bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg, adapter_name=ADAPTER_MS)
+
+
+def tiny(out_dir: Path, words: list[str], hidden: int = 192, layers: int = 2, heads: int = 4,
+         seed: int = 0) -> Path:
+    """A small random Llama with a word-level tokenizer over `words`, saved with save_pretrained."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    punct = [".", ",", "?", "!", "'"]
+    vocab = {w: i for i, w in enumerate(specials + punct + sorted(set(words) - set(specials) - set(punct)))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>", pad_token="<pad>")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 8 * 8,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=512, bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
+        pad_token_id=vocab["<pad>"], tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return Path(out_dir)

@@ -1,0 +1,132 @@
+"""Stage `extract-features`: manifests -> native-rate encoder features (see features.py).
+
+    reads  data/<split>/manifest.jsonl and its media; the encoders named in the config
+    writes dump/<encoders-tag>/<split>/{shard-*.safetensors, index.jsonl, provenance.json,
+           config.yaml, cmd.txt, .done}
+Shards are written atomically one by one; a rerun reuses finished shards (resume) and skips a
+finished split. A cache whose provenance names other encoders is refused, not reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .. import manifest as mf
+from ..config import Config
+from ..errors import MavsrError
+from ..features import model_digest
+from ..media import read_audio, read_video_gray
+from ..model.audio_encoder import WhisperAudioEncoder
+from ..model.video_encoder import SmallVideoEncoder
+from ..progress import bar
+from ..recipe import Recipe, atomic_write_json, atomic_write_text, is_done, mark_done, resolve_model, write_provenance
+
+SHARD_SIZE = 256  # utterances per shard
+
+
+def provenance(recipe: Recipe, cfg: Config) -> dict:
+    a, v = cfg.audio_encoder, cfg.video_encoder
+    use_a = cfg.model.modality in ("av", "a")
+    use_v = cfg.model.modality in ("av", "v")
+    return {
+        "audio": {"path": a.path, "mode": a.mode, "digest": model_digest(resolve_model(recipe, a.path))} if use_a else None,
+        "video": {"path": v.path, "crop": v.crop, "mean": v.mean, "std": v.std,
+                  "digest": model_digest(resolve_model(recipe, v.path))} if use_v else None,
+    }
+
+
+def encoders_tag(prov: dict) -> str:
+    """dump/<tag>: readable names plus a short hash of everything that shapes the features."""
+    import hashlib
+
+    names = [os.path.basename(str(prov[m]["path"]).rstrip("/")) for m in ("audio", "video") if prov[m]]
+    h = hashlib.sha256(json.dumps(prov, sort_keys=True).encode()).hexdigest()[:8]
+    return "_".join(names + [h])
+
+
+def video_input(frames: np.ndarray, crop: int, mean: float, std: float) -> torch.Tensor:
+    """(T, H, W) uint8 mouth ROI -> centre crop, scaled to [0, 1], normalised: (T, crop, crop)."""
+    t, h, w = frames.shape
+    if h < crop or w < crop:
+        raise MavsrError(f"mouth ROI of {h}x{w} is smaller than the {crop}x{crop} crop")
+    y0, x0 = (h - crop) // 2, (w - crop) // 2
+    x = torch.from_numpy(frames[:, y0:y0 + crop, x0:x0 + crop].astype(np.float32) / 255.0)
+    return (x - mean) / std
+
+
+def _shard_ok(path, ids: list[str]) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata().get("ids", "[]")) == ids
+    except Exception:
+        return False
+
+
+def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log=print) -> str:
+    prov = provenance(recipe, cfg)
+    tag = encoders_tag(prov)
+    audio_enc = video_enc = None
+    for split in splits:
+        utts = mf.read(recipe.require_manifest(split))
+        out = recipe.dump(tag, split)
+        if is_done(out) and not force:
+            log(f"extract-features: {out.relative_to(recipe.root)} is done (use --force to redo)")
+            continue
+        if out.exists():
+            old = out / "provenance.json"
+            if old.is_file() and json.loads(old.read_text()).get("encoders") != prov:
+                raise MavsrError(f"{out} holds features of other encoders; remove it or use another dump dir")
+            if force:
+                (out / ".done").unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        if audio_enc is None and prov["audio"]:
+            audio_enc = WhisperAudioEncoder.load(resolve_model(recipe, cfg.audio_encoder.path), cfg.audio_encoder.mode)
+        if video_enc is None and prov["video"]:
+            video_enc = SmallVideoEncoder.load(resolve_model(recipe, cfg.video_encoder.path))
+        atomic_write_json(out / "provenance.json", {"encoders": prov})
+        index, dims = [], {}
+        chunks = [utts[i:i + SHARD_SIZE] for i in range(0, len(utts), SHARD_SIZE)]
+        todo = []
+        for n, chunk in enumerate(chunks):
+            name = f"shard-{n:05d}.safetensors"
+            ids = [u.id for u in chunk]
+            if force or not _shard_ok(out / name, ids):
+                todo.append((name, chunk))
+        with torch.inference_mode(), bar() as pbar:
+            task = pbar.add_task(f"extract {split}", total=sum(len(c) for _, c in todo), info="")
+            for name, chunk in todo:
+                tensors = {}
+                for u in chunk:
+                    if audio_enc is not None:
+                        tensors[f"{u.id}/audio"] = audio_enc(read_audio(recipe.resolve_media(u.audio))).half().contiguous()
+                    if video_enc is not None:
+                        vcfg = cfg.video_encoder
+                        x = video_input(read_video_gray(recipe.resolve_media(u.video)), vcfg.crop, vcfg.mean, vcfg.std)
+                        tensors[f"{u.id}/video"] = video_enc(x).half().contiguous()
+                    pbar.advance(task)
+                tmp = out / f".{name}.tmp-{os.getpid()}"
+                save_file(tensors, str(tmp), metadata={"ids": json.dumps([u.id for u in chunk])})
+                os.replace(tmp, out / name)
+        for n, chunk in enumerate(chunks):
+            name = f"shard-{n:05d}.safetensors"
+            with safe_open(str(out / name), framework="pt") as f:
+                for u in chunk:
+                    e = {"id": u.id, "shard": name}
+                    for m in ("audio", "video"):
+                        if prov[m]:
+                            shape = f.get_slice(f"{u.id}/{m}").get_shape()
+                            e[f"{m}_len"] = shape[0]
+                            dims[m] = shape[1]
+                    index.append(e)
+        atomic_write_text(out / "index.jsonl", "".join(json.dumps(e) + "\n" for e in index))
+        atomic_write_json(out / "provenance.json", {"encoders": prov, "dims": dims, "utterances": len(index)})
+        write_provenance(out, cfg.dump())
+        mark_done(out)
+        log(f"extract-features {split}: {len(index)} utterances -> {out.relative_to(recipe.root)}")
+    return tag

@@ -1,0 +1,93 @@
+"""Stage `train`: cached features + transcripts -> a Matryoshka checkpoint.
+
+    reads  dump/<encoders-tag>/train/ (features), data/train/manifest.jsonl (transcripts)
+    writes exp/<tag>/{config.yaml, cmd.txt, train.log, metrics.jsonl, ckpt/step-NNNNNN/, .done}
+`--rates all` trains every configuration of the config's grid together (one checkpoint decodes
+at each); `--rates a16v5` trains a single-configuration baseline with the same code. A rerun of a
+finished experiment is skipped; an interrupted one resumes from its last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from .. import manifest as mf
+from ..config import Config
+from ..errors import MavsrError
+from ..features import FeatureStore
+from ..model.build import build_model
+from ..rates import select
+from ..recipe import Recipe, atomic_write_text, is_done, mark_done, resolve_model, write_provenance
+from ..train_loop import train
+from .extract_features import encoders_tag, provenance
+
+
+class Logger:
+    def __init__(self, path: Path, echo) -> None:
+        self.f = open(path, "a", encoding="utf-8")
+        self.echo = echo
+
+    def __call__(self, msg: str) -> None:
+        self.f.write(msg + "\n")
+        self.f.flush()
+        self.echo(msg)
+
+
+def default_tag(config_path: str | None, strategy: str, rates_spec: str) -> str:
+    stem = Path(config_path).stem if config_path else "default"
+    return f"{stem}_{strategy}_{'all' if rates_spec == 'all' else rates_spec.replace(',', '-')}"
+
+
+def run(recipe: Recipe, cfg: Config, rates_spec: str, tag: str, force: bool = False, log=print) -> Path:
+    grid = cfg.model.rate_grid()
+    rates = select(rates_spec, grid)
+    exp = recipe.exp(tag)
+    if is_done(exp) and not force:
+        log(f"train: {exp.relative_to(recipe.root)} is done (use --force to retrain)")
+        return exp
+    if force and exp.exists():
+        import shutil
+
+        shutil.rmtree(exp)
+    exp.mkdir(parents=True, exist_ok=True)
+    old_cfg = exp / "config.yaml"
+    if old_cfg.is_file() and old_cfg.read_text() != cfg.dump():
+        raise MavsrError(f"{exp} was started with another config; use --force to start over or another --tag")
+    write_provenance(exp, cfg.dump())
+    logger = Logger(exp / "train.log", log)
+    enc_tag = encoders_tag(provenance(recipe, cfg))
+    store = FeatureStore(recipe.dump(enc_tag, "train"))
+    texts = {u.id: u.text for u in mf.read(recipe.require_manifest("train"))}
+    missing = [i for i in store.ids() if i not in texts]
+    if missing:
+        raise MavsrError(f"feature cache has utterances not in data/train/manifest.jsonl: {missing[:3]}")
+    dims = store.provenance["dims"]
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, dims.get("audio"), dims.get("video"), seed=cfg.train.seed,
+                        llm_path=resolve_model(recipe, cfg.model.llm))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    logger(f"train: {tag}: {len(store.ids())} utterances, rates {','.join(r.tag for r in rates)}, "
+           f"strategy {cfg.model.lora.strategy}, {n_train:,} trained of {n_all:,} parameters")
+    meta = {
+        "mavsr_version": __version__,
+        "rates": [r.tag for r in rates],
+        "strategy": cfg.model.lora.strategy,
+        "modality": cfg.model.modality,
+        "llm": cfg.model.llm,
+        "audio_encoder": cfg.audio_encoder.path if dims.get("audio") else None,
+        "video_encoder": cfg.video_encoder.path if dims.get("video") else None,
+        "dims": dims,
+        "encoders_tag": enc_tag,
+        "trained_parameters": n_train,
+    }
+    atomic_write_text(exp / "rates.txt", "".join(r.tag + "\n" for r in rates))
+    ckpt = train(model, store, texts, cfg, rates, exp, meta, logger)
+    atomic_write_text(exp / "meta.json", json.dumps({**meta, "checkpoint": ckpt.name}, indent=2) + "\n")
+    mark_done(exp)
+    logger(f"train: done, checkpoint {ckpt.relative_to(recipe.root)}")
+    return exp
