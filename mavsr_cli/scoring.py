@@ -22,7 +22,7 @@ def wer(refs: list[str], hyps: list[str]) -> dict:
     refs = [normalise(r) for r in refs]
     hyps = [normalise(h) for h in hyps]
     s = d = i = h = 0
-    for r, y in zip(refs, hyps):
+    for r, y in zip(refs, hyps, strict=True):
         if not r:
             i += len(y.split())
             continue

@@ -84,7 +84,7 @@ def train(model, store: FeatureStore, texts: dict[str, str], cfg: Config, rates:
                 n_tok += sum(len(x) + 1 for x in tg)
                 rec = {"step": step, "epoch": epoch + 1, "loss": round(loss.item(), 5),
                        "lr": sched.get_last_lr()[0],
-                       "loss_per_rate": {r.tag: round(v.item(), 5) for r, v in zip(rates, losses)}}
+                       "loss_per_rate": {r.tag: round(v.item(), 5) for r, v in zip(rates, losses, strict=True)}}
                 metrics.write(json.dumps(rec) + "\n")
                 pbar.update(task, advance=1, info=f"epoch {epoch + 1} loss {loss.item():.3f}")
                 if step % t.log_every == 0 or step == total:

@@ -238,5 +238,5 @@ def synthesize(text: str, spk: Speaker, rng: np.random.Generator) -> SynthUttera
     while len(starts) < len(tokens):
         starts.append(starts[-1] if starts else 0.0)
     dur = num_frames / FPS
-    words = [(w, s, starts[i + 1] if i + 1 < len(starts) else dur) for i, (w, s) in enumerate(zip(tokens, starts))]
+    words = [(w, s, starts[i + 1] if i + 1 < len(starts) else dur) for i, (w, s) in enumerate(zip(tokens, starts, strict=True))]
     return SynthUtterance(frames, audio.astype(np.float32), text, words)

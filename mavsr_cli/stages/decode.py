@@ -71,7 +71,7 @@ def run(recipe: Recipe, exp: Path, split: str, audio_rate: int | None, video_rat
             t0 = time.perf_counter()
             hyps, n_in = model.generate(batch_features(store, bid, cfg.model.modality), rates, mnt)
             dt = (time.perf_counter() - t0) / len(bid)
-            for i, h, n in zip(bid, hyps, n_in):
+            for i, h, n in zip(bid, hyps, n_in, strict=True):
                 lines.append({"id": i, "ref": utts[i].text, "hyp": h, "tokens_in": n,
                               "duration": utts[i].duration, "time": round(dt, 5)})
             pbar.advance(task, len(bid))

@@ -57,7 +57,7 @@ def lm_warmup(path: Path, texts: list[str], prompts: list[str], epochs: int, see
     steps = epochs * math.ceil(len(seqs) / bs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     loss_v = float("nan")
-    for epoch in progress(range(epochs), "LM warm-up"):
+    for _ in progress(range(epochs), "LM warm-up"):
         order = torch.randperm(len(seqs), generator=g).tolist()
         for i in range(0, len(order), bs):
             batch = [seqs[j] for j in order[i:i + bs]]
