@@ -58,6 +58,7 @@ def prepare(
     speakers: Annotated[int, typer.Option(help="synth: number of speakers (voice + face).")] = 4,
     heldout_speakers: Annotated[int, typer.Option(help="synth: speakers used only in test (0 = test uses all).")] = 0,
     seed: Annotated[int, typer.Option(help="synth: random seed; the corpus is a function of it.")] = 0,
+    nj: Annotated[int, typer.Option(help="Worker processes for synthesis and media checks.")] = min(4, os.cpu_count() or 1),
     force: ForceOpt = False,
 ) -> None:
     """Turn a corpus into data/<split>/manifest.jsonl (synth: generate it first under corpus/synth/)."""
@@ -66,7 +67,7 @@ def prepare(
     if corpus != "synth":
         raise MavsrError(f"corpus {corpus!r} is not supported yet (available: synth; lrs3/lrs2 come with issue 6)")
     recipe = _recipe(dir)
-    stage.run_synth(recipe, stage.SynthOptions(num_utts, test_utts, speakers, heldout_speakers, seed), force, _log)
+    stage.run_synth(recipe, stage.SynthOptions(num_utts, test_utts, speakers, heldout_speakers, seed, nj), force, _log)
 
 
 @app.command("tiny-models")
@@ -79,6 +80,7 @@ def tiny_models(
     llm_hidden: Annotated[int, typer.Option(help="Llama hidden size.")] = 192,
     llm_layers: Annotated[int, typer.Option(help="Llama layers.")] = 2,
     lm_epochs: Annotated[int, typer.Option(help="Language-model warm-up epochs on the train transcripts (0 = none).")] = 8,
+    encoder_epochs: Annotated[int, typer.Option(help="Character-CTC pretraining epochs of each encoder (0 = keep random).")] = 6,
     seed: Annotated[int, typer.Option(help="Random seed for the initial weights.")] = 0,
     force: ForceOpt = False,
 ) -> None:
@@ -86,7 +88,8 @@ def tiny_models(
     _quiet_libraries()
     from .stages import tiny_models as stage
 
-    opt = stage.TinyOptions(audio_dim, audio_layers, video_dim, video_layers, llm_hidden, llm_layers, lm_epochs, seed=seed)
+    opt = stage.TinyOptions(audio_dim, audio_layers, video_dim, video_layers, llm_hidden, llm_layers, lm_epochs,
+                            encoder_epochs, seed=seed)
     stage.run(_recipe(dir), opt, force, _log)
 
 

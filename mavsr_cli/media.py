@@ -87,7 +87,7 @@ def write_av(path: Path, frames: np.ndarray, audio: np.ndarray | None, fps: int 
         with av.open(str(tmp), "w", format="mp4") as c:
             vs = c.add_stream("libx264", rate=fps)
             vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
-            vs.options = {"crf": str(crf), "preset": "veryfast"}
+            vs.options = {"crf": str(crf), "preset": "ultrafast"}
             vs.codec_context.time_base = Fraction(1, fps)
             ast = None
             if audio is not None:

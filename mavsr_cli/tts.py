@@ -127,7 +127,12 @@ class Espeak:
 
     def say(self, text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50,
             pitch_range: int = 50) -> Speech:
-        """Synthesize `text`; rate in words per minute, pitch and range 0-100."""
+        """Synthesize `text` in this process; rate in words per minute, pitch and range 0-100.
+
+        espeak-ng carries internal state (pitch flutter and the like) from one utterance to the next,
+        so the result depends on what was synthesized before: use `say_isolated` for reproducible
+        output.
+        """
         with self._lock:
             lib = self._lib
             if lib.espeak_SetVoiceByName(voice.encode()) != 0:
@@ -146,3 +151,39 @@ class Espeak:
         phones = [Phone(sym, pos / 1000.0) for kind, pos, _, sym in events if kind == _EVENT_PHONEME]
         words = [WordTiming(tp, pos / 1000.0) for kind, pos, tp, _ in events if kind == _EVENT_WORD]
         return Speech(audio, self.sample_rate, phones, words)
+
+    def say_isolated(self, text: str, **kw) -> Speech:
+        """Synthesize in a forked child, so the engine's state is the same pristine one every time:
+        the same arguments always give the same samples, whatever was synthesized before."""
+        import os
+        import pickle
+
+        if not hasattr(os, "fork"):  # pragma: no cover - Windows: best effort
+            return self.say(text, **kw)
+        with self._lock:
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # child: synthesize, send, exit without running Python cleanup
+                code = 0
+                try:
+                    os.close(r)
+                    self._lock = threading.Lock()
+                    try:
+                        payload = ("ok", self.say(text, **kw))
+                    except Exception as e:  # noqa: BLE001 - sent back to the parent
+                        payload = ("error", e)
+                    with os.fdopen(w, "wb") as f:
+                        pickle.dump(payload, f)
+                except BaseException:
+                    code = 1
+                os._exit(code)
+            os.close(w)
+            with os.fdopen(r, "rb") as f:
+                data = f.read()
+            _, status = os.waitpid(pid, 0)
+        if status != 0 or not data:
+            raise RuntimeError(f"espeak-ng synthesis process failed (status {status})")
+        kind, value = pickle.loads(data)
+        if kind == "error":
+            raise value
+        return value

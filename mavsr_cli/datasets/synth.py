@@ -223,7 +223,7 @@ def utterance_seed(seed: int, split: str, speaker: str, index: int) -> list[int]
 def synthesize(text: str, spk: Speaker, rng: np.random.Generator) -> SynthUtterance:
     from ..tts import Espeak
 
-    speech = Espeak.get().say(text, voice=spk.voice, rate=spk.rate, pitch=spk.pitch,
+    speech = Espeak.get().say_isolated(text, voice=spk.voice, rate=spk.rate, pitch=spk.pitch,
                               pitch_range=spk.pitch_range)
     wav = torch.from_numpy(speech.audio)[None]
     audio = compat.resample(wav, speech.sample_rate, SAMPLE_RATE)[0].numpy()

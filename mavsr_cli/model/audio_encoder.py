@@ -45,8 +45,12 @@ class WhisperAudioEncoder(nn.Module):
         return cls(extractor, encoder, mode)
 
     @staticmethod
-    def tiny(out_dir: Path, d_model: int = 128, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
-        """Build a small random Whisper from a config and save it in the real on-disk format."""
+    def tiny(out_dir: Path, d_model: int = 128, layers: int = 2, heads: int = 4, seed: int = 0,
+             pretrain=None) -> Path:
+        """Build a small random Whisper from a config and save it in the real on-disk format.
+
+        `pretrain(encoder_wrapper)`, if given, trains the encoder before it is saved.
+        """
         from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
         torch.manual_seed(seed)
@@ -57,11 +61,16 @@ class WhisperAudioEncoder(nn.Module):
             bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
             max_source_positions=1500, max_target_positions=64,
         )
-        WhisperForConditionalGeneration(cfg).save_pretrained(out_dir)  # the hub's layout
-        WhisperFeatureExtractor(feature_size=80).save_pretrained(out_dir)
+        model = WhisperForConditionalGeneration(cfg)
+        extractor = WhisperFeatureExtractor(feature_size=80)
+        if pretrain is not None:
+            wrapper = WhisperAudioEncoder(extractor, model.model.encoder)
+            wrapper.encoder.requires_grad_(True)
+            pretrain(wrapper)
+        model.save_pretrained(out_dir)  # the hub's layout
+        extractor.save_pretrained(out_dir)
         return Path(out_dir)
 
-    @torch.no_grad()
     def forward(self, wav: np.ndarray) -> torch.Tensor:
         """One utterance of 16 kHz mono float audio -> (T, d_model) at 50 Hz."""
         n_tokens = max(1, len(wav) // 320)  # 10 ms mel hop, then stride-2 conv: 20 ms per token
@@ -71,12 +80,22 @@ class WhisperAudioEncoder(nn.Module):
             mel = self.extractor(wav, sampling_rate=16000, return_tensors="pt").input_features
             out = enc(mel.to(dev, enc.conv1.weight.dtype)).last_hidden_state[0]
             return out[:n_tokens]
+        return self.encode_mel(self.mel(wav))
+
+    def mel(self, wav: np.ndarray) -> torch.Tensor:
+        """Whisper log-mel of the true length, (80, 2 * tokens)."""
+        n_tokens = max(1, len(wav) // 320)
         mel = self.extractor(wav, sampling_rate=16000, return_tensors="pt", padding="longest",
                              truncation=False).input_features  # (1, 80, frames)
-        mel = mel[..., : 2 * n_tokens].to(dev, enc.conv1.weight.dtype)
+        return mel[0, :, : 2 * n_tokens]
+
+    def encode_mel(self, mel: torch.Tensor) -> torch.Tensor:
+        """The fast path: (80, F) log-mel -> (F/2, d_model), positions sliced to the true length."""
+        enc = self.encoder
+        mel = mel[None].to(enc.conv1.weight.device, enc.conv1.weight.dtype)
         max_frames = 2 * enc.embed_positions.num_embeddings
         if mel.shape[-1] > max_frames:
-            raise MavsrError(f"audio of {len(wav) / 16000:.1f} s is longer than Whisper's 30 s window")
+            raise MavsrError(f"audio of {mel.shape[-1] / 100:.1f} s is longer than Whisper's 30 s window")
         h = nn.functional.gelu(enc.conv1(mel))
         h = nn.functional.gelu(enc.conv2(h)).permute(0, 2, 1)  # (1, T, D)
         h = h + enc.embed_positions.weight[: h.shape[1]]

@@ -1,8 +1,8 @@
 """A small frozen lip encoder for the synthetic recipe (the AV-HuBERT reader comes in issue 3).
 
 Same interface as the AV-HuBERT video encoder: (T, H, W) normalised mouth crops at 25 fps ->
-(T, dim) at 25 Hz. Shape: a 3-D conv stem (5x7x7, as AV-HuBERT's), a 2-D conv per frame, a 4x4
-spatial pool, a linear map and a few transformer layers. Stored as a mavsr model directory:
+(T, dim) at 25 Hz. Shape: a 2x spatial average pool (for CPU cost), a 3-D conv stem (5x7x7, as
+AV-HuBERT's), a 2-D conv per frame, a 4x4 spatial pool, a linear map and a few transformer layers. Stored as a mavsr model directory:
 `config.json` + `model.safetensors`.
 """
 
@@ -22,7 +22,7 @@ from ..errors import MavsrError
 @dataclass(frozen=True)
 class SmallVideoEncoderConfig:
     kind: str = "small-video-encoder"
-    channels: int = 32  # conv channels
+    channels: int = 16  # conv channels
     dim: int = 128  # output width
     layers: int = 2  # transformer layers
     heads: int = 4  # attention heads
@@ -35,6 +35,7 @@ class SmallVideoEncoder(nn.Module):
         self.cfg = cfg
         self.dim = cfg.dim
         self.stem = nn.Sequential(
+            nn.AvgPool3d((1, 2, 2)),
             nn.Conv3d(1, c, (5, 7, 7), stride=(1, 2, 2), padding=(2, 3, 3)), nn.BatchNorm3d(c), nn.PReLU(c)
         )
         self.conv = nn.Sequential(nn.Conv2d(c, c, 3, stride=2, padding=1), nn.BatchNorm2d(c), nn.PReLU(c))
@@ -45,12 +46,11 @@ class SmallVideoEncoder(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.dim)
 
-    @torch.no_grad()
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """(T, H, W) float, normalised -> (T, dim)."""
         t = frames.shape[0]
-        x = self.stem(frames[None, None])  # (1, C, T, H/2, W/2)
-        x = x[0].transpose(0, 1)  # (T, C, H/2, W/2)
+        x = self.stem(frames[None, None])  # (1, C, T, H/4, W/4)
+        x = x[0].transpose(0, 1)  # (T, C, H/4, W/4)
         x = self.pool(self.conv(x)).reshape(t, -1)  # (T, C*16)
         x = self.proj(x)[None]  # (1, T, dim)
         return self.norm(self.encoder(x))[0]
@@ -78,6 +78,10 @@ class SmallVideoEncoder(nn.Module):
         return model.eval().requires_grad_(False)
 
     @staticmethod
-    def tiny(out_dir: Path, seed: int = 0, **kw) -> Path:
+    def tiny(out_dir: Path, seed: int = 0, pretrain=None, **kw) -> Path:
+        """Build from a config, optionally train with `pretrain(model)`, save frozen."""
         torch.manual_seed(seed)
-        return SmallVideoEncoder(SmallVideoEncoderConfig(**kw)).eval().save(out_dir)
+        model = SmallVideoEncoder(SmallVideoEncoderConfig(**kw))
+        if pretrain is not None:
+            pretrain(model)
+        return model.eval().save(out_dir)

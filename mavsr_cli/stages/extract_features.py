@@ -50,14 +50,18 @@ def encoders_tag(prov: dict) -> str:
     return "_".join(names + [h])
 
 
-def video_input(frames: np.ndarray, crop: int, mean: float, std: float) -> torch.Tensor:
-    """(T, H, W) uint8 mouth ROI -> centre crop, scaled to [0, 1], normalised: (T, crop, crop)."""
+def video_crop(frames: np.ndarray, crop: int) -> torch.Tensor:
+    """(T, H, W) uint8 mouth ROI -> its centre crop (T, crop, crop), uint8 (test-time crop)."""
     t, h, w = frames.shape
     if h < crop or w < crop:
         raise MavsrError(f"mouth ROI of {h}x{w} is smaller than the {crop}x{crop} crop")
     y0, x0 = (h - crop) // 2, (w - crop) // 2
-    x = torch.from_numpy(frames[:, y0:y0 + crop, x0:x0 + crop].astype(np.float32) / 255.0)
-    return (x - mean) / std
+    return torch.from_numpy(np.ascontiguousarray(frames[:, y0:y0 + crop, x0:x0 + crop]))
+
+
+def normalise(crop: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 pixels -> [0, 1] -> (x - mean) / std, float32 (paper.md, Pipeline 2)."""
+    return (crop.float() / 255.0 - mean) / std
 
 
 def _shard_ok(path, ids: list[str]) -> bool:
@@ -107,7 +111,8 @@ def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log
                         tensors[f"{u.id}/audio"] = audio_enc(read_audio(recipe.resolve_media(u.audio))).half().contiguous()
                     if video_enc is not None:
                         vcfg = cfg.video_encoder
-                        x = video_input(read_video_gray(recipe.resolve_media(u.video)), vcfg.crop, vcfg.mean, vcfg.std)
+                        x = normalise(video_crop(read_video_gray(recipe.resolve_media(u.video)), vcfg.crop),
+                                      vcfg.mean, vcfg.std)
                         tensors[f"{u.id}/video"] = video_enc(x).half().contiguous()
                     pbar.advance(task)
                 tmp = out / f".{name}.tmp-{os.getpid()}"

@@ -20,8 +20,8 @@ from .. import manifest as mf
 from ..datasets import synth
 from ..datasets.lrs_text import format_text, parse_text
 from ..errors import MavsrError
-from ..media import FPS, MediaError, read_audio, read_video_gray, write_av, write_wav
-from ..progress import progress
+from ..media import FPS, read_audio, read_video_gray, write_av, write_wav
+from ..progress import bar, progress
 from ..recipe import Recipe, atomic_write_text, is_done, mark_done, write_provenance
 
 
@@ -32,6 +32,7 @@ class SynthOptions:
     speakers: int = 4  # number of synthetic speakers (voices + faces)
     heldout_speakers: int = 0  # speakers kept out of train and used only in test
     seed: int = 0  # everything is a function of this seed
+    nj: int = 2  # worker processes for synthesis and media checks
 
 
 def generate_synth(root: Path, opt: SynthOptions, log=print) -> None:
@@ -66,47 +67,78 @@ def generate_synth(root: Path, opt: SynthOptions, log=print) -> None:
             todo.append((split, spk, i, stem))
     if not todo:
         return
-    for split, spk, i, stem in progress(todo, f"synthesize {len(todo)} utterances"):
-        rng = np.random.default_rng(synth.utterance_seed(opt.seed, split, spk.id, i))
-        u = synth.synthesize(texts[split, i], spk, rng)
-        write_av(stem.with_suffix(".mp4"), u.frames, u.audio)
-        write_wav(stem.with_suffix(".wav"), u.audio)
-        atomic_write_text(stem.with_suffix(".txt"), format_text(u.text, u.words))  # last: marks done
+    args = [(texts[split, i], spk, synth.utterance_seed(opt.seed, split, spk.id, i), stem)
+            for split, spk, i, stem in todo]
+    for _ in parallel_map(_synth_one, args, opt.nj, f"synthesize {len(todo)} utterances"):
+        pass
 
 
-def read_tree_split(recipe: Recipe, split_dir: Path) -> tuple[list[mf.Utterance], list[str]]:
+def _synth_one(args) -> None:
+    """Worker: synthesize one utterance and write its mp4, wav and (last, marking it done) txt."""
+    text, spk, seed, stem = args
+    u = synth.synthesize(text, spk, np.random.default_rng(seed))
+    write_av(stem.with_suffix(".mp4"), u.frames, u.audio)
+    write_wav(stem.with_suffix(".wav"), u.audio)
+    atomic_write_text(stem.with_suffix(".txt"), format_text(u.text, u.words))
+
+
+def parallel_map(fn, items: list, nj: int, description: str):
+    """Map `fn` over `items` in `nj` spawned processes (in order), with a progress bar."""
+    if nj <= 1 or len(items) < 2 * nj:
+        yield from (fn(x) for x in progress(items, description))
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with bar() as pbar, ProcessPoolExecutor(nj, mp_context=mp.get_context("spawn"),
+                                            initializer=_worker_init) as ex:
+        task = pbar.add_task(description, total=len(items), info="")
+        for r in ex.map(fn, items, chunksize=8):
+            pbar.advance(task)
+            yield r
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def read_tree_split(recipe: Recipe, split_dir: Path, nj: int = 1) -> tuple[list[mf.Utterance], list[str]]:
     """Read `<split>/<speaker>/<utt>.mp4 + .txt` into utterances; bad ones become skip reasons."""
-    utts, skipped = [], []
+    skipped = []
     mp4s = sorted(split_dir.glob("*/*.mp4"))
-    txts = sorted(split_dir.glob("*/*.txt"))
-    for t in txts:
+    for t in sorted(split_dir.glob("*/*.txt")):
         if not t.with_suffix(".mp4").exists():
             skipped.append(f"{t.relative_to(recipe.root)}: missing video {t.with_suffix('.mp4').name}")
-    for video in progress(mp4s, f"check {split_dir.name}"):
-        rel = video.relative_to(recipe.root)
-        try:
-            text, _ = parse_text(video.with_suffix(".txt"))
-            frames = read_video_gray(video)
-            wav = video.with_suffix(".wav")
-            audio_path = wav if wav.is_file() else video
-            audio = read_audio(audio_path)
-        except MediaError as e:
-            skipped.append(f"{rel}: {e}")
-            continue
-        except MavsrError as e:
-            skipped.append(f"{rel}: {e}")
-            continue
-        speaker = video.parent.name
-        utts.append(mf.Utterance(
-            id=f"{speaker}-{video.stem}",
-            video=str(rel),
-            audio=str(audio_path.relative_to(recipe.root)),
-            text=text.lower(),
-            num_frames=int(frames.shape[0]),
-            duration=round(max(frames.shape[0] / FPS, len(audio) / 16000), 3),
-            speaker=speaker,
-        ))
+    utts = []
+    for r in parallel_map(_check_one, [(recipe.root, v) for v in mp4s], nj, f"check {split_dir.name}"):
+        (utts if isinstance(r, mf.Utterance) else skipped).append(r)
     return utts, skipped
+
+
+def _check_one(args) -> mf.Utterance | str:
+    """Worker: read one utterance's text and media; an Utterance, or the reason it is skipped."""
+    root, video = args
+    rel = video.relative_to(root)
+    try:
+        text, _ = parse_text(video.with_suffix(".txt"))
+        frames = read_video_gray(video)
+        wav = video.with_suffix(".wav")
+        audio_path = wav if wav.is_file() else video
+        audio = read_audio(audio_path)
+    except MavsrError as e:  # MediaError included: missing, unreadable or corrupt
+        return f"{rel}: {e}"
+    speaker = video.parent.name
+    return mf.Utterance(
+        id=f"{speaker}-{video.stem}",
+        video=str(rel),
+        audio=str(audio_path.relative_to(root)),
+        text=text.lower(),
+        num_frames=int(frames.shape[0]),
+        duration=round(max(frames.shape[0] / FPS, len(audio) / 16000), 3),
+        speaker=speaker,
+    )
 
 
 def run_synth(recipe: Recipe, opt: SynthOptions, force: bool = False, log=print) -> dict:
@@ -119,13 +151,13 @@ def run_synth(recipe: Recipe, opt: SynthOptions, force: bool = False, log=print)
     generate_synth(corpus, opt, log=log)
     summary = {}
     for split in splits:
-        utts, skipped = read_tree_split(recipe, corpus / split)
+        utts, skipped = read_tree_split(recipe, corpus / split, opt.nj)
         if not utts:
             raise MavsrError(f"no usable utterances in {corpus / split} ({len(skipped)} skipped)")
         d = recipe.data(split)
         mf.write(d / "manifest.jsonl", utts)
         atomic_write_text(d / "skipped.txt", "".join(s + "\n" for s in skipped))
-        write_provenance(d, yaml.safe_dump({"corpus": "synth", **opt.__dict__}, sort_keys=False))
+        write_provenance(d, yaml.safe_dump({"corpus": "synth", **{k: v for k, v in opt.__dict__.items() if k != "nj"}}, sort_keys=False))
         mark_done(d)
         summary[split] = (len(utts), len(skipped))
         log(f"prepare {split}: {len(utts)} utterances, {len(skipped)} skipped"

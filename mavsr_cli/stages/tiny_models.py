@@ -4,6 +4,10 @@ No pretrained encoders or LLM exist for the synthetic corpus, so this stage buil
 each in its real on-disk format, to be loaded later through the same code as real models:
     writes models/whisper/   Whisper (WhisperConfig -> save_pretrained), frozen afterwards
            models/video/     the small lip encoder (config.json + model.safetensors)
+                             both encoders first get a short character-CTC training on the train
+                             split: random encoders carry almost nothing of their input (measured:
+                             features of two different utterances differed by 2% of their spread),
+                             and real ones arrive pretrained
            models/llm/       a small Llama + word-level tokenizer (save_pretrained), given a short
                              language-model warm-up on the training transcripts (design.md allows
                              it: a real Llama arrives knowing the language; ours has to learn it)
@@ -17,16 +21,20 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 from .. import manifest as mf
+from ..config import VideoEncoderConfig
 from ..datasets import synth
+from ..media import read_audio, read_video_gray
 from ..model import llm as llm_mod
 from ..model.audio_encoder import WhisperAudioEncoder
 from ..model.video_encoder import SmallVideoEncoder
-from ..progress import progress
+from ..progress import bar, progress
 from ..recipe import Recipe, is_done, staged_dir, write_provenance
+from .extract_features import normalise, video_crop
 
 
 @dataclass(frozen=True)
@@ -38,45 +46,108 @@ class TinyOptions:
     llm_hidden: int = 192  # Llama hidden size
     llm_layers: int = 2  # Llama layers
     lm_epochs: int = 8  # language-model warm-up epochs over the training transcripts
-    prompt: str = "Transcribe speech and video to text. Transcribe speech to text. Transcribe video to text."
+    encoder_epochs: int = 6  # character-CTC pretraining epochs of each encoder (0 = keep random)
+    prompt: str = "Transcribe speech and video to text."  # the prompt the warm-up puts before the text
     seed: int = 0
 
 
-def lm_warmup(path: Path, texts: list[str], prompts: list[str], epochs: int, seed: int, log=print) -> float:
-    """Train the whole small LLM as a language model on `[BOS] prompt text [EOS]`."""
+def warmup_sequence(tok, text: str, prompt: str, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """One warm-up example: (input ids, labels), the loss on the transcript and EOS only.
+
+    Half the examples are plain `[BOS] prompt text [EOS]`. The other half put two stretched, noisy
+    copies of the transcript before the prompt (each word repeated 1-4 times, 10% of the tokens
+    replaced at random), standing in for the audio and video token streams: a pretrained LLM can
+    already read content from its context, and this teaches the small one the same skill from text.
+    """
+    ids = tok(text, add_special_tokens=False).input_ids
+    head = [tok.bos_token_id]
+    if rng.random() < 0.5:
+        for _ in range(2):
+            copy = [w for w in ids for _ in range(int(rng.integers(1, 5)))]
+            noise = rng.random(len(copy)) < 0.1
+            head += [int(rng.integers(len(tok))) if n else w for w, n in zip(copy, noise, strict=True)]
+    head += tok(prompt, add_special_tokens=False).input_ids
+    tail = ids + [tok.eos_token_id]
+    return head + tail, [-100] * len(head) + tail
+
+
+def lm_warmup(path: Path, texts: list[str], prompt: str, epochs: int, seed: int, log=print) -> float:
+    """Train the whole small LLM on the transcripts (see warmup_sequence), then save it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     model.train()
     g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    seqs = [[tok.bos_token_id] + tok(p + " " + t, add_special_tokens=False).input_ids + [tok.eos_token_id]
-            for t in texts for p in prompts[:1]]
     bs = 32
-    steps = epochs * math.ceil(len(seqs) / bs)
+    steps = epochs * math.ceil(len(texts) / bs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     loss_v = float("nan")
-    for _ in progress(range(epochs), "LM warm-up"):
-        order = torch.randperm(len(seqs), generator=g).tolist()
-        for i in range(0, len(order), bs):
-            batch = [seqs[j] for j in order[i:i + bs]]
-            n = max(len(s) for s in batch)
-            ids = torch.full((len(batch), n), tok.pad_token_id)
-            lab = torch.full((len(batch), n), -100)
-            mask = torch.zeros((len(batch), n), dtype=torch.long)
-            for k, s in enumerate(batch):
-                ids[k, : len(s)] = torch.tensor(s)
-                lab[k, : len(s)] = torch.tensor(s)
-                mask[k, : len(s)] = 1
-            loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_v = loss.item()
+    with bar() as pbar:
+        task = pbar.add_task("LM warm-up", total=steps, info="")
+        for _ in range(epochs):
+            order = torch.randperm(len(texts), generator=g).tolist()
+            for i in range(0, len(order), bs):
+                batch = [warmup_sequence(tok, texts[j], prompt, rng) for j in order[i:i + bs]]
+                n = max(len(x) for x, _ in batch)
+                ids = torch.full((len(batch), n), tok.pad_token_id)
+                lab = torch.full((len(batch), n), -100)
+                mask = torch.zeros((len(batch), n), dtype=torch.long)
+                for k, (x, y) in enumerate(batch):
+                    ids[k, : len(x)] = torch.tensor(x)
+                    lab[k, : len(y)] = torch.tensor(y)
+                    mask[k, : len(x)] = 1
+                loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_v = loss.item()
+                pbar.update(task, advance=1, info=f"loss {loss_v:.3f}")
     model.save_pretrained(path)
     log(f"tiny-models: LM warm-up done, final loss {loss_v:.3f}")
+    return loss_v
+
+
+CHARS = " abcdefghijklmnopqrstuvwxyz'"  # CTC targets; index 0 is the blank
+
+
+def ctc_pretrain(name: str, encoder: torch.nn.Module, encode, inputs: list, texts: list[str], dim: int,
+                 epochs: int, seed: int, log=print, batch_size: int = 8, lr: float = 2e-3) -> float:
+    """Train `encoder` with a linear CTC head over characters; `encode(x)` maps one input to (T, dim)."""
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(dim, len(CHARS) + 1)
+    params = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    steps = epochs * math.ceil(len(inputs) / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    targets = [torch.tensor([CHARS.index(c) + 1 for c in t if c in CHARS]) for t in texts]
+    ctc = torch.nn.CTCLoss(blank=0, zero_infinity=True)
+    encoder.train()
+    loss_v = float("nan")
+    with bar() as pbar:
+        task = pbar.add_task(f"pretrain {name} encoder (CTC)", total=steps, info="")
+        for _ in range(epochs):
+            order = torch.randperm(len(inputs), generator=g).tolist()
+            for b in range(0, len(order), batch_size):
+                idx = order[b:b + batch_size]
+                outs = [encode(inputs[i]) for i in idx]  # (T_i, dim) each
+                lens = torch.tensor([o.shape[0] for o in outs])
+                x = torch.nn.utils.rnn.pad_sequence(outs)  # (T, B, dim)
+                logp = head(x).log_softmax(-1)
+                tg = [targets[i] for i in idx]
+                loss = ctc(logp, torch.cat(tg), lens, torch.tensor([len(t) for t in tg]))
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 5.0)
+                opt.step()
+                sched.step()
+                loss_v = loss.item()
+                pbar.update(task, advance=1, info=f"loss {loss_v:.3f}")
+    encoder.eval().requires_grad_(False)
+    log(f"tiny-models: {name} encoder CTC pretraining done, final loss {loss_v:.3f}")
     return loss_v
 
 
@@ -85,15 +156,30 @@ def run(recipe: Recipe, opt: TinyOptions, force: bool = False, log=print) -> Pat
     if is_done(out) and not force:
         log(f"tiny-models: {out} is done (use --force to rebuild)")
         return out
-    texts = [u.text for u in mf.read(recipe.require_manifest("train"))]
-    words = synth.vocabulary() + sorted({w for t in texts for w in t.split()}) + opt.prompt.lower().replace(".", " .").split()
+    utts = mf.read(recipe.require_manifest("train"))
+    texts = [u.text for u in utts]
+    prompts = "transcribe speech and video to text ."  # every word of the paper's three prompts
+    words = synth.vocabulary() + sorted({w for t in texts for w in t.split()}) + prompts.split()
     with staged_dir(out) as tmp:
-        WhisperAudioEncoder.tiny(tmp / "whisper", d_model=opt.audio_dim, layers=opt.audio_layers, seed=opt.seed)
-        SmallVideoEncoder.tiny(tmp / "video", seed=opt.seed + 1, dim=opt.video_dim, layers=opt.video_layers)
+        n = opt.encoder_epochs
+
+        def pretrain_audio(enc):
+            mels = [enc.mel(read_audio(recipe.resolve_media(u.audio))) for u in progress(utts, "log-mel")]
+            ctc_pretrain("audio", enc.encoder, enc.encode_mel, mels, texts, opt.audio_dim, n, opt.seed, log)
+
+        def pretrain_video(enc):
+            vc = VideoEncoderConfig()
+            crops = [video_crop(read_video_gray(recipe.resolve_media(u.video)), vc.crop) for u in progress(utts, "mouth crops")]
+            ctc_pretrain("video", enc, lambda c: enc(normalise(c, vc.mean, vc.std)), crops, texts, opt.video_dim, n,
+                         opt.seed, log)
+
+        WhisperAudioEncoder.tiny(tmp / "whisper", d_model=opt.audio_dim, layers=opt.audio_layers, seed=opt.seed,
+                                 pretrain=pretrain_audio if n > 0 else None)
+        SmallVideoEncoder.tiny(tmp / "video", seed=opt.seed + 1, dim=opt.video_dim, layers=opt.video_layers,
+                               pretrain=pretrain_video if n > 0 else None)
         llm_mod.tiny(tmp / "llm", words, hidden=opt.llm_hidden, layers=opt.llm_layers, seed=opt.seed + 2)
         if opt.lm_epochs > 0:
-            prompts = [p.strip() + "." for p in opt.prompt.split(".") if p.strip()]
-            lm_warmup(tmp / "llm", texts, prompts, opt.lm_epochs, opt.seed, log=log)
+            lm_warmup(tmp / "llm", texts, opt.prompt, opt.lm_epochs, opt.seed, log=log)
         write_provenance(tmp, yaml.safe_dump(opt.__dict__, sort_keys=False))
     log(f"tiny-models: wrote {out}")
     return out

@@ -1,0 +1,139 @@
+"""The whole recipe through the `mavsr` command, on a tiny synthetic corpus (about a minute)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+MAVSR = [sys.executable, "-m", "mavsr_cli"]
+
+
+def mavsr(d: Path, *args, ok=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MAVSR_QUIET="1")
+    r = subprocess.run(MAVSR + list(args) + ["--dir", str(d)], capture_output=True, text=True, env=env,
+                       cwd=d, timeout=600)
+    if ok:
+        assert r.returncode == 0, f"mavsr {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def snapshot(d: Path) -> dict:
+    """mtime of every file under the recipe's output dirs."""
+    return {str(p.relative_to(d)): p.stat().st_mtime_ns for sub in ("data", "dump", "exp", "models")
+            for p in (d / sub).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    d = tmp_path_factory.mktemp("recipe")
+    (d / "conf").mkdir()
+    conf = yaml.safe_load((ROOT / "recipes/synth/conf/synth.yaml").read_text())
+    conf["train"].update(epochs=2, batch_size=8, log_every=1)
+    (d / "conf/tiny.yaml").write_text(yaml.safe_dump(conf))
+    mavsr(d, "prepare", "synth", "--num-utts", "16", "--test-utts", "4", "--speakers", "2", "--nj", "1")
+    mavsr(d, "tiny-models", "--audio-dim", "32", "--video-dim", "32", "--llm-hidden", "64", "--audio-layers", "1",
+          "--video-layers", "1", "--encoder-epochs", "1", "--lm-epochs", "1")
+    mavsr(d, "extract-features", "--config", "conf/tiny.yaml")
+    mavsr(d, "train", "--config", "conf/tiny.yaml", "--rates", "all", "--tag", "t")
+    mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "4", "--video-rate", "2")
+    mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "16", "--video-rate", "5")
+    mavsr(d, "score", "--exp", "exp/t")
+    return d
+
+
+def test_file_contracts(recipe):
+    d = recipe
+    for split, n in (("train", 16), ("test", 4)):
+        lines = (d / f"data/{split}/manifest.jsonl").read_text().splitlines()
+        assert len(lines) == n
+        rec = json.loads(lines[0])
+        assert set(rec) == {"id", "video", "audio", "text", "num_frames", "duration", "speaker"}
+        assert [json.loads(x)["id"] for x in lines] == sorted(json.loads(x)["id"] for x in lines)
+    (dump,) = [p for p in (d / "dump").iterdir() if p.is_dir()]
+    for split in ("train", "test"):
+        s = dump / split
+        for name in ("index.jsonl", "provenance.json", "config.yaml", "cmd.txt", ".done", "shard-00000.safetensors"):
+            assert (s / name).is_file(), s / name
+        entry = json.loads((s / "index.jsonl").read_text().splitlines()[0])
+        assert entry["audio_len"] == pytest.approx(2 * entry["video_len"], abs=2)  # 50 Hz vs 25 Hz
+    exp = d / "exp/t"
+    for name in ("config.yaml", "cmd.txt", "train.log", "metrics.jsonl", "meta.json", "RESULTS.md", ".done"):
+        assert (exp / name).is_file(), name
+    assert (exp / "cmd.txt").read_text().startswith("mavsr train")
+    (ckpt,) = sorted((exp / "ckpt").iterdir())[-1:]
+    meta = json.loads((exp / "meta.json").read_text())
+    assert meta["rates"] == ["a4v2", "a4v5", "a16v2", "a16v5"] and meta["strategy"] == "ms"
+    ckpt_bytes = (ckpt / "model.safetensors").stat().st_size
+    llm_bytes = (d / "models/llm/model.safetensors").stat().st_size
+    assert ckpt_bytes < llm_bytes  # only trained tensors, never the frozen LLM
+    metrics = [json.loads(x) for x in (exp / "metrics.jsonl").read_text().splitlines()]
+    assert set(metrics[0]["loss_per_rate"]) == set(meta["rates"])  # every configuration, every step
+    for tag in ("a4v2", "a16v5"):
+        dd = exp / f"decode_{tag}_greedy" / "test"
+        for name in ("hyp.jsonl", "wer.json", "result.txt", "config.yaml", "cmd.txt", ".done"):
+            assert (dd / name).is_file(), dd / name
+        hyps = [json.loads(x) for x in (dd / "hyp.jsonl").read_text().splitlines()]
+        assert len(hyps) == 4 and {"id", "ref", "hyp", "tokens_in", "time"} <= set(hyps[0])
+        assert 0 <= json.loads((dd / "wer.json").read_text())["wer"]
+    # one checkpoint, two rate pairs: the lower rate pair feeds the LLM more tokens
+    t_lo = [json.loads(x)["tokens_in"] for x in (exp / "decode_a4v2_greedy/test/hyp.jsonl").read_text().splitlines()]
+    t_hi = [json.loads(x)["tokens_in"] for x in (exp / "decode_a16v5_greedy/test/hyp.jsonl").read_text().splitlines()]
+    assert all(a > b for a, b in zip(t_lo, t_hi, strict=True))
+    results = (exp / "RESULTS.md").read_text()
+    assert "| (4,2) |" in results and "| (16,5) |" in results
+
+
+def test_rerun_is_a_no_op(recipe):
+    d = recipe
+    before = snapshot(d)
+    r1 = mavsr(d, "prepare", "synth", "--num-utts", "16", "--test-utts", "4", "--speakers", "2", "--nj", "1")
+    r2 = mavsr(d, "extract-features", "--config", "conf/tiny.yaml")
+    r3 = mavsr(d, "train", "--config", "conf/tiny.yaml", "--rates", "all", "--tag", "t")
+    r4 = mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "4", "--video-rate", "2")
+    for r in (r1, r2, r3, r4):
+        assert "is done" in r.stdout or "are done" in r.stdout
+    assert snapshot(d) == before
+
+
+def test_decoding_is_deterministic(recipe):
+    d = recipe
+    hyp = d / "exp/t/decode_a16v5_greedy/test/hyp.jsonl"
+    first = [{k: v for k, v in json.loads(x).items() if k != "time"} for x in hyp.read_text().splitlines()]
+    mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "16", "--video-rate", "5", "--batch-size", "1", "--force")
+    again = [{k: v for k, v in json.loads(x).items() if k != "time"} for x in hyp.read_text().splitlines()]
+    assert again == first  # same hypotheses, also at batch size 1
+
+
+def test_user_errors_are_one_line_and_non_zero(recipe):
+    d = recipe
+    r = mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "8", "--video-rate", "5", ok=False)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "a4v2, a4v5, a16v2, a16v5" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (d / "exp/t/decode_a8v5_greedy").exists()  # nothing half-written
+    r = mavsr(d, "decode", "--exp", "exp/nope", "--audio-rate", "4", "--video-rate", "2", ok=False)
+    assert r.returncode == 2 and "not an experiment dir" in r.stderr
+    r = mavsr(d, "prepare", "lrs3", ok=False)
+    assert r.returncode == 2 and "not supported yet" in r.stderr
+    r = mavsr(d, "train", "--config", "conf/missing.yaml", ok=False)
+    assert r.returncode == 2 and "config file not found" in r.stderr
+
+
+def test_interrupted_training_resumes_from_its_last_checkpoint(recipe, tmp_path):
+    d = tmp_path / "r"
+    shutil.copytree(recipe, d, ignore=shutil.ignore_patterns("exp"))
+    mavsr(d, "train", "--config", "conf/tiny.yaml", "--tag", "x")
+    ckpts = sorted((d / "exp/x/ckpt").iterdir())
+    # simulate a crash after the first epoch: drop the last checkpoint and the .done marker
+    shutil.rmtree(ckpts[-1])
+    (d / "exp/x/.done").unlink()
+    r = mavsr(d, "train", "--config", "conf/tiny.yaml", "--tag", "x")
+    assert "resuming from" in r.stdout
+    assert (d / "exp/x/.done").is_file()
+    assert [p.name for p in sorted((d / "exp/x/ckpt").iterdir())] == [p.name for p in ckpts]

@@ -1,0 +1,132 @@
+"""Model parts through their real loading paths: tiny models saved to disk and loaded back."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mavsr_cli import config as C
+from mavsr_cli.datasets import synth
+from mavsr_cli.errors import MavsrError
+from mavsr_cli.model import llm as llm_mod
+from mavsr_cli.model.audio_encoder import WhisperAudioEncoder
+from mavsr_cli.model.build import build_model
+from mavsr_cli.model.video_encoder import SmallVideoEncoder
+from mavsr_cli.rates import Rates
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    WhisperAudioEncoder.tiny(d / "whisper", d_model=32, layers=1, heads=2)
+    SmallVideoEncoder.tiny(d / "video", dim=32, layers=1, channels=8)
+    llm_mod.tiny(d / "llm", synth.vocabulary() + "transcribe speech and video to text".split(), hidden=32,
+                 layers=1, heads=2)
+    return d
+
+
+def test_whisper_loads_with_real_weights(parts):
+    from transformers import WhisperForConditionalGeneration
+
+    enc = WhisperAudioEncoder.load(str(parts / "whisper"))
+    ref = WhisperForConditionalGeneration.from_pretrained(parts / "whisper").model.encoder
+    for (k, a), b in zip(enc.encoder.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    wav = np.random.default_rng(0).normal(0, 0.1, 16000 * 2).astype(np.float32)
+    fast = enc(wav)
+    assert fast.shape == (100, 32)  # 50 Hz
+    enc.mode = "faithful"
+    assert enc(wav).shape == (100, 32)
+
+
+def test_whisper_without_encoder_weights_is_refused(parts, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    import shutil
+
+    bad = tmp_path / "w"
+    shutil.copytree(parts / "whisper", bad)
+    state = {k: v for k, v in load_file(bad / "model.safetensors").items() if "encoder.layers" not in k}
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MavsrError, match="lacks encoder weights"):
+        WhisperAudioEncoder.load(str(bad))
+    with pytest.raises(MavsrError, match="cannot load Whisper"):
+        WhisperAudioEncoder.load(str(tmp_path / "nowhere"))
+
+
+def test_video_encoder_round_trip_and_errors(parts, tmp_path):
+    v = SmallVideoEncoder.load(parts / "video")
+    x = torch.randn(20, 88, 88)
+    y = v(x)
+    assert y.shape == (20, 32)
+    assert torch.equal(SmallVideoEncoder.load(parts / "video")(x), y)
+    with pytest.raises(MavsrError, match="no video encoder"):
+        SmallVideoEncoder.load(tmp_path)
+
+
+def _model(parts):
+    cfg = C.from_dict({"model": {"llm": str(parts / "llm"), "projector_hidden": 16, "lora": {"rank": 4, "alpha": 8}}})
+    return build_model(cfg, 32, 32, seed=0)
+
+
+def _feats(b=2):
+    g = torch.Generator().manual_seed(0)
+    return {"audio": (torch.randn(b, 100, 32, generator=g), torch.tensor([100, 60][:b])),
+            "video": (torch.randn(b, 50, 32, generator=g), torch.tensor([50, 30][:b]))}
+
+
+def test_llm_input_layout_and_loss_mask(parts):
+    m = _model(parts)
+    tok = m.tokenizer
+    tg = [tok("anna found the apple", add_special_tokens=False).input_ids, tok("please move", add_special_tokens=False).input_ids]
+    emb, mask, lab = m.build(_feats(), Rates(4, 2), tg)
+    # [BOS] <audio> 25 </audio> <video> 25 </video> prompt(7) + 4 words + EOS for the first utterance
+    assert int(mask[0].sum()) == 1 + 1 + 25 + 1 + 1 + 25 + 1 + len(m.prompt_ids) + 4 + 1
+    assert int((lab[0] != -100).sum()) == 5 and int((lab[1] != -100).sum()) == 3  # transcript + EOS only
+    assert lab[0][lab[0] != -100].tolist() == tg[0] + [tok.eos_token_id]
+    assert torch.equal(emb[0, 1], m.markers[0])  # <audio> marker follows BOS
+    short = m.build(_feats(), Rates(16, 5), tg)[1]
+    assert int(short[0].sum()) < int(mask[0].sum())  # higher rates, fewer LLM input tokens
+
+
+def test_trained_state_round_trips_into_a_fresh_model(parts, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    m = _model(parts)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)  # as if trained
+    state = m.trainable_state()
+    assert any("lora_A" in k for k in state) and any(k.startswith("projectors.") for k in state)
+    assert not any("embed_tokens" in k or "mlp" in k for k in state)  # frozen parts stay out
+    save_file(state, tmp_path / "s.safetensors")
+    m.eval()
+    tg = [[5, 6, 7], [8]]
+    emb, mask, _ = m.build(_feats(), Rates(16, 5), tg)
+    ref = m.llm(inputs_embeds=emb, attention_mask=mask).logits
+    fresh = _model(parts)
+    fresh.load_trainable(load_file(tmp_path / "s.safetensors"))
+    fresh.eval()
+    emb2, mask2, _ = fresh.build(_feats(), Rates(16, 5), tg)
+    assert torch.equal(fresh.llm(inputs_embeds=emb2, attention_mask=mask2).logits, ref)
+    with pytest.raises(MavsrError, match="does not match"):
+        fresh.load_trainable({k: v for k, v in state.items() if "projectors" not in k})
+
+
+def test_generation_is_deterministic_and_batch_independent(parts):
+    m = _model(parts).eval()
+    f = _feats()
+    a, n_in = m.generate(f, Rates(4, 5), 6)
+    b, _ = m.generate(f, Rates(4, 5), 6)
+    assert a == b and len(a) == 2 and n_in[0] > n_in[1]
+    single = {k: (x[:1], n[:1]) for k, (x, n) in f.items()}
+    assert m.generate(single, Rates(4, 5), 6)[0][0] == a[0]
+
+
+def test_mavsr_imports_before_and_after_transformers_in_a_fresh_process():
+    code = "import mavsr_cli.cli, transformers; from transformers import WhisperFeatureExtractor; print('ok')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-1500:]

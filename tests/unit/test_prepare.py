@@ -1,0 +1,59 @@
+import pytest
+
+from mavsr_cli import manifest as mf
+from mavsr_cli.errors import MavsrError
+from mavsr_cli.recipe import Recipe
+from mavsr_cli.stages.prepare import SynthOptions, run_synth
+
+OPT = SynthOptions(num_utts=6, test_utts=3, speakers=2, seed=3, nj=1)
+
+
+def test_prepare_synth_writes_manifests_and_resumes(tmp_path):
+    r = Recipe(tmp_path)
+    summary = run_synth(r, OPT, log=lambda m: None)
+    assert summary == {"train": (6, 0), "test": (3, 0)}
+    train = mf.read(r.manifest("train"))
+    assert [u.speaker for u in train].count("spk00") == 3
+    for u in train:
+        assert (tmp_path / u.video).is_file() and (tmp_path / u.audio).is_file()
+        assert u.num_frames > 10 and u.text == u.text.lower()
+    assert set(u.text for u in mf.read(r.manifest("test"))).isdisjoint(u.text for u in train)
+    for name in ("config.yaml", "cmd.txt", ".done", "skipped.txt"):
+        assert (r.data("train") / name).is_file()
+    # a rerun is a no-op
+    before = r.manifest("train").stat().st_mtime_ns
+    assert run_synth(r, OPT, log=lambda m: None) == {}
+    assert r.manifest("train").stat().st_mtime_ns == before
+
+
+def test_bad_media_are_counted_and_skipped_not_fatal(tmp_path):
+    from mavsr_cli.stages.prepare import read_tree_split
+
+    r = Recipe(tmp_path)
+    run_synth(r, OPT, log=lambda m: None)
+    n = len(mf.read(r.manifest("train")))
+    corpus = tmp_path / "corpus" / "synth" / "train"
+    (corpus / "spk00" / "00000.mp4").write_bytes(b"\x00" * 100)  # corrupt video
+    (corpus / "spk01" / "00001.mp4").unlink()  # missing video, its text remains
+    (corpus / "spk00" / "00002.txt").write_text("no header here\n")  # malformed text
+    # the tree reader reports each, with its reason, and keeps the rest
+    utts, skipped = read_tree_split(r, corpus)
+    assert len(utts) == n - 3
+    reasons = "\n".join(skipped)
+    assert "spk00/00000.mp4: cannot open" in reasons
+    assert "missing video 00001.mp4" in reasons
+    assert "spk00/00002.mp4" in reasons and "Text:" in reasons
+    # the stage: generation resumes (restores the utterance with a missing file); the corrupt
+    # video and the bad text are skipped and counted; the manifest is written whole
+    msgs = []
+    summary = run_synth(r, OPT, force=True, log=msgs.append)
+    assert summary["train"] == (n - 2, 2)
+    assert len(mf.read(r.manifest("train"))) == n - 2
+    listed = (r.data("train") / "skipped.txt").read_text()
+    assert "spk00/00000.mp4" in listed and "spk00/00002.mp4" in listed
+    assert any("2 skipped" in m for m in msgs)
+
+
+def test_bad_options_are_user_errors(tmp_path):
+    with pytest.raises(MavsrError):
+        run_synth(Recipe(tmp_path), SynthOptions(num_utts=2, test_utts=1, speakers=2, heldout_speakers=2))
