@@ -83,6 +83,7 @@ class TrainConfig:
     seed: int = 0  # seed for initialisation and data order
     log_every: int = 10  # steps between log lines in train.log
     keep_checkpoints: int = 2  # how many step checkpoints to keep
+    pack_rates: bool = False  # one batched LLM pass for all configurations: same loss; slower on CPU (padding)
 
 
 @dataclass(frozen=True)

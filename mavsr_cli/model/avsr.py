@@ -100,8 +100,38 @@ class AVSRModel(nn.Module):
         return emb, mask, lab
 
     def loss(self, feats: dict, rates: Rates, targets: list[list[int]]) -> torch.Tensor:
+        """Mean next-token cross-entropy over the transcript + EOS tokens, one configuration."""
         emb, mask, lab = self.build(feats, rates, targets)
         return self.llm(inputs_embeds=emb, attention_mask=mask, labels=lab).loss
+
+    def losses_packed(self, feats: dict, grid: list[Rates], targets: list[list[int]]) -> list[torch.Tensor]:
+        """The per-configuration losses of `loss`, from one LLM pass over all configurations.
+
+        Valid when every configuration runs through the same adapters (MS): the sequences of all
+        configurations are right-padded to one length and stacked along the batch, so the LLM
+        sees (len(grid) * B) sequences at once. Right padding leaves each real token's position
+        and attention unchanged, so each loss equals the unpacked one.
+        """
+        built = [self.build(feats, r, targets) for r in grid]
+        length = max(e.shape[1] for e, _, _ in built)
+
+        def pad(x, value):
+            return torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[1]) if x.dim() == 3 else (0, length - x.shape[1]),
+                                           value=value)
+
+        emb = torch.cat([pad(e, 0.0) for e, _, _ in built])  # (G*B, L, D)
+        mask = torch.cat([pad(m, 0) for _, m, _ in built])  # (G*B, L)
+        lab = torch.cat([pad(y, -100) for _, _, y in built])  # (G*B, L)
+        logits = self.llm(inputs_embeds=emb, attention_mask=mask).logits[:, :-1]  # (G*B, L-1, V)
+        gold = lab[:, 1:]
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), gold.reshape(-1),
+                                               ignore_index=-100, reduction="none").view(gold.shape)
+        b = len(targets)
+        out = []
+        for k in range(len(grid)):
+            rows = slice(k * b, (k + 1) * b)
+            out.append(ce[rows].sum() / (gold[rows] != -100).sum())
+        return out
 
     @torch.no_grad()
     def generate(self, feats: dict, rates: Rates, max_new_tokens: int) -> tuple[list[str], int]:

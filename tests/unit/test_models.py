@@ -42,9 +42,9 @@ def test_whisper_loads_with_real_weights(parts):
 
 
 def test_whisper_without_encoder_weights_is_refused(parts, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     bad = tmp_path / "w"
     shutil.copytree(parts / "whisper", bad)
@@ -67,7 +67,7 @@ def test_video_encoder_round_trip_and_errors(parts, tmp_path):
 
 
 def _model(parts):
-    cfg = C.from_dict({"model": {"llm": str(parts / "llm"), "projector_hidden": 16, "lora": {"rank": 4, "alpha": 8}}})
+    cfg = C.from_dict({"model": {"llm": str(parts / "llm"), "projector_hidden": 16, "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}}})
     return build_model(cfg, 32, 32, seed=0)
 
 
@@ -130,3 +130,26 @@ def test_mavsr_imports_before_and_after_transformers_in_a_fresh_process():
     code = "import mavsr_cli.cli, transformers; from transformers import WhisperFeatureExtractor; print('ok')"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-1500:]
+
+
+def test_packed_configurations_give_the_same_losses_and_gradients(parts):
+    m = _model(parts)
+    m.train()
+    tok = m.tokenizer
+    tg = [tok("anna found the apple near the kitchen", add_special_tokens=False).input_ids,
+          tok("please move", add_special_tokens=False).input_ids]
+    f = _feats()
+
+    def grads(losses):
+        m.zero_grad()
+        torch.stack(losses).mean().backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    unpacked = [m.loss(f, r, tg) for r in m.grid]
+    g1 = grads(unpacked)
+    packed = m.losses_packed(f, m.grid, tg)
+    g2 = grads(packed)
+    torch.testing.assert_close(torch.stack(packed), torch.stack(unpacked).detach(), rtol=1e-5, atol=1e-5)
+    assert set(g1) == set(g2)
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
