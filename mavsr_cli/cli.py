@@ -34,7 +34,10 @@ def _log(msg: str) -> None:
 
 
 def _quiet_libraries() -> None:
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
     import transformers
 
     transformers.logging.set_verbosity_error()

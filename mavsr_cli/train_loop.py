@@ -4,8 +4,9 @@ Every batch: load the native-rate features once (the cache stands in for "encode
 each rate configuration of the grid compress, project and run the LLM, and average the losses
 with equal weights. With one shared LoRA (MS) the configurations are packed into one batched LLM
 pass (`train.pack_rates`): the same losses, but on CPU it measured slower (0.35 vs 0.24 s per
-step on the synthetic recipe) because every configuration is padded to the longest one. AdamW (0.9, 0.98), weight decay 0.1, cosine decay without warm-up, gradient
-clipping at 10: the reference code's recipe. fp32 on CPU.
+step on the synthetic recipe) because every configuration is padded to the longest one.
+AdamW (0.9, 0.98), weight decay 0.1, cosine decay without warm-up, gradient clipping at 10: the
+reference code's recipe. fp32 on CPU.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ cd "$(dirname "$0")"
 stage=0
 stop_stage=100
 conf=conf/synth.yaml
-num_utts=${NUM_UTTS:-1200}      # train utterances
+num_utts=${NUM_UTTS:-1000}      # train utterances
 test_utts=${TEST_UTTS:-100}     # test utterances
 speakers=${SPEAKERS:-4}
 while [ $# -gt 0 ]; do
@@ -37,7 +37,7 @@ if step 0; then
 fi
 if step 1; then
   echo "== stage 1: small encoders and LLM from configs [${SECONDS}s]"
-  mavsr tiny-models
+  mavsr tiny-models --encoder-epochs 4 --lm-epochs 12
 fi
 if step 2; then
   echo "== stage 2: extract features [${SECONDS}s]"
