@@ -27,4 +27,4 @@ lint: install
 	$(BIN)/ruff check mavsr_cli tests
 
 clean:
-	rm -rf $(VENV) recipes/synth/{corpus,data,dump,exp,models}
+	rm -rf $(VENV) recipes/synth/corpus recipes/synth/data recipes/synth/dump recipes/synth/exp recipes/synth/models
