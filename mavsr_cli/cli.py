@@ -116,6 +116,7 @@ def train(
     dir: DirOpt = Path("."),
     config: ConfigOpt = None,
     rates: Annotated[str, typer.Option(help="'all' = every configuration of the config's grid, or tags like a4v2,a16v5.")] = "all",
+    lora: Annotated[str | None, typer.Option(help="LoRA strategy, overriding the config: ms (shared), ss (one per configuration), mss (both).")] = None,
     tag: Annotated[str | None, typer.Option(help="Experiment name under exp/ (default: <config>_<lora>_<rates>).")] = None,
     force: ForceOpt = False,
 ) -> None:
@@ -125,6 +126,8 @@ def train(
     from .stages import train as stage
 
     cfg = C.load(config)
+    if lora is not None:
+        cfg = C.with_lora_strategy(cfg, lora)
     tag = tag or stage.default_tag(str(config) if config else None, cfg.model.lora.strategy, rates)
     stage.run(_recipe(dir), cfg, rates, tag, force, _log)
 

@@ -36,7 +36,7 @@ class VideoEncoderConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    strategy: str = "ms"  # ms: one shared LoRA for every configuration (SS/MSS: issue 3)
+    strategy: str = "ms"  # ms: one shared LoRA; ss: one per configuration; mss: shared + per configuration
     rank: int = 64  # LoRA bottleneck (64 for Llama 3.2-1B in the reference code)
     alpha: int = 8  # LoRA scaling numerator (scale = alpha / rank)
     dropout: float = 0.05  # dropout on the LoRA input
@@ -156,14 +156,24 @@ def load(path: str | Path | None) -> Config:
     return cfg
 
 
+def with_lora_strategy(cfg: Config, strategy: str) -> Config:
+    """The same config with another LoRA strategy (e.g. from `mavsr train --lora`)."""
+    lora = dataclasses.replace(cfg.model.lora, strategy=strategy)
+    out = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=lora))
+    validate(out)
+    return out
+
+
 def validate(cfg: Config) -> None:
     m = cfg.model
     if m.modality not in ("av", "a", "v"):
         raise MavsrError(f"model.modality must be av, a or v, got {m.modality!r}")
     if m.compression not in ("avg", "stack"):
         raise MavsrError(f"model.compression must be avg or stack, got {m.compression!r}")
-    if m.lora.strategy != "ms":
-        raise MavsrError(f"model.lora.strategy {m.lora.strategy!r} is not supported yet (only ms)")
+    if m.lora.strategy not in ("ms", "ss", "mss"):
+        raise MavsrError(f"model.lora.strategy must be ms, ss or mss, got {m.lora.strategy!r}")
+    if cfg.train.pack_rates and m.lora.strategy != "ms":
+        raise MavsrError("train.pack_rates needs model.lora.strategy ms (SS/MSS use different adapters per configuration)")
     if cfg.audio_encoder.mode not in ("fast", "faithful"):
         raise MavsrError(f"audio_encoder.mode must be fast or faithful, got {cfg.audio_encoder.mode!r}")
     m.rate_grid()

@@ -21,9 +21,11 @@ MARKERS = ("<audio>", "</audio>", "<video>", "</video>")
 
 class AVSRModel(nn.Module):
     def __init__(self, llm, tokenizer, projectors: nn.ModuleDict, prompt: str, compression: str,
-                 grid: list[Rates]) -> None:
+                 grid: list[Rates], strategy: str = "ms") -> None:
         super().__init__()
-        self.llm = llm  # peft-wrapped causal LM
+        self.llm = llm  # peft-wrapped causal LM with the adapters of `strategy`
+        self.strategy = strategy
+        self._active: list[str] | None = None
         self.tokenizer = tokenizer
         self.projectors = projectors
         width = llm.get_input_embeddings().weight.shape[1]
@@ -31,6 +33,21 @@ class AVSRModel(nn.Module):
         self.compression = compression
         self.grid = list(grid)
         self.prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        # what is trained, fixed once: every LoRA tensor, the projectors and the markers
+        for n, p in self.named_parameters():
+            p.requires_grad_("lora_" in n or n.startswith("projectors.") or n == "markers")
+        self._trainable = [p for p in self.parameters() if p.requires_grad]
+
+    def use_rates(self, rates: Rates) -> None:
+        """Activate the adapters of this configuration (SS/MSS: the decode-time rates pick them)."""
+        from .llm import adapters_for
+
+        names = adapters_for(self.strategy, rates.tag)
+        if names != self._active:
+            self.llm.base_model.set_adapter(names if len(names) > 1 else names[0])
+            for p in self._trainable:  # peft's set_adapter toggles requires_grad; mavsr decides
+                p.requires_grad_(True)
+            self._active = names
 
     # ---- trained state -------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -69,7 +86,10 @@ class AVSRModel(nn.Module):
         return emb(torch.tensor(ids, dtype=torch.long, device=device))
 
     def build(self, feats: dict, rates: Rates, targets: list[list[int]] | None = None, left_pad: bool = False):
-        """-> inputs_embeds (B, L, D), attention_mask (B, L), labels (B, L) or None."""
+        """-> inputs_embeds (B, L, D), attention_mask (B, L), labels (B, L) or None.
+
+        Also activates the configuration's adapters for the LLM pass that follows."""
+        self.use_rates(rates)
         pieces = self._media_tokens(feats, rates)
         device = self.markers.device
         tok = self.tokenizer
@@ -107,11 +127,13 @@ class AVSRModel(nn.Module):
     def losses_packed(self, feats: dict, grid: list[Rates], targets: list[list[int]]) -> list[torch.Tensor]:
         """The per-configuration losses of `loss`, from one LLM pass over all configurations.
 
-        Valid when every configuration runs through the same adapters (MS): the sequences of all
+        Valid only when every configuration runs through the same adapters (MS): the sequences of all
         configurations are right-padded to one length and stacked along the batch, so the LLM
         sees (len(grid) * B) sequences at once. Right padding leaves each real token's position
         and attention unchanged, so each loss equals the unpacked one.
         """
+        if self.strategy != "ms":
+            raise ValueError("packing configurations into one pass needs the shared-LoRA (ms) strategy")
         built = [self.build(feats, r, targets) for r in grid]
         length = max(e.shape[1] for e, _, _ in built)
 

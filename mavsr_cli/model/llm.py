@@ -14,6 +14,26 @@ import torch
 from ..errors import MavsrError
 
 ADAPTER_MS = "ms"  # the shared LoRA used by every rate configuration (paper.md, MS)
+STRATEGIES = ("ms", "ss", "mss")
+
+
+def adapters_for(strategy: str, tag: str) -> list[str]:
+    """The LoRA adapters active for one rate configuration (paper.md, Matryoshka training):
+    MS: the shared one; SS: the configuration's own (named by its rate tag); MSS: both, summed."""
+    if strategy == "ms":
+        return [ADAPTER_MS]
+    if strategy == "ss":
+        return [tag]
+    if strategy == "mss":
+        return [ADAPTER_MS, tag]
+    raise ValueError(f"unknown LoRA strategy {strategy!r}")
+
+
+def all_adapters(strategy: str, tags: list[str]) -> list[str]:
+    names: list[str] = []
+    for t in tags:
+        names += [a for a in adapters_for(strategy, t) if a not in names]
+    return names
 
 
 def load(name_or_path: str, dtype: torch.dtype = torch.float32):
@@ -32,13 +52,16 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32):
     return model, tok
 
 
-def add_lora(model, rank: int, alpha: int, dropout: float, targets: tuple[str, ...]):
-    """Wrap the frozen LLM with the shared LoRA adapter (peft)."""
+def add_lora(model, rank: int, alpha: int, dropout: float, targets: tuple[str, ...], names: list[str]):
+    """Wrap the frozen LLM with one peft LoRA adapter per name (same shape for all)."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                      bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg, adapter_name=ADAPTER_MS)
+    peft_model = get_peft_model(model, cfg, adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(name, cfg)
+    return peft_model
 
 
 def tiny(out_dir: Path, words: list[str], hidden: int = 192, layers: int = 2, heads: int = 4,

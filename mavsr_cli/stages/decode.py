@@ -58,7 +58,7 @@ def run(recipe: Recipe, exp: Path, split: str, audio_rate: int | None, video_rat
     if not ids:
         raise MavsrError(f"no utterances of split {split!r} in the feature cache")
     model = build_model(cfg, meta["dims"].get("audio"), meta["dims"].get("video"),
-                        llm_path=resolve_model(recipe, cfg.model.llm))
+                        llm_path=resolve_model(recipe, cfg.model.llm), rates=trained)
     model.load_trainable(checkpoint.load_state(ckpt))
     model.eval()
     bs = batch_size or cfg.decode.batch_size

@@ -68,7 +68,7 @@ def run(recipe: Recipe, cfg: Config, rates_spec: str, tag: str, force: bool = Fa
     dims = store.provenance["dims"]
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, dims.get("audio"), dims.get("video"), seed=cfg.train.seed,
-                        llm_path=resolve_model(recipe, cfg.model.llm))
+                        llm_path=resolve_model(recipe, cfg.model.llm), rates=rates)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     logger(f"train: {tag}: {len(store.ids())} utterances, rates {','.join(r.tag for r in rates)}, "

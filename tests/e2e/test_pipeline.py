@@ -137,3 +137,21 @@ def test_interrupted_training_resumes_from_its_last_checkpoint(recipe, tmp_path)
     assert "resuming from" in r.stdout
     assert (d / "exp/x/.done").is_file()
     assert [p.name for p in sorted((d / "exp/x/ckpt").iterdir())] == [p.name for p in ckpts]
+
+
+@pytest.mark.parametrize("strategy", ["ss", "mss"])
+def test_each_lora_strategy_trains_and_decodes_at_every_rate(recipe, strategy, monkeypatch):
+    from mavsr_cli.recipe import Recipe
+    from mavsr_cli.stages import decode
+
+    monkeypatch.setenv("MAVSR_QUIET", "1")
+    d = recipe
+    mavsr(d, "train", "--config", "conf/tiny.yaml", "--lora", strategy, "--tag", strategy)
+    meta = json.loads((d / "exp" / strategy / "meta.json").read_text())
+    assert meta["strategy"] == strategy
+    for tag in meta["rates"]:
+        a, v = tag[1:].split("v")
+        out = decode.run(Recipe(d), d / "exp" / strategy, "test", int(a), int(v), log=lambda m: None)
+        assert len((out / "hyp.jsonl").read_text().splitlines()) == 4
+    r = mavsr(d, "score", "--exp", f"exp/{strategy}")
+    assert r.stdout.count("WER") == 4

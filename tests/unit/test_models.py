@@ -153,3 +153,66 @@ def test_packed_configurations_give_the_same_losses_and_gradients(parts):
     assert set(g1) == set(g2)
     for n in g1:
         torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def _strategy_model(parts, strategy):
+    cfg = C.from_dict({"model": {"llm": str(parts / "llm"), "projector_hidden": 16,
+                                 "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "strategy": strategy}}})
+    m = build_model(cfg, 32, 32, seed=0)
+    with torch.no_grad():  # as if trained: LoRA B starts at zero, which would hide every difference
+        g = torch.Generator().manual_seed(1)
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return m.eval()
+
+
+def test_ss_uses_each_configurations_own_adapter(parts):
+    m = _strategy_model(parts, "ss")
+    adapters = {n.split(".lora_A.")[1].split(".")[0] for n, _ in m.named_parameters() if ".lora_A." in n}
+    assert adapters == {"a4v2", "a4v5", "a16v2", "a16v5"}
+    tg = [[5, 6, 7], [8]]
+    f = _feats()
+    before = {r.tag: m.loss(f, r, tg).item() for r in m.grid}
+    assert m.llm.base_model.active_adapters == ["a16v5"]  # the last one used
+    with torch.no_grad():  # change only the a16v5 adapter
+        for n, p in m.named_parameters():
+            if ".lora_B.a16v5." in n:
+                p.mul_(3.0)
+    after = {r.tag: m.loss(f, r, tg).item() for r in m.grid}
+    for tag in ("a4v2", "a4v5", "a16v2"):
+        assert after[tag] == pytest.approx(before[tag], abs=1e-6)
+    assert after["a16v5"] != pytest.approx(before["a16v5"], abs=1e-4)
+
+
+def test_mss_adds_the_shared_and_the_specific_delta(parts):
+    m = _strategy_model(parts, "mss")
+    layer = m.llm.base_model.model.model.layers[0].self_attn.q_proj  # a peft LoRA Linear
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        out = {}
+        for names in (["ms"], ["a4v5"], ["ms", "a4v5"]):
+            layer.set_adapter(names)
+            out[tuple(names)] = layer(x)
+    torch.testing.assert_close(out[("ms", "a4v5")] - base,
+                               (out[("ms",)] - base) + (out[("a4v5",)] - base), rtol=1e-5, atol=1e-6)
+    m.use_rates(Rates(4, 5))
+    assert m.llm.base_model.active_adapters == ["ms", "a4v5"]
+    assert all(p.requires_grad for p in m._trainable)  # switching adapters never freezes trained tensors
+
+
+def test_packing_is_refused_for_per_configuration_adapters(parts):
+    m = _strategy_model(parts, "ss")
+    with pytest.raises(ValueError, match="ms"):
+        m.losses_packed(_feats(), m.grid, [[5], [6]])
+    with pytest.raises(MavsrError, match="pack_rates"):
+        C.validate(C.from_dict({"model": {"lora": {"strategy": "ss"}}, "train": {"pack_rates": True}}))
+
+
+def test_a_single_pair_model_holds_only_its_own_parts(parts):
+    cfg = C.from_dict({"model": {"llm": str(parts / "llm"), "projector_hidden": 16,
+                                 "lora": {"rank": 4, "alpha": 8, "strategy": "ss"}}})
+    m = build_model(cfg, 32, 32, rates=[Rates(16, 5)])
+    assert set(m.projectors) == {"a16", "v5"}
+    assert {n.split(".lora_A.")[1].split(".")[0] for n, _ in m.named_parameters() if ".lora_A." in n} == {"a16v5"}
