@@ -85,3 +85,13 @@ class SmallVideoEncoder(nn.Module):
         if pretrain is not None:
             pretrain(model)
         return model.eval().save(out_dir)
+
+
+def load_video_encoder(path: str | Path) -> nn.Module:
+    """A video encoder from a fairseq AV-HuBERT checkpoint (a .pt file) or a mavsr model dir."""
+    p = Path(path)
+    if p.is_file():
+        from .avhubert import AVHubertVideoEncoder
+
+        return AVHubertVideoEncoder.load(p)
+    return SmallVideoEncoder.load(p)

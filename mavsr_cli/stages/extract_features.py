@@ -23,7 +23,7 @@ from ..errors import MavsrError
 from ..features import model_digest
 from ..media import read_audio, read_video_gray
 from ..model.audio_encoder import WhisperAudioEncoder
-from ..model.video_encoder import SmallVideoEncoder
+from ..model.video_encoder import load_video_encoder
 from ..progress import bar
 from ..recipe import Recipe, atomic_write_json, atomic_write_text, is_done, mark_done, resolve_model, write_provenance
 
@@ -92,7 +92,7 @@ def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log
         if audio_enc is None and prov["audio"]:
             audio_enc = WhisperAudioEncoder.load(resolve_model(recipe, cfg.audio_encoder.path), cfg.audio_encoder.mode)
         if video_enc is None and prov["video"]:
-            video_enc = SmallVideoEncoder.load(resolve_model(recipe, cfg.video_encoder.path))
+            video_enc = load_video_encoder(resolve_model(recipe, cfg.video_encoder.path))
         atomic_write_json(out / "provenance.json", {"encoders": prov})
         index, dims = [], {}
         chunks = [utts[i:i + SHARD_SIZE] for i in range(0, len(utts), SHARD_SIZE)]

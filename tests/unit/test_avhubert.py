@@ -1,0 +1,115 @@
+"""AV-HuBERT: fairseq checkpoints read without fairseq, through a restricted unpickler."""
+
+import argparse
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+from mavsr_cli.errors import MavsrError
+from mavsr_cli.model.avhubert import AVHubertConfig, AVHubertVideoEncoder
+from mavsr_cli.model.video_encoder import load_video_encoder
+from mavsr_cli.safe_pickle import load_checkpoint
+
+TINY = dict(encoder_layers=2, encoder_embed_dim=32, encoder_ffn_embed_dim=64, encoder_attention_heads=4,
+            conv_pos=16, conv_pos_groups=4, resnet_channels=8)
+
+
+def test_large_has_the_released_files_tensors():
+    with torch.device("meta"):
+        m = AVHubertVideoEncoder(AVHubertConfig())
+    state = m.state_dict()
+    assert len(state) == 532  # formats.md: 538 in the file, 532 needed for video features
+    assert state["encoder.pos_conv.0.weight_g"].shape == (1, 1, 128)
+    assert state["encoder.pos_conv.0.weight_v"].shape == (1024, 64, 128)
+    assert state["feature_extractor_video.resnet.frontend3D.0.weight"].shape == (64, 1, 5, 7, 7)
+    assert "feature_extractor_video.resnet.trunk.layer2.0.downsample.0.weight" in state
+    assert "feature_extractor_video.resnet.trunk.layer2.1.downsample.0.weight" not in state
+    assert "feature_extractor_video.resnet.trunk.layer1.0.relu1.weight" in state
+    assert len(m.fairseq_state()) == 538
+
+
+class _FakeFairseq:
+    """Make `fairseq.data.dictionary.Dictionary` picklable while writing, then vanish."""
+
+    def __enter__(self):
+        mods = {n: types.ModuleType(n) for n in ("fairseq", "fairseq.data", "fairseq.data.dictionary")}
+
+        class Dictionary:
+            def __init__(self):
+                self.symbols = ["<s>", "<pad>", "</s>", "<unk>"]
+                self.count = [1, 1, 1, 1]
+
+        Dictionary.__module__ = "fairseq.data.dictionary"
+        Dictionary.__qualname__ = "Dictionary"
+        mods["fairseq.data.dictionary"].Dictionary = Dictionary
+        self.saved = {n: sys.modules.get(n) for n in mods}
+        sys.modules.update(mods)
+        return Dictionary
+
+    def __exit__(self, *exc):
+        for n, m in self.saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+
+
+def write_checkpoint(path, model, old_style=False):
+    with _FakeFairseq() as Dictionary:
+        ckpt = {"model": model.fairseq_state(), "task_state": {"dictionaries": [Dictionary()]}}
+        if old_style:
+            ckpt["args"] = argparse.Namespace(**TINY, _name="av_hubert")
+        else:
+            ckpt["cfg"] = {"model": {**TINY, "_name": "av_hubert", "modality_fuse": "concat",
+                                     "layer_norm_first": True}, "task": {"labels": ["km"]}}
+        torch.save(ckpt, path)
+    assert "fairseq" not in sys.modules
+
+
+@pytest.mark.parametrize("old_style", [False, True])
+def test_tiny_checkpoint_round_trip_without_fairseq(tmp_path, old_style):
+    torch.manual_seed(0)
+    m = AVHubertVideoEncoder(AVHubertConfig(**TINY)).eval()
+    path = tmp_path / "avhubert_tiny.pt"
+    write_checkpoint(path, m, old_style)
+    with pytest.raises(Exception):  # what a plain weights-only load does with such a file
+        torch.load(path, weights_only=True)
+    loaded = load_video_encoder(str(path))
+    assert isinstance(loaded, AVHubertVideoEncoder) and loaded.cfg == AVHubertConfig(**TINY)
+    x = torch.randn(12, 88, 88)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), m(x))
+    assert loaded(x).shape == (12, 32)
+
+
+def test_wrong_or_missing_tensors_are_named(tmp_path):
+    m = AVHubertVideoEncoder(AVHubertConfig(**TINY))
+    path = tmp_path / "bad.pt"
+    state = m.fairseq_state()
+    del state["encoder.layers.1.fc1.weight"]
+    state["encoder.layers.9.fc1.weight"] = torch.zeros(1)
+    torch.save({"model": state, "cfg": {"model": TINY}}, path)
+    with pytest.raises(MavsrError, match=r"missing 1 tensors \['encoder.layers.1.fc1.weight'\].*encoder.layers.9"):
+        AVHubertVideoEncoder.load(path)
+    torch.save({"cfg": {"model": TINY}}, path)
+    with pytest.raises(MavsrError, match="no 'model'"):
+        AVHubertVideoEncoder.load(path)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(MavsrError, match="not a readable torch checkpoint"):
+        AVHubertVideoEncoder.load(path)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_a_crafted_pickle_cannot_run_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": {}, "cfg": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(MavsrError, match="refused to load global (posix|os|nt).system"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned.txt").exists()
