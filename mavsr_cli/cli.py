@@ -101,6 +101,8 @@ def extract_features(
     dir: DirOpt = Path("."),
     config: ConfigOpt = None,
     split: Annotated[list[str], typer.Option("--split", "-s", help="Split(s) to extract; repeat the option for several.")] = ["train", "test"],
+    shard: Annotated[str | None, typer.Option(help="i/N: compute only this worker's share of the shard files (N workers, one dump dir); run again without it to merge.")] = None,
+    shard_size: Annotated[int, typer.Option(help="Utterances per shard file.")] = 256,
     force: ForceOpt = False,
 ) -> None:
     """Run the frozen encoders once and cache native-rate features in dump/<encoders>/<split>/."""
@@ -108,7 +110,7 @@ def extract_features(
     from . import config as C
     from .stages import extract_features as stage
 
-    stage.run(_recipe(dir), C.load(config), split, force, _log)
+    stage.run(_recipe(dir), C.load(config), split, force, _log, stage.parse_shard(shard), shard_size)
 
 
 @app.command()

@@ -5,6 +5,9 @@
            config.yaml, cmd.txt, .done}
 Shards are written atomically one by one; a rerun reuses finished shards (resume) and skips a
 finished split. A cache whose provenance names other encoders is refused, not reused.
+Scale-out: `--shard i/N` computes only every N-th shard file (i, i+N, ...), so N processes on N
+GPUs or nodes split a corpus into the same dump dir; a run without --shard then merges them (it
+reuses every finished shard, computes any missing one, and writes the index and `.done`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,20 @@ from ..model.video_encoder import load_video_encoder
 from ..progress import bar
 from ..recipe import Recipe, atomic_write_json, atomic_write_text, is_done, mark_done, resolve_model, write_provenance
 
-SHARD_SIZE = 256  # utterances per shard
+SHARD_SIZE = 256  # utterances per shard file
+
+
+def parse_shard(spec: str | None) -> tuple[int, int] | None:
+    """'i/N' -> (i, N) with 0 <= i < N."""
+    if spec is None:
+        return None
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise MavsrError(f"--shard must look like i/N (e.g. 0/4), got {spec!r}") from None
+    if not 0 <= i < n:
+        raise MavsrError(f"--shard {spec}: need 0 <= i < N")
+    return i, n
 
 
 def provenance(recipe: Recipe, cfg: Config) -> dict:
@@ -72,7 +88,8 @@ def _shard_ok(path, ids: list[str]) -> bool:
         return False
 
 
-def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log=print) -> str:
+def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log=print,
+        shard: tuple[int, int] | None = None, shard_size: int = SHARD_SIZE) -> str:
     prov = provenance(recipe, cfg)
     tag = encoders_tag(prov)
     audio_enc = video_enc = None
@@ -95,9 +112,11 @@ def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log
             video_enc = load_video_encoder(resolve_model(recipe, cfg.video_encoder.path))
         atomic_write_json(out / "provenance.json", {"encoders": prov})
         index, dims = [], {}
-        chunks = [utts[i:i + SHARD_SIZE] for i in range(0, len(utts), SHARD_SIZE)]
+        chunks = [utts[i:i + shard_size] for i in range(0, len(utts), shard_size)]
         todo = []
         for n, chunk in enumerate(chunks):
+            if shard is not None and n % shard[1] != shard[0]:
+                continue  # another worker's shard
             name = f"shard-{n:05d}.safetensors"
             ids = [u.id for u in chunk]
             if force or not _shard_ok(out / name, ids):
@@ -118,6 +137,10 @@ def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log
                 tmp = out / f".{name}.tmp-{os.getpid()}"
                 save_file(tensors, str(tmp), metadata={"ids": json.dumps([u.id for u in chunk])})
                 os.replace(tmp, out / name)
+        if shard is not None:
+            log(f"extract-features {split}: shard {shard[0]}/{shard[1]} done ({len(todo)} shard files written); "
+                "run without --shard to merge")
+            continue
         for n, chunk in enumerate(chunks):
             name = f"shard-{n:05d}.safetensors"
             with safe_open(str(out / name), framework="pt") as f:

@@ -155,3 +155,41 @@ def test_each_lora_strategy_trains_and_decodes_at_every_rate(recipe, strategy, m
         assert len((out / "hyp.jsonl").read_text().splitlines()) == 4
     r = mavsr(d, "score", "--exp", f"exp/{strategy}")
     assert r.stdout.count("WER") == 4
+
+
+def test_sharded_extraction_merges_into_the_same_cache(recipe, tmp_path):
+    from mavsr_cli import config as C
+    from mavsr_cli.errors import MavsrError
+    from mavsr_cli.recipe import Recipe
+    from mavsr_cli.stages import extract_features as ef
+
+    d = tmp_path / "r"
+    shutil.copytree(recipe, d, ignore=shutil.ignore_patterns("dump", "exp"))
+    r, cfg = Recipe(d), C.load(d / "conf/tiny.yaml")
+    quiet = lambda m: None  # noqa: E731
+    for i in (1, 0):  # two workers, in any order, 4 utterances per shard file -> 4 shard files
+        ef.run(r, cfg, ["train"], log=quiet, shard=(i, 2), shard_size=4)
+    (out,) = [p / "train" for p in (d / "dump").iterdir()]
+    files = sorted(out.glob("shard-*.safetensors"))
+    assert [f.name for f in files] == [f"shard-{n:05d}.safetensors" for n in range(4)]
+    assert not (out / ".done").exists()  # not merged yet
+    before = {f.name: f.stat().st_mtime_ns for f in files}
+    ef.run(r, cfg, ["train"], log=quiet, shard_size=4)  # the merge computes nothing again
+    assert {f.name: f.stat().st_mtime_ns for f in sorted(out.glob("shard-*.safetensors"))} == before
+    assert (out / ".done").is_file() and len((out / "index.jsonl").read_text().splitlines()) == 16
+    # identical to an unsharded extraction of the same corpus
+    from safetensors.torch import load_file
+
+    ref = load_file(next((recipe / "dump").iterdir()) / "train" / "shard-00000.safetensors")
+    got = {k: v for f in files for k, v in load_file(f).items()}
+    assert set(got) == set(ref) and all(torch_equal(got[k], ref[k]) for k in ref)
+    with pytest.raises(MavsrError, match="i/N"):
+        ef.parse_shard("2of4")
+    with pytest.raises(MavsrError, match="0 <= i < N"):
+        ef.parse_shard("4/4")
+
+
+def torch_equal(a, b):
+    import torch
+
+    return torch.equal(a, b)
