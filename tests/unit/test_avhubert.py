@@ -1,8 +1,8 @@
 """AV-HuBERT: fairseq checkpoints read without fairseq, through a restricted unpickler."""
 
 import argparse
-import pickle
 import os
+import pickle
 import sys
 import types
 
