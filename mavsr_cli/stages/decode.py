@@ -78,7 +78,7 @@ def run(recipe: Recipe, exp: Path, split: str, audio_rate: int | None, video_rat
         atomic_write_text(tmp / "hyp.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
         opts = {"checkpoint": ckpt.name, "rates": rates.tag, "split": split, "search": "greedy",
                 "batch_size": bs, "max_new_tokens": mnt}
-        write_provenance(tmp, config_mod.Config.dump(cfg) + "decode_options:\n"
+        write_provenance(tmp, cfg.dump() + "decode_options:\n"
                          + "".join(f"  {k}: {v}\n" for k, v in opts.items()))
     log(f"decode: {len(lines)} utterances at {rates.tag} -> {out.relative_to(recipe.root)}")
     return out

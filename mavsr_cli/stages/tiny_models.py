@@ -34,6 +34,7 @@ from ..model.audio_encoder import WhisperAudioEncoder
 from ..model.video_encoder import SmallVideoEncoder
 from ..progress import bar, progress
 from ..recipe import Recipe, is_done, staged_dir, write_provenance
+from ..train_loop import lr_lambda
 from .extract_features import normalise, video_crop
 
 
@@ -83,7 +84,7 @@ def lm_warmup(path: Path, texts: list[str], prompt: str, epochs: int, seed: int,
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     bs = 32
     steps = epochs * math.ceil(len(texts) / bs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, warmup=0))
     loss_v = float("nan")
     with bar() as pbar:
         task = pbar.add_task("LM warm-up", total=steps, info="")
@@ -122,7 +123,7 @@ def ctc_pretrain(name: str, encoder: torch.nn.Module, encode, inputs: list, text
     params = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     steps = epochs * math.ceil(len(inputs) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, warmup=0))
     targets = [torch.tensor([CHARS.index(c) + 1 for c in t if c in CHARS]) for t in texts]
     ctc = torch.nn.CTCLoss(blank=0, zero_infinity=True)
     encoder.train()
