@@ -1,7 +1,9 @@
 """Model parts through their real loading paths: tiny models saved to disk and loaded back."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,3 +218,58 @@ def test_a_single_pair_model_holds_only_its_own_parts(parts):
     m = build_model(cfg, 32, 32, rates=[Rates(16, 5)])
     assert set(m.projectors) == {"a16", "v5"}
     assert {n.split(".lora_A.")[1].split(".")[0] for n, _ in m.named_parameters() if ".lora_A." in n} == {"a16v5"}
+
+
+_FRESH = """
+import sys, torch
+from mavsr_cli import checkpoint, config as C
+from mavsr_cli.model.build import build_model
+from mavsr_cli.rates import Rates
+sys.path.insert(0, sys.argv[3])
+from test_models import _feats
+ckpt, out = sys.argv[1], sys.argv[2]
+meta = checkpoint.read_meta(__import__('pathlib').Path(ckpt))
+cfg = C.from_dict(meta["config"])
+m = build_model(cfg, 32, 32, seed=123, rates=[Rates.parse(t) for t in meta["rates"]])  # other seed: all from the file
+m.load_trainable(checkpoint.load_state(__import__('pathlib').Path(ckpt)))
+m.eval()
+res = {}
+with torch.inference_mode():
+    for tag in meta["rates"]:
+        r = Rates.parse(tag)
+        m.use_rates(r)
+        emb, mask, _ = m.build(_feats(), r, [[5, 6, 7], [8]])
+        res[tag] = m.llm(inputs_embeds=emb, attention_mask=mask).logits.clone()
+torch.save(res, out)
+"""
+
+
+@pytest.mark.parametrize("strategy", ["ms", "ss", "mss"])
+def test_a_checkpoint_gives_identical_logits_in_a_fresh_process(parts, tmp_path, strategy):
+    from mavsr_cli import checkpoint
+
+    m = _strategy_model(parts, strategy)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.requires_grad and "lora_B" not in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    cfg_dict = {"model": {"llm": str(parts / "llm"), "projector_hidden": 16,
+                          "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "strategy": strategy}}}
+    tags = [r.tag for r in m.grid]
+    ckpt = checkpoint.save(tmp_path / "ckpt", 1, m.trainable_state(), {"rates": tags, "config": cfg_dict}, None, keep=1)
+    ref = {}
+    with torch.inference_mode():
+        for r in m.grid:
+            m.use_rates(r)
+            emb, mask, _ = m.build(_feats(), r, [[5, 6, 7], [8]])
+            ref[r.tag] = m.llm(inputs_embeds=emb, attention_mask=mask).logits.clone()
+    out = tmp_path / "logits.pt"
+    res = subprocess.run([sys.executable, "-c", _FRESH, str(ckpt), str(out), str(Path(__file__).parent)],
+                         capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(out)
+    assert set(got) == set(ref) == set(tags)
+    for t in tags:
+        assert torch.equal(got[t], ref[t]), t
+    if strategy != "ms":  # per-configuration adapters really differ, so the comparison can fail
+        assert not torch.equal(ref[tags[0]], ref[tags[-1]])
