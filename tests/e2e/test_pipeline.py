@@ -157,6 +157,38 @@ def test_each_lora_strategy_trains_and_decodes_at_every_rate(recipe, strategy, m
     assert r.stdout.count("WER") == 4
 
 
+@pytest.mark.parametrize("modality", ["a", "v"])
+def test_audio_only_and_video_only_models_train_and_decode(recipe, modality):
+    d = recipe
+    conf = yaml.safe_load((d / "conf/tiny.yaml").read_text())
+    conf["model"]["modality"] = modality
+    (d / f"conf/{modality}.yaml").write_text(yaml.safe_dump(conf))
+    mavsr(d, "extract-features", "--config", f"conf/{modality}.yaml")
+    mavsr(d, "train", "--config", f"conf/{modality}.yaml", "--tag", modality)
+    exp = d / "exp" / modality
+    meta = json.loads((exp / "meta.json").read_text())
+    want = {"a": ["a4", "a16"], "v": ["v2", "v5"]}[modality]
+    assert meta["modality"] == modality and meta["rates"] == want
+    assert list(meta["dims"]) == [{"a": "audio", "v": "video"}[modality]]
+    # the cache holds only the modality used; the checkpoint only its projectors
+    from safetensors import safe_open
+
+    (shard,) = (d / "dump" / meta["encoders_tag"] / "train").glob("shard-*.safetensors")
+    with safe_open(shard, "pt") as f:
+        assert {k.split("/")[-1] for k in f.keys()} == {meta["dims"].popitem()[0]}
+    with safe_open(sorted((exp / "ckpt").iterdir())[-1] / "model.safetensors", "pt") as f:
+        proj = {k.split(".")[1] for k in f.keys() if k.startswith("projectors.")}
+    assert proj == set(want)
+    flag = {"a": "--audio-rate", "v": "--video-rate"}[modality]
+    for tag in want:
+        mavsr(d, "decode", "--exp", f"exp/{modality}", flag, tag[1:])
+        assert len((exp / f"decode_{tag}_greedy/test/hyp.jsonl").read_text().splitlines()) == 4
+    other = {"a": "--video-rate", "v": "--audio-rate"}[modality]
+    r = mavsr(d, "decode", "--exp", f"exp/{modality}", flag, want[0][1:], other, "2", ok=False)
+    assert r.returncode == 2 and "not in the trained grid" in r.stderr + r.stdout
+    assert mavsr(d, "score", "--exp", f"exp/{modality}").stdout.count("WER") == 2
+
+
 def test_sharded_extraction_merges_into_the_same_cache(recipe, tmp_path):
     from mavsr_cli import config as C
     from mavsr_cli.errors import MavsrError
