@@ -21,7 +21,7 @@ from .rates import Rates, grid
 @dataclass(frozen=True)
 class AudioEncoderConfig:
     path: str = "openai/whisper-small"  # Whisper model: hub id or local dir (from_pretrained)
-    mode: str = "fast"  # fast: run encoder layers on the true length; faithful: pad to 30 s as Whisper does
+    mode: str = "faithful"  # faithful: pad to 30 s as Whisper was trained; fast: encoder layers on the true length only (benchmarks/whisper_modes.md)
     sample_rate: int = 16000  # input sample rate expected by the feature extractor
 
 

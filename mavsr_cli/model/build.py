@@ -13,18 +13,19 @@ from .avsr import AVSRModel
 
 
 def build_model(cfg: Config, audio_dim: int | None, video_dim: int | None, seed: int = 0,
-                llm_path: str | None = None, rates: list[Rates] | None = None) -> AVSRModel:
+                llm_path: str | None = None, rates: list[Rates] | None = None, llm=None) -> AVSRModel:
     """Build the trainable AVSR model over a frozen LLM; encoder widths come from the feature cache.
 
     `llm_path` overrides `cfg.model.llm` where the recipe resolved it to a local directory.
     `rates` (default: the config's whole grid) are the configurations the model serves: only
     their projectors and adapters are made, so a single-pair baseline holds only its own.
+    `llm`, a (model, tokenizer) pair, replaces loading (benchmarks build it on the meta device).
     """
     m = cfg.model
     grid = list(rates) if rates else m.rate_grid()
     torch.manual_seed(seed)
     # 1. the frozen LLM and its tokenizer, through from_pretrained
-    llm, tok = llm_mod.load(llm_path or m.llm)
+    llm, tok = llm if llm is not None else llm_mod.load(llm_path or m.llm)
     width = llm.get_input_embeddings().weight.shape[1]
     # 2. LoRA adapters on the attention projections: MS one shared, SS one per configuration,
     #    MSS both (paper.md, Matryoshka training)

@@ -64,11 +64,10 @@ def add_lora(model, rank: int, alpha: int, dropout: float, targets: tuple[str, .
     return peft_model
 
 
-def tiny(out_dir: Path, words: list[str], hidden: int = 192, layers: int = 2, heads: int = 4,
-         seed: int = 0) -> Path:
-    """A small random Llama with a word-level tokenizer over `words`, saved with save_pretrained."""
+def word_tokenizer(words: list[str]):
+    """A word-level fast tokenizer over `words` with <s>, </s>, <pad>, <unk> and punctuation."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     punct = [".", ",", "?", "!", "'"]
@@ -77,8 +76,17 @@ def tiny(out_dir: Path, words: list[str], hidden: int = 192, layers: int = 2, he
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
-                                  eos_token="</s>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+
+
+def tiny(out_dir: Path, words: list[str], hidden: int = 192, layers: int = 2, heads: int = 4,
+         seed: int = 0) -> Path:
+    """A small random Llama with a word-level tokenizer over `words`, saved with save_pretrained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = word_tokenizer(words)
+    vocab = tok.get_vocab()
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(vocab), hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 8 * 8,

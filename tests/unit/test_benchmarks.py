@@ -1,0 +1,22 @@
+"""The benchmark scripts run, and their model builds match published sizes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_param_counts_builds_llama_at_its_published_size_and_ms_costs_nothing_at_inference():
+    r = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks/param_counts.py"), "--setting", "lrs3"],
+                       capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Llama-3.2-1B base 1,235.8M parameters (published 1,235.8M)" in r.stdout
+    rows = {line.split("|")[1].strip(): line.split("|")[1:-1] for line in r.stdout.splitlines()
+            if line.startswith("| ") and "strategy" not in line}
+    assert set(rows) == {"ms", "ss", "mss", "separate models"}
+    assert rows["ms"][-1].strip() == rows["ss"][-1].strip() == "1.0000"  # one pair + one adapter active
+    assert float(rows["mss"][-1]) > 1.0  # two adapters active
+    trained = {k: float(v[6].strip().rstrip("M").replace(",", "")) for k, v in rows.items()}
+    assert trained["ms"] < trained["ss"] < trained["mss"] < trained["separate models"]
