@@ -273,3 +273,28 @@ def test_a_checkpoint_gives_identical_logits_in_a_fresh_process(parts, tmp_path,
         assert torch.equal(got[t], ref[t]), t
     if strategy != "ms":  # per-configuration adapters really differ, so the comparison can fail
         assert not torch.equal(ref[tags[0]], ref[tags[-1]])
+
+
+def test_a_qwen2_style_llm_works_through_the_same_code(tmp_path):
+    """Not only Llama: a Qwen2 causal LM (biased q/k/v) loads through AutoModelForCausalLM, trains, decodes."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = llm_mod.word_tokenizer(synth.vocabulary() + "transcribe speech and video to text".split())
+    v = tok.get_vocab()
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(v), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, bos_token_id=v["<s>"],
+                                 eos_token_id=v["</s>"], pad_token_id=v["<pad>"])).save_pretrained(tmp_path / "qwen")
+    tok.save_pretrained(tmp_path / "qwen")
+    cfg = C.from_dict({"model": {"llm": str(tmp_path / "qwen"), "projector_hidden": 16, "projector_layernorm": True,
+                                 "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "strategy": "mss"}}})
+    m = build_model(cfg, 32, 32, seed=0)
+    assert type(m.llm.base_model.model).__name__ == "Qwen2ForCausalLM"
+    assert isinstance(m.projectors["a4"][-1], torch.nn.LayerNorm)
+    tg = [tok("anna found the apple", add_special_tokens=False).input_ids, [8]]
+    loss = m.loss(_feats(), Rates(16, 5), tg)
+    loss.backward()
+    grads = {n for n, p in m.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n or n.startswith("projectors.") or n == "markers" for n in grads)
+    hyps, _ = m.eval().generate(_feats(), Rates(4, 2), 4)
+    assert len(hyps) == 2 and all(isinstance(h, str) for h in hyps)
