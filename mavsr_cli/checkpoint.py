@@ -22,8 +22,16 @@ from .errors import MavsrError
 
 
 def save(ckpt_root: Path, step: int, state: dict, meta: dict, trainer: dict | None, keep: int) -> Path:
-    final = ckpt_root / f"step-{step:06d}"
-    tmp = ckpt_root / f".step-{step:06d}.tmp-{os.getpid()}"
+    """Write ckpt/step-NNNNNN atomically and keep only the last `keep` step checkpoints."""
+    final = save_named(ckpt_root, f"step-{step:06d}", state, meta, trainer)
+    for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
+    return final
+
+
+def save_named(ckpt_root: Path, name: str, state: dict, meta: dict, trainer: dict | None = None) -> Path:
+    final = ckpt_root / name
+    tmp = ckpt_root / f".{name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -33,8 +41,6 @@ def save(ckpt_root: Path, step: int, state: dict, meta: dict, trainer: dict | No
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
     return final
 
 
@@ -42,6 +48,16 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     if not ckpt_root.is_dir():
         return []
     return sorted(p for p in ckpt_root.glob("step-*") if (p / "model.safetensors").is_file())
+
+
+def for_decoding(exp_dir: Path) -> Path:
+    """The checkpoint a finished experiment names in meta.json (e.g. an average), else the latest."""
+    meta = exp_dir / "meta.json"
+    if meta.is_file():
+        name = json.loads(meta.read_text()).get("checkpoint")
+        if name and (exp_dir / "ckpt" / name / "model.safetensors").is_file():
+            return exp_dir / "ckpt" / name
+    return latest(exp_dir)
 
 
 def latest(exp_dir: Path) -> Path:

@@ -119,10 +119,15 @@ def train(
     config: ConfigOpt = None,
     rates: Annotated[str, typer.Option(help="'all' = every configuration of the config's grid, or tags like a4v2,a16v5.")] = "all",
     lora: Annotated[str | None, typer.Option(help="LoRA strategy, overriding the config: ms (shared), ss (one per configuration), mss (both).")] = None,
+    modality: Annotated[str | None, typer.Option(help="Overriding the config: av (AVSR), a (audio only, ASR), v (video only, VSR); needs a cache extracted for it.")] = None,
     tag: Annotated[str | None, typer.Option(help="Experiment name under exp/ (default: <config>_<lora>_<rates>).")] = None,
     force: ForceOpt = False,
 ) -> None:
-    """Matryoshka training of projectors + LoRA over the frozen LLM; writes exp/<tag>/."""
+    """Matryoshka training of projectors + LoRA over the frozen LLM; writes exp/<tag>/.
+
+    An interrupted run resumes from its last checkpoint when started again with the same
+    arguments (exactly: same batches, same losses). Under `torchrun --nproc_per_node N` the same
+    command trains with N DDP processes (train.distributed: fsdp to shard instead)."""
     _quiet_libraries()
     from . import config as C
     from .stages import train as stage
@@ -130,7 +135,10 @@ def train(
     cfg = C.load(config)
     if lora is not None:
         cfg = C.with_lora_strategy(cfg, lora)
-    tag = tag or stage.default_tag(str(config) if config else None, cfg.model.lora.strategy, rates)
+    if modality is not None:
+        cfg = C.with_modality(cfg, modality)
+    tag = tag or stage.default_tag(str(config) if config else None, cfg.model.lora.strategy, rates,
+                                   None if modality is None else cfg.model.modality)
     stage.run(_recipe(dir), cfg, rates, tag, force, _log)
 
 

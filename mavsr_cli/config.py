@@ -84,6 +84,26 @@ class TrainConfig:
     log_every: int = 10  # steps between log lines in train.log
     keep_checkpoints: int = 2  # how many step checkpoints to keep
     pack_rates: bool = False  # one batched LLM pass for all configurations: same loss; slower on CPU (padding)
+    accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation; same gradient as one batch)
+    max_frames: int = 0  # >0: dynamic batches of at most this many video frames (25 per s) instead of batch_size
+    save_every: int = 0  # steps between checkpoints (0 = at the end of every epoch)
+    average_last: int = 0  # >1: the final checkpoint averages the last N checkpoints (keeps at least N)
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
+    grad_checkpointing: bool = False  # recompute the LLM's activations in backward (less memory, slower)
+    device: str = "auto"  # auto: cuda if available (LOCAL_RANK's GPU under torchrun), else cpu
+    distributed: str = "ddp"  # under torchrun: ddp (replicated) or fsdp (shards the LLM and adapters)
+    tensorboard: bool = False  # also write TensorBoard events to exp/<tag>/tb (if tensorboard is installed)
+    time_mask: bool = True  # mask feature frames at random in training (audio up to 0.4 s per s, video 10 of 25 frames)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    noisy_copies: int = 0  # augmented copies of each train utterance cached at extract time; one is drawn per epoch
+    snrs: tuple[str, ...] = ("-5", "0", "5", "10", "15", "20", "clean")  # babble SNRs (dB) a copy draws from
+    babble_utts: int = 6  # training utterances of other speakers mixed into one babble (test data never used)
+    noise_file: str = ""  # use this audio file as the noise instead of babble (a random segment per copy)
+    random_crop: bool = True  # copies take a random crop of the mouth ROI instead of the centre crop
+    seed: int = 0  # the copies are a function of this seed
 
 
 @dataclass(frozen=True)
@@ -98,6 +118,7 @@ class Config:
     video_encoder: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def to_dict(self) -> dict:
@@ -164,6 +185,27 @@ def with_lora_strategy(cfg: Config, strategy: str) -> Config:
     return out
 
 
+def with_modality(cfg: Config, modality: str) -> Config:
+    """The same config for another modality (e.g. from `mavsr train --modality a`)."""
+    out = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, modality=modality))
+    validate(out)
+    return out
+
+
+def snr_values(aug: AugmentConfig) -> list[float | None]:
+    """The SNR set as numbers; None = clean."""
+    out = []
+    for x in aug.snrs:
+        if str(x).strip().lower() == "clean":
+            out.append(None)
+            continue
+        try:
+            out.append(float(x))
+        except ValueError:
+            raise MavsrError(f"augment.snrs: {x!r} is neither a number (dB) nor 'clean'") from None
+    return out
+
+
 def validate(cfg: Config) -> None:
     m = cfg.model
     if m.modality not in ("av", "a", "v"):
@@ -174,6 +216,16 @@ def validate(cfg: Config) -> None:
         raise MavsrError(f"model.lora.strategy must be ms, ss or mss, got {m.lora.strategy!r}")
     if cfg.train.pack_rates and m.lora.strategy != "ms":
         raise MavsrError("train.pack_rates needs model.lora.strategy ms (SS/MSS use different adapters per configuration)")
+    t = cfg.train
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise MavsrError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    if t.distributed not in ("ddp", "fsdp"):
+        raise MavsrError(f"train.distributed must be ddp or fsdp, got {t.distributed!r}")
+    if t.accum_steps < 1 or t.batch_size < 1:
+        raise MavsrError("train.accum_steps and train.batch_size must be at least 1")
+    if cfg.augment.noisy_copies < 0:
+        raise MavsrError("augment.noisy_copies must be >= 0")
+    snr_values(cfg.augment)
     if cfg.audio_encoder.mode not in ("fast", "faithful"):
         raise MavsrError(f"audio_encoder.mode must be fast or faithful, got {cfg.audio_encoder.mode!r}")
     m.rate_grid()

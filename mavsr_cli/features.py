@@ -3,7 +3,9 @@
 dump/<encoders-tag>/<split>/
     shard-NNNNN.safetensors   tensors "<id>/audio" (Ta, Da) and "<id>/video" (Tv, Dv), fp16;
                               metadata "ids" (JSON list) so a rerun can verify and reuse a shard
-    index.jsonl               {"id", "shard", "audio_len", "video_len"} per utterance
+                              train split with augment.noisy_copies K: also "<id>/audio#k", "<id>/video#k"
+                              (k < K), the features of the k-th seeded augmented copy
+    index.jsonl               {"id", "shard", "audio_len", "video_len"[, "copies": [{"snr": dB|null}, ...]]}
     provenance.json           encoders, their config and weights hashes, dims
 One cache serves every rate configuration: compression happens at load time.
 """
@@ -69,12 +71,23 @@ class FeatureStore:
     def ids(self) -> list[str]:
         return sorted(self.entries)
 
-    def get(self, uid: str, modality: str) -> torch.Tensor:
+    def copies(self, uid: str) -> int:
+        """How many augmented copies the cache holds for this utterance (0: the clean one only)."""
+        return len(self.entries[uid].get("copies", []))
+
+    def frames(self, uid: str) -> int:
+        """Length in video frames (25 per second), from the index: for frame-capped batches."""
+        e = self.entries[uid]
+        return int(e["video_len"]) if "video_len" in e else (int(e["audio_len"]) + 1) // 2
+
+    def get(self, uid: str, modality: str, copy: int | None = None) -> torch.Tensor:
+        """Features (T, D) of an utterance; `copy` k picks its k-th augmented copy."""
         e = self.entries[uid]
         h = self._handles.get(e["shard"])
         if h is None:
             h = self._handles[e["shard"]] = safe_open(str(self.dir / e["shard"]), framework="pt")
-        return h.get_tensor(f"{uid}/{modality}").float()
+        name = f"{uid}/{modality}" if copy is None else f"{uid}/{modality}#{copy}"
+        return h.get_tensor(name).float()
 
 
 def pad_batch(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

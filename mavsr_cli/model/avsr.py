@@ -124,6 +124,41 @@ class AVSRModel(nn.Module):
         emb, mask, lab = self.build(feats, rates, targets)
         return self.llm(inputs_embeds=emb, attention_mask=mask, labels=lab).loss
 
+    def ce_sums(self, feats: dict, grid: list[Rates], targets: list[list[int]], packed: bool = False) -> list[torch.Tensor]:
+        """Summed next-token cross-entropy over the transcript + EOS tokens, one value per configuration.
+
+        Sums, not means, so a trainer can normalise by the token count of a whole global batch
+        (gradient accumulation, several processes) and get exactly the single-batch gradient.
+        `packed` runs every configuration in one LLM pass (MS only, see `losses_packed`).
+        """
+        if packed:
+            if self.strategy != "ms":
+                raise ValueError("packing configurations into one pass needs the shared-LoRA (ms) strategy")
+            built = [self.build(feats, r, targets) for r in grid]
+            length = max(e.shape[1] for e, _, _ in built)
+
+            def pad(x, value):
+                widths = (0, 0, 0, length - x.shape[1]) if x.dim() == 3 else (0, length - x.shape[1])
+                return torch.nn.functional.pad(x, widths, value=value)
+
+            emb = torch.cat([pad(e, 0.0) for e, _, _ in built])  # (G*B, L, D)
+            mask = torch.cat([pad(m, 0) for _, m, _ in built])  # (G*B, L)
+            lab = torch.cat([pad(y, -100) for _, _, y in built])  # (G*B, L)
+            ce = self._token_ce(emb, mask, lab)  # (G*B, L-1)
+            b = len(targets)
+            return [ce[k * b:(k + 1) * b].sum() for k in range(len(grid))]
+        out = []
+        for r in grid:
+            emb, mask, lab = self.build(feats, r, targets)
+            out.append(self._token_ce(emb, mask, lab).sum())
+        return out
+
+    def _token_ce(self, emb, mask, lab) -> torch.Tensor:
+        logits = self.llm(inputs_embeds=emb, attention_mask=mask).logits[:, :-1]  # (B, L-1, V)
+        gold = lab[:, 1:]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), gold.reshape(-1),
+                                                 ignore_index=-100, reduction="none").view(gold.shape)
+
     def losses_packed(self, feats: dict, grid: list[Rates], targets: list[list[int]]) -> list[torch.Tensor]:
         """The per-configuration losses of `loss`, from one LLM pass over all configurations.
 
@@ -132,28 +167,8 @@ class AVSRModel(nn.Module):
         sees (len(grid) * B) sequences at once. Right padding leaves each real token's position
         and attention unchanged, so each loss equals the unpacked one.
         """
-        if self.strategy != "ms":
-            raise ValueError("packing configurations into one pass needs the shared-LoRA (ms) strategy")
-        built = [self.build(feats, r, targets) for r in grid]
-        length = max(e.shape[1] for e, _, _ in built)
-
-        def pad(x, value):
-            return torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[1]) if x.dim() == 3 else (0, length - x.shape[1]),
-                                           value=value)
-
-        emb = torch.cat([pad(e, 0.0) for e, _, _ in built])  # (G*B, L, D)
-        mask = torch.cat([pad(m, 0) for _, m, _ in built])  # (G*B, L)
-        lab = torch.cat([pad(y, -100) for _, _, y in built])  # (G*B, L)
-        logits = self.llm(inputs_embeds=emb, attention_mask=mask).logits[:, :-1]  # (G*B, L-1, V)
-        gold = lab[:, 1:]
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), gold.reshape(-1),
-                                               ignore_index=-100, reduction="none").view(gold.shape)
-        b = len(targets)
-        out = []
-        for k in range(len(grid)):
-            rows = slice(k * b, (k + 1) * b)
-            out.append(ce[rows].sum() / (gold[rows] != -100).sum())
-        return out
+        n = sum(len(t) + 1 for t in targets)
+        return [s / n for s in self.ce_sums(feats, grid, targets, packed=True)]
 
     @torch.no_grad()
     def generate(self, feats: dict, rates: Rates, max_new_tokens: int) -> tuple[list[str], int]:

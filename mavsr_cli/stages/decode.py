@@ -34,7 +34,7 @@ def load_experiment(recipe: Recipe, exp: Path):
     if not (exp / "config.yaml").is_file():
         raise MavsrError(f"{exp} is not an experiment dir (no config.yaml)")
     cfg = config_mod.load(exp / "config.yaml")
-    ckpt = checkpoint.latest(exp)
+    ckpt = checkpoint.for_decoding(exp)
     meta = checkpoint.read_meta(ckpt)
     return cfg, ckpt, meta
 

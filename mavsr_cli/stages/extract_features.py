@@ -8,12 +8,17 @@ finished split. A cache whose provenance names other encoders is refused, not re
 Scale-out: `--shard i/N` computes only every N-th shard file (i, i+N, ...), so N processes on N
 GPUs or nodes split a corpus into the same dump dir; a run without --shard then merges them (it
 reuses every finished shard, computes any missing one, and writes the index and `.done`).
+Augmentation (augment.noisy_copies K > 0): the train split also holds K seeded copies of every
+utterance, babble-noised at a drawn SNR and with a random mouth crop, encoded like the original;
+training draws one per utterance per epoch (augment.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .. import manifest as mf
-from ..config import Config
+from ..augment import babble, fit_length, mix_at_snr, pick_babble_sources
+from ..config import Config, snr_values
 from ..errors import MavsrError
 from ..features import model_digest
 from ..media import read_audio, read_video_gray
@@ -57,6 +63,17 @@ def provenance(recipe: Recipe, cfg: Config) -> dict:
     }
 
 
+def cache_split(cfg: Config, split: str) -> str:
+    """The dump subdir of a split: the train split with augmented copies gets its own,
+    named by a hash of the augment settings (train-aug<hash>), so clean and augmented caches coexist."""
+    if split != "train" or not cfg.augment.noisy_copies:
+        return split
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg.augment), sort_keys=True).encode()).hexdigest()[:8]
+    return f"train-aug{h}"
+
+
 def encoders_tag(prov: dict) -> str:
     """dump/<tag>: readable names plus a short hash of everything that shapes the features."""
     import hashlib
@@ -80,12 +97,68 @@ def normalise(crop: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     return (crop.float() / 255.0 - mean) / std
 
 
-def _shard_ok(path, ids: list[str]) -> bool:
+def _shard_ok(path, ids: list[str], aug: dict | None) -> bool:
     try:
         with safe_open(str(path), framework="pt") as f:
-            return json.loads(f.metadata().get("ids", "[]")) == ids
+            md = f.metadata()
+            return json.loads(md.get("ids", "[]")) == ids and json.loads(md.get("augment", "null")) == aug
     except Exception:
         return False
+
+
+def random_crop(frames: np.ndarray, crop: int, rng: np.random.Generator) -> torch.Tensor:
+    """(T, H, W) -> one random (crop, crop) window for the whole clip (train-time crop)."""
+    t, h, w = frames.shape
+    if h < crop or w < crop:
+        raise MavsrError(f"mouth ROI of {h}x{w} is smaller than the {crop}x{crop} crop")
+    y0, x0 = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+    return torch.from_numpy(np.ascontiguousarray(frames[:, y0:y0 + crop, x0:x0 + crop]))
+
+
+class Augmenter:
+    """The K seeded augmented copies of one training utterance (augment.* in the config):
+    babble of other training speakers (or a noise file) at a drawn SNR, and a random mouth crop."""
+
+    def __init__(self, recipe: Recipe, cfg: Config, utts: list) -> None:
+        import zlib
+        from functools import lru_cache
+
+        self.cfg, self.recipe = cfg, recipe
+        self.snrs = snr_values(cfg.augment)
+        self.by_id = {u.id: u for u in utts}
+        self.speakers = {u.id: u.speaker for u in utts}
+        self.crc = zlib.crc32
+        self.noise = None
+        if cfg.augment.noise_file:
+            path = resolve_model(recipe, cfg.augment.noise_file)
+            if not os.path.isfile(path):
+                raise MavsrError(f"augment.noise_file not found: {path}")
+            self.noise = read_audio(Path(path))
+        self.wav = lru_cache(maxsize=512)(lambda uid: read_audio(recipe.resolve_media(self.by_id[uid].audio)))
+
+    def settings(self) -> dict:
+        """The augment settings as JSON sees them (as written in provenance.json)."""
+        return json.loads(json.dumps(dataclasses.asdict(self.cfg.augment)))
+
+    def copy(self, uid: str, k: int, wav: np.ndarray | None, frames: np.ndarray | None):
+        a = self.cfg.augment
+        rng = np.random.default_rng([a.seed, self.crc(uid.encode()), k])
+        snr = self.snrs[int(rng.integers(0, len(self.snrs)))]
+        noisy = None
+        if wav is not None:
+            noisy = wav
+            if snr is not None:
+                if self.noise is not None:
+                    noise = fit_length(self.noise, len(wav), int(rng.integers(0, max(1, len(self.noise)))))
+                else:
+                    srcs = pick_babble_sources(self.speakers, uid, a.babble_utts, rng)
+                    noise = babble([self.wav(s) for s in srcs], len(wav), rng)
+                noisy = mix_at_snr(wav, noise, snr)
+        crop = None
+        if frames is not None:
+            vc = self.cfg.video_encoder
+            crop = random_crop(frames, vc.crop, rng) if a.random_crop else video_crop(frames, vc.crop)
+        return snr, noisy, crop
 
 
 def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log=print,
@@ -95,8 +168,15 @@ def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log
     audio_enc = video_enc = None
     for split in splits:
         utts = mf.read(recipe.require_manifest(split))
-        out = recipe.dump(tag, split)
+        out = recipe.dump(tag, cache_split(cfg, split))
+        n_copies = cfg.augment.noisy_copies if split == "train" else 0
+        aug = Augmenter(recipe, cfg, utts) if n_copies else None
+        aug_settings = aug.settings() if aug else None
         if is_done(out) and not force:
+            old = json.loads((out / "provenance.json").read_text()).get("augment")
+            if old != aug_settings:
+                raise MavsrError(f"{out.relative_to(recipe.root)} was extracted with other augment settings "
+                                 f"({old} vs {aug_settings}); use --force to re-extract")
             log(f"extract-features: {out.relative_to(recipe.root)} is done (use --force to redo)")
             continue
         if out.exists():
@@ -119,23 +199,34 @@ def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log
                 continue  # another worker's shard
             name = f"shard-{n:05d}.safetensors"
             ids = [u.id for u in chunk]
-            if force or not _shard_ok(out / name, ids):
+            if force or not _shard_ok(out / name, ids, aug_settings):
                 todo.append((name, chunk))
         with torch.inference_mode(), bar() as pbar:
             task = pbar.add_task(f"extract {split}", total=sum(len(c) for _, c in todo), info="")
+            vcfg = cfg.video_encoder
             for name, chunk in todo:
-                tensors = {}
+                tensors, snrs = {}, {}
                 for u in chunk:
+                    wav = frames = None
                     if audio_enc is not None:
-                        tensors[f"{u.id}/audio"] = audio_enc(read_audio(recipe.resolve_media(u.audio))).half().contiguous()
+                        wav = read_audio(recipe.resolve_media(u.audio))
+                        tensors[f"{u.id}/audio"] = audio_enc(wav).half().contiguous()
                     if video_enc is not None:
-                        vcfg = cfg.video_encoder
-                        x = normalise(video_crop(read_video_gray(recipe.resolve_media(u.video)), vcfg.crop),
-                                      vcfg.mean, vcfg.std)
+                        frames = read_video_gray(recipe.resolve_media(u.video))
+                        x = normalise(video_crop(frames, vcfg.crop), vcfg.mean, vcfg.std)
                         tensors[f"{u.id}/video"] = video_enc(x).half().contiguous()
+                    for k in range(n_copies):  # seeded augmented copies (train split only)
+                        snr, noisy, crop = aug.copy(u.id, k, wav, frames)
+                        snrs.setdefault(u.id, []).append(snr)
+                        if noisy is not None:
+                            tensors[f"{u.id}/audio#{k}"] = audio_enc(noisy).half().contiguous()
+                        if crop is not None:
+                            tensors[f"{u.id}/video#{k}"] = video_enc(normalise(crop, vcfg.mean, vcfg.std)).half().contiguous()
                     pbar.advance(task)
                 tmp = out / f".{name}.tmp-{os.getpid()}"
-                save_file(tensors, str(tmp), metadata={"ids": json.dumps([u.id for u in chunk])})
+                save_file(tensors, str(tmp), metadata={"ids": json.dumps([u.id for u in chunk]),
+                                                       "augment": json.dumps(aug_settings),
+                                                       "snrs": json.dumps(snrs)})
                 os.replace(tmp, out / name)
         if shard is not None:
             log(f"extract-features {split}: shard {shard[0]}/{shard[1]} done ({len(todo)} shard files written); "
@@ -144,8 +235,11 @@ def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log
         for n, chunk in enumerate(chunks):
             name = f"shard-{n:05d}.safetensors"
             with safe_open(str(out / name), framework="pt") as f:
+                snrs = json.loads(f.metadata().get("snrs", "{}"))
                 for u in chunk:
                     e = {"id": u.id, "shard": name}
+                    if u.id in snrs:
+                        e["copies"] = [{"snr": x} for x in snrs[u.id]]
                     for m in ("audio", "video"):
                         if prov[m]:
                             shape = f.get_slice(f"{u.id}/{m}").get_shape()
@@ -153,7 +247,8 @@ def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log
                             dims[m] = shape[1]
                     index.append(e)
         atomic_write_text(out / "index.jsonl", "".join(json.dumps(e) + "\n" for e in index))
-        atomic_write_json(out / "provenance.json", {"encoders": prov, "dims": dims, "utterances": len(index)})
+        atomic_write_json(out / "provenance.json", {"encoders": prov, "dims": dims, "utterances": len(index),
+                                                     "augment": aug_settings})
         write_provenance(out, cfg.dump())
         mark_done(out)
         log(f"extract-features {split}: {len(index)} utterances -> {out.relative_to(recipe.root)}")

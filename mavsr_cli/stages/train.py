@@ -4,12 +4,15 @@
     writes exp/<tag>/{config.yaml, cmd.txt, train.log, metrics.jsonl, ckpt/step-NNNNNN/, .done}
 `--rates all` trains every configuration of the config's grid together (one checkpoint decodes
 at each); `--rates a16v5` trains a single-configuration baseline with the same code. A rerun of a
-finished experiment is skipped; an interrupted one resumes from its last epoch checkpoint.
+finished experiment is skipped; an interrupted one resumes from its last checkpoint, exactly.
+Under `torchrun --nproc_per_node N mavsr train ...` the same command runs N DDP processes; only
+rank 0 writes files.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ from ..model.build import build_model
 from ..rates import select
 from ..recipe import Recipe, atomic_write_text, is_done, mark_done, resolve_model, write_provenance
 from ..train_loop import train
-from .extract_features import encoders_tag, provenance
+from .extract_features import cache_split, encoders_tag, provenance
 
 
 class Logger:
@@ -37,30 +40,33 @@ class Logger:
         self.echo(msg)
 
 
-def default_tag(config_path: str | None, strategy: str, rates_spec: str) -> str:
+def default_tag(config_path: str | None, strategy: str, rates_spec: str, modality: str | None = None) -> str:
     stem = Path(config_path).stem if config_path else "default"
-    return f"{stem}_{strategy}_{'all' if rates_spec == 'all' else rates_spec.replace(',', '-')}"
+    mod = f"_{modality}" if modality else ""
+    return f"{stem}{mod}_{strategy}_{'all' if rates_spec == 'all' else rates_spec.replace(',', '-')}"
 
 
 def run(recipe: Recipe, cfg: Config, rates_spec: str, tag: str, force: bool = False, log=print) -> Path:
     grid = cfg.model.rate_grid()
     rates = select(rates_spec, grid)
     exp = recipe.exp(tag)
+    main = int(os.environ.get("RANK", "0")) == 0
     if is_done(exp) and not force:
         log(f"train: {exp.relative_to(recipe.root)} is done (use --force to retrain)")
         return exp
-    if force and exp.exists():
-        import shutil
+    if main:
+        if force and exp.exists():
+            import shutil
 
-        shutil.rmtree(exp)
-    exp.mkdir(parents=True, exist_ok=True)
-    old_cfg = exp / "config.yaml"
-    if old_cfg.is_file() and old_cfg.read_text() != cfg.dump():
-        raise MavsrError(f"{exp} was started with another config; use --force to start over or another --tag")
-    write_provenance(exp, cfg.dump())
-    logger = Logger(exp / "train.log", log)
+            shutil.rmtree(exp)
+        exp.mkdir(parents=True, exist_ok=True)
+        old_cfg = exp / "config.yaml"
+        if old_cfg.is_file() and old_cfg.read_text() != cfg.dump():
+            raise MavsrError(f"{exp} was started with another config; use --force to start over or another --tag")
+        write_provenance(exp, cfg.dump())
+    logger = Logger(exp / "train.log", log) if main else (lambda msg: None)
     enc_tag = encoders_tag(provenance(recipe, cfg))
-    store = FeatureStore(recipe.dump(enc_tag, "train"))
+    store = FeatureStore(recipe.dump(enc_tag, cache_split(cfg, "train")))
     texts = {u.id: u.text for u in mf.read(recipe.require_manifest("train"))}
     missing = [i for i in store.ids() if i not in texts]
     if missing:
@@ -85,8 +91,11 @@ def run(recipe: Recipe, cfg: Config, rates_spec: str, tag: str, force: bool = Fa
         "encoders_tag": enc_tag,
         "trained_parameters": n_train,
     }
-    atomic_write_text(exp / "rates.txt", "".join(r.tag + "\n" for r in rates))
+    if main:
+        atomic_write_text(exp / "rates.txt", "".join(r.tag + "\n" for r in rates))
     ckpt = train(model, store, texts, cfg, rates, exp, meta, logger)
+    if not main:
+        return exp
     atomic_write_text(exp / "meta.json", json.dumps({**meta, "checkpoint": ckpt.name}, indent=2) + "\n")
     mark_done(exp)
     logger(f"train: done, checkpoint {ckpt.relative_to(recipe.root)}")

@@ -1,50 +1,11 @@
 """The whole recipe through the `mavsr` command, on a tiny synthetic corpus (about a minute)."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[2]
-MAVSR = [sys.executable, "-m", "mavsr_cli"]
-
-
-def mavsr(d: Path, *args, ok=True):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", MAVSR_QUIET="1")
-    r = subprocess.run(MAVSR + list(args) + ["--dir", str(d)], capture_output=True, text=True, env=env,
-                       cwd=d, timeout=600)
-    if ok:
-        assert r.returncode == 0, f"mavsr {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r
-
-
-def snapshot(d: Path) -> dict:
-    """mtime of every file under the recipe's output dirs."""
-    return {str(p.relative_to(d)): p.stat().st_mtime_ns for sub in ("data", "dump", "exp", "models")
-            for p in (d / sub).rglob("*") if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    d = tmp_path_factory.mktemp("recipe")
-    (d / "conf").mkdir()
-    conf = yaml.safe_load((ROOT / "recipes/synth/conf/synth.yaml").read_text())
-    conf["train"].update(epochs=2, batch_size=8, log_every=1)
-    (d / "conf/tiny.yaml").write_text(yaml.safe_dump(conf))
-    mavsr(d, "prepare", "synth", "--num-utts", "16", "--test-utts", "4", "--speakers", "2", "--nj", "1")
-    mavsr(d, "tiny-models", "--audio-dim", "32", "--video-dim", "32", "--llm-hidden", "64", "--audio-layers", "1",
-          "--video-layers", "1", "--encoder-epochs", "1", "--lm-epochs", "1")
-    mavsr(d, "extract-features", "--config", "conf/tiny.yaml")
-    mavsr(d, "train", "--config", "conf/tiny.yaml", "--rates", "all", "--tag", "t")
-    mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "4", "--video-rate", "2")
-    mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "16", "--video-rate", "5")
-    mavsr(d, "score", "--exp", "exp/t")
-    return d
+from e2e_helpers import av_dump, mavsr, snapshot
 
 
 def test_file_contracts(recipe):
@@ -55,7 +16,7 @@ def test_file_contracts(recipe):
         rec = json.loads(lines[0])
         assert set(rec) == {"id", "video", "audio", "text", "num_frames", "duration", "speaker"}
         assert [json.loads(x)["id"] for x in lines] == sorted(json.loads(x)["id"] for x in lines)
-    (dump,) = [p for p in (d / "dump").iterdir() if p.is_dir()]
+    dump = av_dump(d)
     for split in ("train", "test"):
         s = dump / split
         for name in ("index.jsonl", "provenance.json", "config.yaml", "cmd.txt", ".done", "shard-00000.safetensors"):
@@ -212,7 +173,7 @@ def test_sharded_extraction_merges_into_the_same_cache(recipe, tmp_path):
     # identical to an unsharded extraction of the same corpus
     from safetensors.torch import load_file
 
-    ref = load_file(next((recipe / "dump").iterdir()) / "train" / "shard-00000.safetensors")
+    ref = load_file(av_dump(recipe) / "train" / "shard-00000.safetensors")
     got = {k: v for f in files for k, v in load_file(f).items()}
     assert set(got) == set(ref) and all(torch_equal(got[k], ref[k]) for k in ref)
     with pytest.raises(MavsrError, match="i/N"):

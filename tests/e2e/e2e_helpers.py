@@ -1,0 +1,33 @@
+"""Helpers of the end-to-end tests: run `mavsr` as a user does, snapshot a recipe dir."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MAVSR = [sys.executable, "-m", "mavsr_cli"]
+
+
+def mavsr(d: Path, *args, ok=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MAVSR_QUIET="1")
+    r = subprocess.run(MAVSR + list(args) + ["--dir", str(d)], capture_output=True, text=True, env=env,
+                       cwd=d, timeout=600)
+    if ok:
+        assert r.returncode == 0, f"mavsr {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def snapshot(d: Path) -> dict:
+    """mtime of every file under the recipe's output dirs."""
+    return {str(p.relative_to(d)): p.stat().st_mtime_ns for sub in ("data", "dump", "exp", "models")
+            for p in (d / sub).rglob("*") if p.is_file()}
+
+
+
+
+def av_dump(d: Path) -> Path:
+    """The audio-visual feature cache of the shared recipe (other tests add caches beside it)."""
+    import json
+
+    return d / "dump" / json.loads((d / "exp/t/meta.json").read_text())["encoders_tag"]
