@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 def conf(d, name, **train):
     c = yaml.safe_load((d / "conf/tiny.yaml").read_text())
     c["model"]["lora"]["dropout"] = 0.0  # dropout masks differ per process; everything else must not
-    c["train"].update(train)
+    c["train"].update({"time_mask": True, **train})  # masks are per utterance: the same in any process split
     (d / f"conf/{name}.yaml").write_text(yaml.safe_dump(c))
     return f"conf/{name}.yaml"
 

@@ -298,3 +298,29 @@ def test_a_qwen2_style_llm_works_through_the_same_code(tmp_path):
     assert grads and all("lora_" in n or n.startswith("projectors.") or n == "markers" for n in grads)
     hyps, _ = m.eval().generate(_feats(), Rates(4, 2), 4)
     assert len(hyps) == 2 and all(isinstance(h, str) for h in hyps)
+
+
+def test_gradient_checkpointing_and_bf16_autocast_keep_the_loss(parts):
+    from mavsr_cli.train_loop import MatryoshkaLoss
+
+    tg = [[5, 6, 7], [8]]
+
+    def run(ckpt=False, bf16=False):
+        m = _strategy_model(parts, "ms").train()
+        if ckpt:
+            m.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+        with ctx:
+            ce = MatryoshkaLoss(m, m.grid, packed=False)(_feats(), tg)
+        ce.sum().backward()
+        return ce.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    ce0, g0 = run()
+    ce1, g1 = run(ckpt=True)
+    torch.testing.assert_close(ce1, ce0)
+    assert set(g1) == set(g0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
+    ce2, g2 = run(bf16=True)
+    assert torch.isfinite(ce2).all() and all(torch.isfinite(g).all() for g in g2.values())
+    torch.testing.assert_close(ce2, ce0, rtol=3e-2, atol=0.0)  # bf16 matmuls: close, not equal
