@@ -20,6 +20,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from _common import emit
 
 import mavsr_cli  # noqa: F401  (torchaudio guard before transformers)
 from mavsr_cli import config as C
@@ -134,10 +135,7 @@ def main() -> None:
             lines.append(f"| {r['strategy']} | {r['configurations']} | {m(r['encoders'])} | {m(r['llm'])} | "
                          f"{m(r['lora'])} | {m(r['projectors'])} | {m(r['trained'])} | {m(r['total'])} | "
                          f"{m(r['active'])} | {r['active'] / single:.4f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

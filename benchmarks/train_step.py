@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import emit
 
 import mavsr_cli  # noqa: F401  (torchaudio guard before transformers)
 from mavsr_cli import config as C
@@ -146,10 +147,7 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
         f"median of {args.reps} interleaved repetitions.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

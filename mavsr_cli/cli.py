@@ -21,8 +21,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)  # log lines are never folded (they get grepped)
+err = Console(stderr=True, soft_wrap=True)
 
 DirOpt = Annotated[Path, typer.Option("--dir", "-d", help="Recipe directory holding data/, dump/, exp/.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (e.g. conf/synth.yaml); defaults otherwise.")]
@@ -149,27 +149,36 @@ def decode(
     split: Annotated[str, typer.Option(help="Split to decode.")] = "test",
     audio_rate: Annotated[int | None, typer.Option(help="Audio compression rate (must be in the trained grid).")] = None,
     video_rate: Annotated[int | None, typer.Option(help="Video compression rate (must be in the trained grid).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Utterances decoded together (default: config).")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Longest transcript generated (default: config).")] = None,
+    sweep: Annotated[bool, typer.Option(help="Decode every trained configuration in one call (the model loads once).")] = False,
+    budget: Annotated[float | None, typer.Option(help="LLM input tokens per second of speech: decode the most accurate trained configuration that fits.")] = None,
+    beam: Annotated[int, typer.Option(help="Beam width (1 = greedy). Never sampling.")] = 15,
+    batch_size: Annotated[int | None, typer.Option(help="Utterances decoded together (default: config); the hypotheses do not depend on it.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Longest transcript generated (default: 8 per second of speech, at least 32).")] = None,
+    snr: Annotated[float | None, typer.Option(help="Add noise to the audio at this SNR in dB (seeded per utterance; encoded once into its own cache).")] = None,
+    noise: Annotated[str, typer.Option(help="Noise for --snr: babble (other training speakers), white, or an audio file.")] = "babble",
+    shard: Annotated[str | None, typer.Option(help="i/N: decode only this worker's share into a part file; run again without it to merge.")] = None,
     force: ForceOpt = False,
 ) -> None:
-    """Decode a split at one rate pair, greedily and deterministically, into exp/<tag>/decode_<rates>_greedy/<split>/."""
+    """Decode a split at one rate pair (or --sweep, --budget) into exp/<tag>/decode_<rates>_beam<B>[_snr<X>]/<split>/."""
     _quiet_libraries()
     from .stages import decode as stage
+    from .stages.extract_features import parse_shard
 
-    stage.run(_recipe(dir), exp, split, audio_rate, video_rate, batch_size, max_new_tokens, force, _log)
+    stage.run(_recipe(dir), exp, split, audio_rate, video_rate, batch_size, max_new_tokens, force, _log,
+              beam=beam, snr=snr, noise=noise, shard=parse_shard(shard), sweep=sweep, budget=budget)
 
 
 @app.command()
 def score(
     exp: Annotated[Path, typer.Option(help="Experiment dir (exp/<tag>), relative to --dir or absolute.")],
     dir: DirOpt = Path("."),
+    normaliser: Annotated[str, typer.Option(help="Text normaliser for ref and hyp alike: default (lower-case, no punctuation but apostrophes) or none.")] = "default",
     force: ForceOpt = False,
 ) -> None:
-    """Score every finished decode dir of an experiment (wer.json, result.txt) and write exp/<tag>/RESULTS.md."""
+    """Score every finished decode dir of an experiment (wer.json, result.txt, errors.txt, ref/hyp.trn) and write exp/<tag>/RESULTS.md."""
     from .stages import score as stage
 
-    stage.run(_recipe(dir), exp, force, _log)
+    stage.run(_recipe(dir), exp, force, _log, normaliser=normaliser)
 
 
 @app.command()

@@ -226,6 +226,7 @@ def train(model, store: FeatureStore, texts: dict[str, str], cfg: Config, rates:
             plan = plan_epoch(store, ids, t.batch_size, t.max_frames, t.seed, epoch, min_batch)
             copies = draw_copies(store, ids, cfg.augment.seed + t.seed, epoch)
             for bid in plan[first:]:
+                t_step = time.perf_counter()
                 torch.manual_seed(_step_seed(t.seed, step, rank))
                 n_tok = sum(len(targets[i]) + 1 for i in bid)  # the global batch's target tokens
                 mine = bid[rank::world]
@@ -262,14 +263,16 @@ def train(model, store: FeatureStore, texts: dict[str, str], cfg: Config, rates:
                     now = time.perf_counter()
                     rec = {"step": step, "epoch": epoch + 1, "loss": round(loss, 5), "lr": sched.get_last_lr()[0],
                            "loss_per_rate": {r.tag: round(v, 5) for r, v in zip(rates, per_rate, strict=True)},
-                           "utts": len(bid), "tokens": n_tok}
+                           "utts": len(bid), "tokens": n_tok,
+                           "tokens_per_s": round(n_tok / max(1e-9, now - t_step), 1)}
                     metrics.write(json.dumps(rec) + "\n")
                     if tb is not None:
                         tb.add_scalar("loss", loss, step)
                         for tag_, v in rec["loss_per_rate"].items():
                             tb.add_scalar(f"loss/{tag_}", v, step)
                         tb.add_scalar("lr", rec["lr"], step)
-                    pbar.update(task, advance=1, info=f"epoch {epoch + 1} loss {loss:.3f}")
+                    pbar.update(task, advance=1, info=f"epoch {epoch + 1} loss {loss:.3f} "
+                                                      f"{rec['tokens_per_s']:.0f} tok/s")
                     if step % t.log_every == 0 or step == total:
                         tps = tok_since / max(1e-9, now - t_last)
                         t_last, tok_since = now, 0

@@ -171,13 +171,15 @@ class AVSRModel(nn.Module):
         return [s / n for s in self.ce_sums(feats, grid, targets, packed=True)]
 
     @torch.no_grad()
-    def generate(self, feats: dict, rates: Rates, max_new_tokens: int) -> tuple[list[str], int]:
-        """Greedy, deterministic decoding. Returns texts and the LLM input length per utterance."""
+    def generate(self, feats: dict, rates: Rates, max_new_tokens: int, beam: int = 1) -> tuple[list[str], list[int]]:
+        """Deterministic decoding (greedy, or beam search with `beam` > 1), batched with a KV cache
+        through transformers' generate; never samples. Returns texts and LLM input lengths."""
         emb, mask, _ = self.build(feats, rates, None, left_pad=True)
         tok = self.tokenizer
+        kw = {"num_beams": beam, "length_penalty": 1.0, "early_stopping": True} if beam > 1 else {"num_beams": 1}
         out = self.llm.generate(
             inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            num_beams=1, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw,
         )
         texts = tok.batch_decode(out, skip_special_tokens=True)
         return [" ".join(t.split()) for t in texts], mask.sum(1).tolist()

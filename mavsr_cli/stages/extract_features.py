@@ -63,9 +63,12 @@ def provenance(recipe: Recipe, cfg: Config) -> dict:
     }
 
 
-def cache_split(cfg: Config, split: str) -> str:
-    """The dump subdir of a split: the train split with augmented copies gets its own,
-    named by a hash of the augment settings (train-aug<hash>), so clean and augmented caches coexist."""
+def cache_split(cfg: Config, split: str, condition: tuple[str, float] | None = None) -> str:
+    """The dump subdir of a split: the train split with augmented copies gets its own, named by a
+    hash of the augment settings (train-aug<hash>); a noisy condition gets <split>-<condition>
+    (e.g. test-snr0), so clean, augmented and noisy caches coexist."""
+    if condition is not None:
+        return f"{split}-{condition_name(*condition)}"
     if split != "train" or not cfg.augment.noisy_copies:
         return split
     import hashlib
@@ -115,45 +118,67 @@ def random_crop(frames: np.ndarray, crop: int, rng: np.random.Generator) -> torc
     return torch.from_numpy(np.ascontiguousarray(frames[:, y0:y0 + crop, x0:x0 + crop]))
 
 
+class NoiseSource:
+    """Noise for one utterance: babble of other speakers' training utterances, white noise, or a
+    random segment of a noise file. Babble never uses the utterance itself or its speaker, and
+    only the train split (test data never leaks into the noise)."""
+
+    def __init__(self, recipe: Recipe, kind: str, babble_utts: int = 6) -> None:
+        from functools import lru_cache
+
+        self.kind, self.k = kind, babble_utts
+        self.file = None
+        if kind not in ("babble", "white"):
+            path = Path(resolve_model(recipe, kind))
+            if not path.is_file():
+                raise MavsrError(f"noise file not found: {path} (--noise takes babble, white or a file)")
+            self.file = read_audio(path)
+        self.speakers: dict[str, str] = {}
+        if kind == "babble":
+            train = mf.read(recipe.require_manifest("train"))
+            self.speakers = {u.id: u.speaker for u in train}
+            by_id = {u.id: u for u in train}
+            self.wav = lru_cache(maxsize=512)(lambda uid: read_audio(recipe.resolve_media(by_id[uid].audio)))
+
+    def __call__(self, uid: str, speaker: str, n: int, rng: np.random.Generator) -> np.ndarray:
+        if self.kind == "white":
+            return rng.standard_normal(n).astype(np.float32)
+        if self.file is not None:
+            return fit_length(self.file, n, int(rng.integers(0, max(1, len(self.file)))))
+        pool = {u: s for u, s in self.speakers.items() if u != uid}
+        pool[uid] = speaker
+        srcs = pick_babble_sources(pool, uid, self.k, rng)
+        if not srcs:
+            raise MavsrError("babble noise needs other utterances in data/train")
+        return babble([self.wav(x) for x in srcs], n, rng)
+
+
+def _seed(*parts) -> list[int]:
+    import zlib
+
+    return [zlib.crc32(str(p).encode()) for p in parts]
+
+
 class Augmenter:
     """The K seeded augmented copies of one training utterance (augment.* in the config):
     babble of other training speakers (or a noise file) at a drawn SNR, and a random mouth crop."""
 
-    def __init__(self, recipe: Recipe, cfg: Config, utts: list) -> None:
-        import zlib
-        from functools import lru_cache
-
-        self.cfg, self.recipe = cfg, recipe
+    def __init__(self, recipe: Recipe, cfg: Config) -> None:
+        self.cfg = cfg
         self.snrs = snr_values(cfg.augment)
-        self.by_id = {u.id: u for u in utts}
-        self.speakers = {u.id: u.speaker for u in utts}
-        self.crc = zlib.crc32
-        self.noise = None
-        if cfg.augment.noise_file:
-            path = resolve_model(recipe, cfg.augment.noise_file)
-            if not os.path.isfile(path):
-                raise MavsrError(f"augment.noise_file not found: {path}")
-            self.noise = read_audio(Path(path))
-        self.wav = lru_cache(maxsize=512)(lambda uid: read_audio(recipe.resolve_media(self.by_id[uid].audio)))
+        self.noise = NoiseSource(recipe, cfg.augment.noise_file or "babble", cfg.augment.babble_utts)
 
     def settings(self) -> dict:
         """The augment settings as JSON sees them (as written in provenance.json)."""
         return json.loads(json.dumps(dataclasses.asdict(self.cfg.augment)))
 
-    def copy(self, uid: str, k: int, wav: np.ndarray | None, frames: np.ndarray | None):
+    def copy(self, u, k: int, wav: np.ndarray | None, frames: np.ndarray | None):
         a = self.cfg.augment
-        rng = np.random.default_rng([a.seed, self.crc(uid.encode()), k])
+        rng = np.random.default_rng(_seed(a.seed, u.id, k))
         snr = self.snrs[int(rng.integers(0, len(self.snrs)))]
-        noisy = None
-        if wav is not None:
-            noisy = wav
-            if snr is not None:
-                if self.noise is not None:
-                    noise = fit_length(self.noise, len(wav), int(rng.integers(0, max(1, len(self.noise)))))
-                else:
-                    srcs = pick_babble_sources(self.speakers, uid, a.babble_utts, rng)
-                    noise = babble([self.wav(s) for s in srcs], len(wav), rng)
-                noisy = mix_at_snr(wav, noise, snr)
+        noisy = wav
+        if wav is not None and snr is not None:
+            noisy = mix_at_snr(wav, self.noise(u.id, u.speaker, len(wav), rng), snr)
         crop = None
         if frames is not None:
             vc = self.cfg.video_encoder
@@ -161,17 +186,29 @@ class Augmenter:
         return snr, noisy, crop
 
 
+def condition_name(noise: str, snr: float) -> str:
+    """Noisy test condition: 'snr0' for babble (the paper's), 'white_snr5', '<file stem>_snr-5'."""
+    kind = "" if noise == "babble" else ("white" if noise == "white" else Path(noise).stem) + "_"
+    return f"{kind}snr{snr:g}"
+
+
 def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log=print,
-        shard: tuple[int, int] | None = None, shard_size: int = SHARD_SIZE) -> str:
+        shard: tuple[int, int] | None = None, shard_size: int = SHARD_SIZE,
+        condition: tuple[str, float] | None = None) -> str:
+    """Extract the splits; `condition` (noise kind, SNR dB) makes a noisy copy of a split instead,
+    each utterance's noise seeded by its id so every run gives the same noisy input."""
     prov = provenance(recipe, cfg)
     tag = encoders_tag(prov)
     audio_enc = video_enc = None
     for split in splits:
         utts = mf.read(recipe.require_manifest(split))
-        out = recipe.dump(tag, cache_split(cfg, split))
-        n_copies = cfg.augment.noisy_copies if split == "train" else 0
-        aug = Augmenter(recipe, cfg, utts) if n_copies else None
+        out = recipe.dump(tag, cache_split(cfg, split, condition))
+        n_copies = cfg.augment.noisy_copies if split == "train" and condition is None else 0
+        aug = Augmenter(recipe, cfg) if n_copies else None
         aug_settings = aug.settings() if aug else None
+        noise = NoiseSource(recipe, condition[0]) if condition is not None and prov["audio"] else None
+        if condition is not None:
+            aug_settings = {"noise": condition[0], "snr": condition[1]}
         if is_done(out) and not force:
             old = json.loads((out / "provenance.json").read_text()).get("augment")
             if old != aug_settings:
@@ -210,13 +247,16 @@ def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log
                     wav = frames = None
                     if audio_enc is not None:
                         wav = read_audio(recipe.resolve_media(u.audio))
+                        if noise is not None:  # a noisy test condition, seeded by the utterance
+                            rng = np.random.default_rng(_seed("noise", u.id, condition[0], condition[1]))
+                            wav = mix_at_snr(wav, noise(u.id, u.speaker, len(wav), rng), condition[1])
                         tensors[f"{u.id}/audio"] = audio_enc(wav).half().contiguous()
                     if video_enc is not None:
                         frames = read_video_gray(recipe.resolve_media(u.video))
                         x = normalise(video_crop(frames, vcfg.crop), vcfg.mean, vcfg.std)
                         tensors[f"{u.id}/video"] = video_enc(x).half().contiguous()
                     for k in range(n_copies):  # seeded augmented copies (train split only)
-                        snr, noisy, crop = aug.copy(u.id, k, wav, frames)
+                        snr, noisy, crop = aug.copy(u, k, wav, frames)
                         snrs.setdefault(u.id, []).append(snr)
                         if noisy is not None:
                             tensors[f"{u.id}/audio#{k}"] = audio_enc(noisy).half().contiguous()

@@ -6,7 +6,7 @@
 #   1 tiny-models        models/{whisper,video,llm} (+ LM warm-up on the train text)
 #   2 extract-features   dump/<encoders>/{train,test}/
 #   3 train --rates all  exp/<tag>/ (one Matryoshka checkpoint for every rate pair)
-#   4 decode             exp/<tag>/decode_<rates>_greedy/test/ for each trained pair
+#   4 decode --sweep     exp/<tag>/decode_<rates>_beam<B>/test/ for each trained pair
 #   5 score              wer.json per decode dir, exp/<tag>/RESULTS.md
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -17,6 +17,7 @@ conf=conf/synth.yaml
 num_utts=${NUM_UTTS:-1000}      # train utterances
 test_utts=${TEST_UTTS:-100}     # test utterances
 speakers=${SPEAKERS:-4}
+beam=${BEAM:-15}                # decoding beam width (1 = greedy)
 while [ $# -gt 0 ]; do
   case "$1" in
     --stage) stage=$2; shift 2 ;;
@@ -26,7 +27,6 @@ while [ $# -gt 0 ]; do
   esac
 done
 tag=$(basename "$conf" .yaml)_ms_all
-grid="4:2 4:5 16:2 16:5"   # (audio rate:video rate), the paper's AVSR grid
 step() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
 SECONDS=0
 
@@ -50,9 +50,7 @@ if step 3; then
 fi
 if step 4; then
   echo "== stage 4: decode the test split at each rate pair with the one checkpoint [${SECONDS}s]"
-  for ar_vr in $grid; do
-    mavsr decode --exp "exp/$tag" --split test --audio-rate "${ar_vr%:*}" --video-rate "${ar_vr#*:}"
-  done
+  mavsr decode --exp "exp/$tag" --split test --sweep --beam "$beam"
 fi
 if step 5; then
   echo "== stage 5: score [${SECONDS}s]"

@@ -36,15 +36,15 @@ def test_file_contracts(recipe):
     metrics = [json.loads(x) for x in (exp / "metrics.jsonl").read_text().splitlines()]
     assert set(metrics[0]["loss_per_rate"]) == set(meta["rates"])  # every configuration, every step
     for tag in ("a4v2", "a16v5"):
-        dd = exp / f"decode_{tag}_greedy" / "test"
+        dd = exp / f"decode_{tag}_beam15" / "test"
         for name in ("hyp.jsonl", "wer.json", "result.txt", "config.yaml", "cmd.txt", ".done"):
             assert (dd / name).is_file(), dd / name
         hyps = [json.loads(x) for x in (dd / "hyp.jsonl").read_text().splitlines()]
         assert len(hyps) == 4 and {"id", "ref", "hyp", "tokens_in", "time"} <= set(hyps[0])
         assert 0 <= json.loads((dd / "wer.json").read_text())["wer"]
     # one checkpoint, two rate pairs: the lower rate pair feeds the LLM more tokens
-    t_lo = [json.loads(x)["tokens_in"] for x in (exp / "decode_a4v2_greedy/test/hyp.jsonl").read_text().splitlines()]
-    t_hi = [json.loads(x)["tokens_in"] for x in (exp / "decode_a16v5_greedy/test/hyp.jsonl").read_text().splitlines()]
+    t_lo = [json.loads(x)["tokens_in"] for x in (exp / "decode_a4v2_beam15/test/hyp.jsonl").read_text().splitlines()]
+    t_hi = [json.loads(x)["tokens_in"] for x in (exp / "decode_a16v5_beam15/test/hyp.jsonl").read_text().splitlines()]
     assert all(a > b for a, b in zip(t_lo, t_hi, strict=True))
     results = (exp / "RESULTS.md").read_text()
     assert "| (4,2) |" in results and "| (16,5) |" in results
@@ -64,7 +64,7 @@ def test_rerun_is_a_no_op(recipe):
 
 def test_decoding_is_deterministic(recipe):
     d = recipe
-    hyp = d / "exp/t/decode_a16v5_greedy/test/hyp.jsonl"
+    hyp = d / "exp/t/decode_a16v5_beam15/test/hyp.jsonl"
     first = [{k: v for k, v in json.loads(x).items() if k != "time"} for x in hyp.read_text().splitlines()]
     mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "16", "--video-rate", "5", "--batch-size", "1", "--force")
     again = [{k: v for k, v in json.loads(x).items() if k != "time"} for x in hyp.read_text().splitlines()]
@@ -77,7 +77,7 @@ def test_user_errors_are_one_line_and_non_zero(recipe):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "a4v2, a4v5, a16v2, a16v5" in r.stderr
     assert "Traceback" not in r.stderr
-    assert not (d / "exp/t/decode_a8v5_greedy").exists()  # nothing half-written
+    assert not (d / "exp/t/decode_a8v5_beam15").exists()  # nothing half-written
     r = mavsr(d, "decode", "--exp", "exp/nope", "--audio-rate", "4", "--video-rate", "2", ok=False)
     assert r.returncode == 2 and "not an experiment dir" in r.stderr
     r = mavsr(d, "prepare", "lrs3", ok=False)
@@ -112,7 +112,7 @@ def test_each_lora_strategy_trains_and_decodes_at_every_rate(recipe, strategy, m
     assert meta["strategy"] == strategy
     for tag in meta["rates"]:
         a, v = tag[1:].split("v")
-        out = decode.run(Recipe(d), d / "exp" / strategy, "test", int(a), int(v), log=lambda m: None)
+        (out,) = decode.run(Recipe(d), d / "exp" / strategy, "test", int(a), int(v), log=lambda m: None)
         assert len((out / "hyp.jsonl").read_text().splitlines()) == 4
     r = mavsr(d, "score", "--exp", f"exp/{strategy}")
     assert r.stdout.count("WER") == 4
@@ -143,7 +143,7 @@ def test_audio_only_and_video_only_models_train_and_decode(recipe, modality):
     flag = {"a": "--audio-rate", "v": "--video-rate"}[modality]
     for tag in want:
         mavsr(d, "decode", "--exp", f"exp/{modality}", flag, tag[1:])
-        assert len((exp / f"decode_{tag}_greedy/test/hyp.jsonl").read_text().splitlines()) == 4
+        assert len((exp / f"decode_{tag}_beam15/test/hyp.jsonl").read_text().splitlines()) == 4
     other = {"a": "--video-rate", "v": "--audio-rate"}[modality]
     r = mavsr(d, "decode", "--exp", f"exp/{modality}", flag, want[0][1:], other, "2", ok=False)
     assert r.returncode == 2 and "not in the trained grid" in r.stderr + r.stdout

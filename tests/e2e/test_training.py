@@ -90,7 +90,7 @@ def test_the_final_checkpoint_can_average_the_last_ones_and_decode_uses_it(recip
     want = {k: (own[0][k].double() + own[1][k].double() + own[2][k].double()) / 3 for k in own[0]}
     assert max_diff({k: v.double() for k, v in final_state(exp).items()}, want) < 1e-6
     mavsr(d, "decode", "--exp", "exp/avg", "--audio-rate", "16", "--video-rate", "5")
-    assert "checkpoint: avg-000002-000004" in (exp / "decode_a16v5_greedy/test/config.yaml").read_text()
+    assert "checkpoint: avg-000002-000004" in (exp / "decode_a16v5_beam15/test/config.yaml").read_text()
 
 
 def test_frame_capped_batches_cover_every_utterance_once_within_the_cap(recipe):

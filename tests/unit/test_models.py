@@ -324,3 +324,22 @@ def test_gradient_checkpointing_and_bf16_autocast_keep_the_loss(parts):
     ce2, g2 = run(bf16=True)
     assert torch.isfinite(ce2).all() and all(torch.isfinite(g).all() for g in g2.values())
     torch.testing.assert_close(ce2, ce0, rtol=3e-2, atol=0.0)  # bf16 matmuls: close, not equal
+
+
+@pytest.mark.parametrize("beam", [1, 5])
+def test_beam_search_is_batch_independent_and_repeatable(parts, beam):
+    m = _strategy_model(parts, "ms")
+    with torch.no_grad():  # a model whose outputs depend on its input (as a trained one's do)
+        for n, p in m.named_parameters():
+            if n.startswith("projectors.") or n == "markers":
+                p.mul_(20.0)
+    g = torch.Generator().manual_seed(3)
+    lens = [100, 60, 80, 40]
+    f = {"audio": (torch.randn(4, 100, 32, generator=g), torch.tensor(lens)),
+         "video": (torch.randn(4, 50, 32, generator=g), torch.tensor([n // 2 for n in lens]))}
+    batched, n_in = m.generate(f, Rates(4, 2), 8, beam=beam)
+    assert len(set(batched)) > 1  # the comparison below can fail
+    single = [m.generate({k: (x[i:i + 1, : (lens[i] if k == "audio" else lens[i] // 2)], n[i:i + 1])
+                          for k, (x, n) in f.items()}, Rates(4, 2), 8, beam=beam)[0][0] for i in range(4)]
+    assert batched == single
+    assert m.generate(f, Rates(4, 2), 8, beam=beam)[0] == batched

@@ -1,0 +1,125 @@
+"""Decoding and scoring on the tiny recipe: beam search, sweeps, budgets, noise, shards, audit files."""
+
+import json
+import shutil
+
+import pytest
+from e2e_helpers import mavsr
+
+
+def hyps(path):
+    return [{k: v for k, v in json.loads(x).items() if k != "time"} for x in path.read_text().splitlines()]
+
+
+def test_batch_size_and_reruns_do_not_change_beam_hypotheses(recipe, tmp_path):
+    d = recipe
+    out = d / "exp/t/decode_a4v5_beam3/test/hyp.jsonl"
+    mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "4", "--video-rate", "5", "--beam", "3", "--batch-size", "4")
+    first = hyps(out)
+    assert len(first) == 4
+    for bs in ("1", "3"):
+        mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "4", "--video-rate", "5", "--beam", "3",
+              "--batch-size", bs, "--force")
+        assert hyps(out) == first
+    assert "beam: 3" in (out.parent / "config.yaml").read_text()
+
+
+def test_sweep_decodes_the_whole_grid_and_budget_picks_within_it(recipe):
+    d = recipe
+    r = mavsr(d, "decode", "--exp", "exp/t", "--sweep", "--beam", "2")
+    for tag in ("a4v2", "a4v5", "a16v2", "a16v5"):
+        assert (d / f"exp/t/decode_{tag}_beam2/test/.done").is_file()
+    assert r.stdout.count("decode: 4 utterances") == 4
+    # 20 tokens/s: (4,5) = 17.5 and (16,2) = 15.6 and (16,5) = 8.1 fit, (4,2) = 25 does not
+    r = mavsr(d, "decode", "--exp", "exp/t", "--budget", "20", "--beam", "2")
+    assert "-> a" in r.stdout
+    chosen = r.stdout.split("-> ")[1].split()[0]
+    assert chosen in ("a4v5", "a16v2", "a16v5")
+    r = mavsr(d, "decode", "--exp", "exp/t", "--budget", "5", ok=False)
+    assert r.returncode == 2 and "no trained configuration fits" in r.stderr + r.stdout
+
+
+def test_budget_prefers_the_lowest_known_wer_then_the_least_compression():
+    from mavsr_cli.rates import Rates
+    from mavsr_cli.stages.decode import pick_by_budget
+
+    grid = [Rates(4, 2), Rates(4, 5), Rates(16, 2), Rates(16, 5)]
+    assert pick_by_budget(grid, 100) == Rates(4, 2)
+    assert pick_by_budget(grid, 20) == Rates(4, 5)  # 17.5 tokens/s, the most tokens that fit
+    assert pick_by_budget(grid, 20, {"a16v2": 3.0, "a4v5": 4.0}) == Rates(16, 2)  # better known WER
+    assert pick_by_budget(grid, 9) == Rates(16, 5)
+
+
+def test_sharded_decoding_merges_into_the_unsharded_result(recipe, tmp_path):
+    d = tmp_path / "r"
+    shutil.copytree(recipe, d, ignore=shutil.ignore_patterns("decode_*"))
+    args = ["decode", "--exp", "exp/t", "--audio-rate", "16", "--video-rate", "5", "--beam", "2", "--batch-size", "1"]
+    r = mavsr(d, *args, "--shard", "1/3")
+    assert "run without --shard to merge" in r.stdout
+    out = d / "exp/t/decode_a16v5_beam2/test"
+    assert not (out / ".done").exists()
+    mavsr(d, *args)  # computes parts 0 and 2, reuses part 1, merges
+    assert (out / ".done").is_file() and not (out.parent / ".test.parts").exists()
+    ref = tmp_path / "ref"
+    shutil.copytree(recipe, ref, ignore=shutil.ignore_patterns("decode_*"))
+    mavsr(ref, *args)
+    assert hyps(out / "hyp.jsonl") == hyps(ref / "exp/t/decode_a16v5_beam2/test/hyp.jsonl")
+
+
+def test_noisy_decoding_is_seeded_and_cached_apart(recipe):
+    d = recipe
+    args = ["decode", "--exp", "exp/t", "--audio-rate", "16", "--video-rate", "5", "--beam", "1", "--snr", "-5"]
+    mavsr(d, *args)
+    out = d / "exp/t/decode_a16v5_beam1_snr-5/test/hyp.jsonl"
+    first = hyps(out)
+    tag = json.loads((d / "exp/t/meta.json").read_text())["encoders_tag"]
+    noisy = d / "dump" / tag / "test-snr-5"
+    assert (noisy / ".done").is_file()
+    from safetensors.torch import load_file
+
+    a = load_file(noisy / "shard-00000.safetensors")
+    b = load_file(d / "dump" / tag / "test" / "shard-00000.safetensors")
+    k = next(k for k in a if k.endswith("/audio"))
+    assert not (a[k] == b[k]).all()  # the audio features changed
+    kv = next(k for k in a if k.endswith("/video"))
+    assert (a[kv] == b[kv]).all()  # the video did not
+    shutil.rmtree(noisy)  # a fresh noisy encoding gives the same noisy input, hence the same output
+    mavsr(d, *args, "--force")
+    assert hyps(out) == first and (load_file(noisy / "shard-00000.safetensors")[k] == a[k]).all()
+    mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "16", "--video-rate", "5", "--beam", "1", "--snr", "0",
+          "--noise", "white")
+    assert (d / "exp/t/decode_a16v5_beam1_white_snr0/test/.done").is_file()
+
+
+def test_score_writes_an_auditable_table(recipe):
+    d = recipe
+    mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "16", "--video-rate", "5", "--beam", "1", "--snr", "-5")
+    mavsr(d, "score", "--exp", "exp/t")
+    dd = d / "exp/t/decode_a16v5_beam1_snr-5/test"
+    for name in ("wer.json", "result.txt", "errors.txt", "ref.trn", "hyp.trn"):
+        assert (dd / name).is_file(), name
+    w = json.loads((dd / "wer.json").read_text())
+    assert {"wer", "cer", "sub", "del", "ins", "normaliser"} <= set(w) and w["normaliser"] == "default"
+    ids = [json.loads(x)["id"] for x in (dd / "hyp.jsonl").read_text().splitlines()]
+    assert [line.rsplit("(", 1)[1].rstrip(")") for line in (dd / "ref.trn").read_text().splitlines()] == ids
+    res = (d / "exp/t/RESULTS.md").read_text()
+    assert "| test | (16,5) | snr-5 | 1 |" in res and "| test | (16,5) | clean |" in res
+    assert "git " in res and "torch " in res
+    assert res.index("| clean |") < res.index("| snr-5 |")  # clean rows first
+
+
+@pytest.mark.parametrize("case", ["missing split", "no checkpoint", "bad beam"])
+def test_decode_errors_are_one_line(recipe, tmp_path, case):
+    d = recipe
+    if case == "missing split":
+        r = mavsr(d, "decode", "--exp", "exp/t", "--split", "dev", "--audio-rate", "4", "--video-rate", "2", ok=False)
+    elif case == "no checkpoint":
+        e = d / "exp/empty"
+        e.mkdir(exist_ok=True)
+        shutil.copy(d / "exp/t/config.yaml", e / "config.yaml")
+        r = mavsr(d, "decode", "--exp", "exp/empty", "--audio-rate", "4", "--video-rate", "2", ok=False)
+    else:
+        r = mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "4", "--video-rate", "2", "--beam", "0", ok=False)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), r.stderr
