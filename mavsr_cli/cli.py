@@ -169,6 +169,33 @@ def decode(
 
 
 @app.command()
+def transcribe(
+    media: Annotated[Path, typer.Argument(help="Video (or audio) file in any container PyAV reads.")],
+    exp: Annotated[Path, typer.Option(help="Experiment dir (exp/<tag>), relative to --dir or absolute.")],
+    dir: DirOpt = Path("."),
+    audio_rate: Annotated[int | None, typer.Option(help="Audio compression rate (default: the least compressed trained configuration).")] = None,
+    video_rate: Annotated[int | None, typer.Option(help="Video compression rate (must be in the trained grid).")] = None,
+    budget: Annotated[float | None, typer.Option(help="LLM input tokens per second of speech: the most accurate trained configuration that fits.")] = None,
+    roi: Annotated[str | None, typer.Option(help="Mouth region x,y,w,h in pixels (default: the whole frame, for videos that are a mouth crop).")] = None,
+    modality: Annotated[str | None, typer.Option(help="av, a or v; must be the experiment's (default: the experiment's).")] = None,
+    beam: Annotated[int, typer.Option(help="Beam width (1 = greedy).")] = 15,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Longest transcript (default: 8 per second, at least 32).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON record with rates, tokens and timings instead of the text.")] = False,
+) -> None:
+    """Transcribe one media file with a trained experiment (encoders run on the fly)."""
+    _quiet_libraries()
+    import json
+
+    from .stages import transcribe as stage
+
+    res = stage.run(_recipe(dir), exp, media, audio_rate, video_rate, budget, roi, modality, beam, max_new_tokens)
+    if json_out:
+        out.print(json.dumps(res, ensure_ascii=False), highlight=False, markup=False)
+    else:
+        out.print(res["text"], highlight=False, markup=False)
+
+
+@app.command()
 def score(
     exp: Annotated[Path, typer.Option(help="Experiment dir (exp/<tag>), relative to --dir or absolute.")],
     dir: DirOpt = Path("."),

@@ -49,6 +49,48 @@ def read_video_gray(path: Path) -> np.ndarray:
     return np.stack(frames)
 
 
+def read_video_at(path: Path, fps: int = FPS) -> np.ndarray:
+    """Grayscale frames resampled to `fps` by presentation time (nearest earlier frame), (T, H, W) uint8.
+
+    Any container and frame rate PyAV reads; variable frame rate is handled by the timestamps."""
+    frames, times = [], []
+    with _open(path) as c:
+        if not c.streams.video:
+            raise MediaError(f"{path} has no video stream")
+        st = c.streams.video[0]
+        try:
+            for k, frame in enumerate(c.decode(video=0)):
+                t = float(frame.pts * st.time_base) if frame.pts is not None else k / float(st.average_rate or FPS)
+                frames.append(frame.to_ndarray(format="gray"))
+                times.append(t)
+        except (av.error.FFmpegError, ValueError) as e:
+            raise MediaError(f"corrupt video in {path}: {e}") from None
+    if not frames:
+        raise MediaError(f"{path} has no video frames")
+    t0 = times[0]
+    times = np.asarray(times) - t0
+    duration = times[-1] + (times[-1] - times[-2] if len(times) > 1 else 1.0 / fps)
+    n = max(1, int(round(duration * fps)))
+    idx = np.searchsorted(times, np.arange(n) / fps + 1e-6, side="right") - 1
+    return np.stack([frames[i] for i in np.clip(idx, 0, len(frames) - 1)])
+
+
+def crop_resize(frames: np.ndarray, roi: tuple[int, int, int, int] | None, size: int = 96) -> np.ndarray:
+    """Cut the (x, y, w, h) region (the whole frame if None) and resize it to size x size (area-
+    averaging when shrinking), (T, size, size) uint8."""
+    import torch
+
+    t, h, w = frames.shape
+    if roi is not None:
+        x, y, rw, rh = roi
+        if rw <= 0 or rh <= 0 or x < 0 or y < 0 or x + rw > w or y + rh > h:
+            raise MediaError(f"--roi {x},{y},{rw},{rh} is outside the {w}x{h} video")
+        frames = frames[:, y:y + rh, x:x + rw]
+    v = torch.from_numpy(np.ascontiguousarray(frames)).float()[:, None]
+    v = torch.nn.functional.interpolate(v, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return v[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()
+
+
 def read_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """The first audio stream, mixed to mono and resampled, as float32 in [-1, 1], (T,)."""
     chunks = []

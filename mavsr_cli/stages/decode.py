@@ -91,12 +91,13 @@ def known_scores(exp: Path, split: str) -> dict[str, float]:
 class Decoder:
     """One loaded experiment, decoding any of its trained configurations (the model loads once)."""
 
-    def __init__(self, recipe: Recipe, exp: Path, split: str, log=print) -> None:
+    def __init__(self, recipe: Recipe, exp: Path, split: str | None, log=print) -> None:
+        """`split` None: the experiment only (for `transcribe`), no manifest needed."""
         self.recipe, self.split, self.log = recipe, split, log
         self.exp = Path(exp) if Path(exp).is_absolute() else recipe.root / exp
         self.cfg, self.ckpt, self.meta = load_experiment(self.exp)
         self.trained = [Rates.parse(t) for t in self.meta["rates"]]
-        self.utts = {u.id: u for u in mf.read(recipe.require_manifest(split))}
+        self.utts = {u.id: u for u in mf.read(recipe.require_manifest(split))} if split else {}
         self._model = None
         self._stores: dict[str, FeatureStore] = {}
 

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from e2e_helpers import mavsr
@@ -123,3 +124,55 @@ def test_decode_errors_are_one_line(recipe, tmp_path, case):
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:"), r.stderr
+
+
+def _test_utt(d):
+    rec = json.loads((d / "data/test/manifest.jsonl").read_text().splitlines()[0])
+    return rec, d / rec["video"] if not Path(rec["video"]).is_absolute() else Path(rec["video"])
+
+
+def test_transcribe_reads_a_video_like_the_recipe_does(recipe):
+    d = recipe
+    rec, video = _test_utt(d)
+    r = mavsr(d, "transcribe", str(video), "--exp", "exp/t", "--audio-rate", "16", "--video-rate", "5", "--beam", "1",
+              "--json")
+    res = json.loads(r.stdout)
+    assert res["rates"] == "a16v5" and res["duration"] == pytest.approx(rec["duration"], abs=0.05)
+    mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "16", "--video-rate", "5", "--beam", "1")
+    cached = next(json.loads(x) for x in (d / "exp/t/decode_a16v5_beam1/test/hyp.jsonl").read_text().splitlines()
+                  if json.loads(x)["id"] == rec["id"])
+    assert res["tokens_in"] == cached["tokens_in"]  # same frames, same lengths as the cached path
+    plain = mavsr(d, "transcribe", str(video), "--exp", "exp/t", "--audio-rate", "16", "--video-rate", "5",
+                  "--beam", "1").stdout.strip()
+    assert plain == res["text"]  # plain text mode prints just the transcript
+
+
+def test_transcribe_takes_other_frame_rates_sizes_and_a_roi(recipe, tmp_path):
+    import numpy as np
+
+    from mavsr_cli.media import read_audio, read_video_at, read_video_gray, write_av
+
+    d = recipe
+    rec, video = _test_utt(d)
+    roi = read_video_gray(video)  # (T, 96, 96) at 25 fps
+    t = len(roi)
+    # the same mouth at 50 fps inside a larger frame
+    big = np.full((2 * t, 160, 200), 30, np.uint8)
+    for k in range(2 * t):
+        big[k, 40:136, 50:146] = roi[k // 2]
+    path = tmp_path / "wide.mp4"
+    write_av(path, big, read_audio(video), fps=50)
+    back = read_video_at(path, 25)
+    assert abs(len(back) - t) <= 1 and back.shape[1:] == (160, 200)
+    r = mavsr(d, "transcribe", str(path), "--exp", "exp/t", "--audio-rate", "4", "--video-rate", "2", "--beam", "1",
+              "--roi", "50,40,96,96", "--json")
+    res = json.loads(r.stdout)
+    assert res["duration"] == pytest.approx(rec["duration"], abs=0.1)
+    for bad, msg in (("--roi", "outside"), (None, "corrupt.mp4")):
+        if bad:
+            r = mavsr(d, "transcribe", str(path), "--exp", "exp/t", "--roi", "150,100,96,96", ok=False)
+        else:
+            junk = tmp_path / "corrupt.mp4"
+            junk.write_bytes(path.read_bytes()[:300])
+            r = mavsr(d, "transcribe", str(junk), "--exp", "exp/t", ok=False)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr

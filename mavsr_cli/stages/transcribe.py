@@ -1,0 +1,79 @@
+"""`mavsr transcribe VIDEO`: one media file through the encoders and a trained experiment.
+
+Any container PyAV reads. Video is resampled to 25 fps by timestamps, cut to the mouth region
+(`--roi x,y,w,h`; without it the whole frame, which suits videos that already are a mouth crop),
+resized to 96x96, centre-cropped and normalised as in extract-features; audio is mixed to mono at
+16 kHz. The experiment's own encoders run on the fly (the same code as `extract-features`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import MavsrError
+from ..features import pad_batch
+from ..media import MediaError, crop_resize, read_audio, read_video_at
+from ..model.audio_encoder import WhisperAudioEncoder
+from ..model.video_encoder import load_video_encoder
+from ..rates import Rates, require
+from ..recipe import Recipe, resolve_model
+from .decode import Decoder, auto_max_new_tokens, known_scores, pick_by_budget
+from .extract_features import normalise, video_crop
+
+
+def parse_roi(spec: str | None) -> tuple[int, int, int, int] | None:
+    if spec is None:
+        return None
+    try:
+        x, y, w, h = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise MavsrError(f"--roi must be x,y,w,h in pixels, got {spec!r}") from None
+    return x, y, w, h
+
+
+def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, video_rate: int | None = None,
+        budget: float | None = None, roi: str | None = None, modality: str | None = None, beam: int = 15,
+        max_new_tokens: int | None = None) -> dict:
+    media = Path(media)
+    if not media.is_file():
+        raise MavsrError(f"media file not found: {media}")
+    dec = Decoder(recipe, exp, None, log=lambda m: None)
+    cfg = dec.cfg
+    trained_mod = cfg.model.modality
+    modality = modality or trained_mod
+    if modality != trained_mod:
+        raise MavsrError(f"{dec.exp.name} is a {trained_mod!r} model; it cannot transcribe with modality {modality!r}")
+    if budget is not None:
+        rates = pick_by_budget(dec.trained, budget, known_scores(dec.exp, "test"))
+    elif audio_rate is None and video_rate is None:
+        rates = max(dec.trained, key=lambda r: r.tokens_per_second())  # least compression
+    else:
+        rates = Rates(audio_rate, video_rate)
+    require(rates, dec.trained)
+    t0 = time.perf_counter()
+    feats, duration = {}, 0.0
+    with torch.inference_mode():
+        if modality in ("av", "a"):
+            wav = read_audio(media)
+            if len(wav) < 320:
+                raise MediaError(f"{media}: audio shorter than 20 ms")
+            duration = len(wav) / 16000
+            enc = WhisperAudioEncoder.load(resolve_model(recipe, cfg.audio_encoder.path), cfg.audio_encoder.mode)
+            feats["audio"] = pad_batch([enc(wav).float()])
+        if modality in ("av", "v"):
+            vc = cfg.video_encoder
+            frames = crop_resize(read_video_at(media, vc.fps), parse_roi(roi), 96)
+            duration = max(duration, len(frames) / vc.fps)
+            venc = load_video_encoder(resolve_model(recipe, vc.path)).eval()
+            feats["video"] = pad_batch([venc(normalise(video_crop(frames, vc.crop), vc.mean, vc.std)).float()])
+    t1 = time.perf_counter()
+    mnt = max_new_tokens or auto_max_new_tokens([duration])
+    with torch.inference_mode():
+        hyps, n_in = dec.model.generate(feats, rates, mnt, beam=beam)
+    t2 = time.perf_counter()
+    return {"text": hyps[0], "media": str(media), "rates": rates.tag, "pair": rates.pair, "beam": beam,
+            "duration": round(duration, 3), "tokens_in": int(n_in[0]),
+            "time": {"encode": round(t1 - t0, 3), "decode": round(t2 - t1, 3)}, "checkpoint": dec.ckpt.name}
