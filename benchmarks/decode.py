@@ -52,35 +52,50 @@ def main() -> None:
     ids = [i for i in store.ids() if i in dec.utts][: args.utts]
     modality = dec.cfg.model.modality
 
-    def decode(rates: Rates, bs: int) -> tuple[list[str], float]:
+    tok = model.tokenizer
+
+    def hf_generate(feats, rates, mnt):  # the reference practice: transformers' beam search
+        emb, mask, _ = model.build(feats, rates, None, left_pad=True)
+        out = model.llm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=mnt, do_sample=False,
+                                 num_beams=args.beam, early_stopping=True, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+        return [" ".join(t.split()) for t in tok.batch_decode(out, skip_special_tokens=True)]
+
+    def decode(rates: Rates, bs: int, hf: bool = False) -> tuple[list[str], float]:
         hyps = []
         t0 = time.perf_counter()
         with torch.inference_mode():
             for b in range(0, len(ids), bs):
                 bid = ids[b:b + bs]
                 mnt = auto_max_new_tokens([dec.utts[i].duration for i in bid])
-                hyps += model.generate(batch_features(store, bid, modality), rates, mnt, beam=args.beam)[0]
+                feats = batch_features(store, bid, modality)
+                hyps += hf_generate(feats, rates, mnt) if hf else model.generate(feats, rates, mnt, beam=args.beam)[0]
         return hyps, time.perf_counter() - t0
 
     r0 = Rates(16, 5) if Rates(16, 5) in dec.trained else dec.trained[-1]
-    times = {1: [], args.batch: []}
+    cases = {"transformers generate, batch 1": (1, True), f"transformers generate, batch {args.batch}": (args.batch, True),
+             "mavsr, batch 1": (1, False), f"mavsr, batch {args.batch}": (args.batch, False)}
+    times = {c: [] for c in cases}
     outs = {}
     for _ in range(args.reps):  # interleaved
-        for bs in times:
-            outs[bs], t = decode(r0, bs)
-            times[bs].append(t)
-    t1, tb = statistics.median(times[1]), statistics.median(times[args.batch])
-    same = outs[1] == outs[args.batch]
+        for c, (bs, hf) in cases.items():
+            outs[c], t = decode(r0, bs, hf)
+            times[c].append(t)
+    med = {c: statistics.median(v) for c, v in times.items()}
+    ref = med["transformers generate, batch 1"]
+    same = outs["mavsr, batch 1"] == outs[f"mavsr, batch {args.batch}"]
+    agree = sum(a == b for a, b in zip(outs["mavsr, batch 1"], outs["transformers generate, batch 1"], strict=True))
     lines = [
         f"Experiment {args.exp} of {recipe.root.name} (strategy {dec.meta['strategy']}), {len(ids)} test utterances, "
         f"beam {args.beam}, rates {r0.tag}; median of {args.reps} interleaved runs.",
         "",
-        "| batch size | s total | utterances/s | speed-up |",
+        "| beam search | s total | utterances/s | speed-up over the reference practice |",
         "|---|---|---|---|",
-        f"| 1 | {t1:.2f} | {len(ids) / t1:.2f} | 1.0x |",
-        f"| {args.batch} | {tb:.2f} | {len(ids) / tb:.2f} | {t1 / tb:.1f}x |",
+        *[f"| {c} | {t:.2f} | {len(ids) / t:.2f} | {ref / t:.1f}x |" for c, t in med.items()],
         "",
-        f"Hypotheses identical between batch size 1 and {args.batch}: {'yes' if same else 'NO'}.",
+        f"mavsr hypotheses identical between batch size 1 and {args.batch}: {'yes' if same else 'NO'}. "
+        f"mavsr and transformers agree on {agree} of {len(ids)} hypotheses (they can differ where "
+        "candidates tie or where beams finish at different steps).",
         "",
         f"Per configuration (batch {args.batch}, beam {args.beam}, same utterances):",
         "",

@@ -172,14 +172,95 @@ class AVSRModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, feats: dict, rates: Rates, max_new_tokens: int, beam: int = 1) -> tuple[list[str], list[int]]:
-        """Deterministic decoding (greedy, or beam search with `beam` > 1), batched with a KV cache
-        through transformers' generate; never samples. Returns texts and LLM input lengths."""
+        """Deterministic decoding, never sampling: greedy (`beam` 1, transformers' generate) or
+        mavsr's batched beam search. Returns texts and the LLM input length per utterance."""
         emb, mask, _ = self.build(feats, rates, None, left_pad=True)
         tok = self.tokenizer
-        kw = {"num_beams": beam, "length_penalty": 1.0, "early_stopping": True} if beam > 1 else {"num_beams": 1}
-        out = self.llm.generate(
-            inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw,
-        )
-        texts = tok.batch_decode(out, skip_special_tokens=True)
+        if beam > 1:
+            ids = self.beam_search(emb, mask, beam, max_new_tokens)
+        else:
+            ids = self.llm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                    do_sample=False, num_beams=1, eos_token_id=tok.eos_token_id,
+                                    pad_token_id=tok.pad_token_id)
+        texts = tok.batch_decode(ids, skip_special_tokens=True)
         return [" ".join(t.split()) for t in texts], mask.sum(1).tolist()
+
+    @torch.no_grad()
+    def beam_search(self, emb: torch.Tensor, mask: torch.Tensor, beam: int, max_new_tokens: int,
+                    length_penalty: float = 1.0) -> list[list[int]]:
+        """Batched beam search with a KV cache; the prompt is run once per utterance, not per beam.
+
+        transformers' beam search copies every input `beam` times before the first forward pass,
+        so the (long) audio-visual prefix is computed beam-fold; here the prefix is run once and
+        its cache expanded. Per step, each utterance keeps the `beam` best live hypotheses from the
+        2*beam best candidates; a candidate ending in EOS among the first `beam` is finished with
+        score sum(log p) / length**length_penalty. An utterance is done when it holds `beam`
+        finished hypotheses (early stopping), and the best finished one is returned.
+        """
+        eos = self.tokenizer.eos_token_id
+        b, k = emb.shape[0], beam
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
+        cache = out.past_key_values
+        logp = torch.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(k, 0)  # (B*K, V)
+        vocab = logp.shape[-1]
+        cache.batch_repeat_interleave(k)
+        mask = mask.repeat_interleave(k, 0)
+        last_pos = pos[:, -1].repeat_interleave(k)
+        # live state of the active utterances (rows p*k .. p*k+k-1 of the cache belong to active[p])
+        active = list(range(b))
+        scores = torch.full((b, k), float("-inf"))
+        scores[:, 0] = 0.0  # one live beam at the start: the others must not duplicate it
+        seqs: list[list[list[int]]] = [[[] for _ in range(k)] for _ in range(b)]
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
+        last_live: dict[int, list[tuple[float, list[int]]]] = {}
+        for step in range(max_new_tokens):
+            a = len(active)
+            top_s, top_i = (scores.view(-1, 1) + logp).view(a, k * vocab).topk(2 * k, dim=-1)  # sorted
+            top_s, top_i = top_s.tolist(), top_i.tolist()  # the bookkeeping below is plain Python
+            keep, rows, toks, new_scores, new_seqs = [], [], [], [], []
+            for p, i in enumerate(active):
+                n, live = 0, []
+                for rank in range(2 * k):
+                    sc = top_s[p][rank]
+                    if sc == float("-inf"):
+                        break
+                    src, t = divmod(top_i[p][rank], vocab)
+                    if t == eos:
+                        if rank < k:
+                            hyp = seqs[p][src]
+                            finished[i].append((sc / (len(hyp) + 1) ** length_penalty, hyp))
+                        continue
+                    live.append((sc, src, t))
+                    n += 1
+                    if n == k:
+                        break
+                if len(finished[i]) >= k:
+                    continue  # done (early stopping): its rows leave the batch
+                live += [(float("-inf"), 0, eos)] * (k - len(live))
+                if step == max_new_tokens - 1:
+                    last_live[i] = [(sc, seqs[p][src] + [t]) for sc, src, t in live if sc > float("-inf")]
+                    continue
+                keep.append(i)
+                rows += [p * k + src for _, src, _ in live]
+                toks += [t for _, _, t in live]
+                new_scores.append([sc for sc, _, _ in live])
+                new_seqs.append([seqs[p][src] + [t] for _, src, t in live])
+            if not keep:
+                break
+            idx = torch.tensor(rows)
+            cache.reorder_cache(idx)  # reorders beams and drops the rows of finished utterances
+            mask = torch.cat([mask[idx], mask.new_ones(len(rows), 1)], dim=1)
+            last_pos = last_pos[idx] + 1
+            active, seqs, scores = keep, new_seqs, torch.tensor(new_scores)
+            step_emb = self.llm.get_input_embeddings()(torch.tensor(toks)[:, None])
+            out = self.llm(inputs_embeds=step_emb, attention_mask=mask, position_ids=last_pos[:, None],
+                           cache=cache, use_cache=True)
+            logp = torch.log_softmax(out.logits[:, -1].float(), -1)
+        best = []
+        for i in range(b):
+            cands = list(finished[i])
+            if len(cands) < k:  # ran out of steps: the live beams count too
+                cands += [(sc / max(1, len(h)) ** length_penalty, h) for sc, h in last_live.get(i, [])]
+            best.append(max(cands, key=lambda c: c[0])[1] if cands else [])
+        return best

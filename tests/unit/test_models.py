@@ -343,3 +343,23 @@ def test_beam_search_is_batch_independent_and_repeatable(parts, beam):
                           for k, (x, n) in f.items()}, Rates(4, 2), 8, beam=beam)[0][0] for i in range(4)]
     assert batched == single
     assert m.generate(f, Rates(4, 2), 8, beam=beam)[0] == batched
+
+
+def test_beam_search_of_width_one_is_greedy_search(parts):
+    """mavsr's beam search (prefix run once, cache expanded and reordered) at width 1 must follow
+    transformers' greedy search token for token: this checks the cache bookkeeping."""
+    m = _strategy_model(parts, "ms")
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.startswith("projectors.") or n == "markers":
+                p.mul_(20.0)
+    g = torch.Generator().manual_seed(5)
+    f = {"audio": (torch.randn(3, 100, 32, generator=g), torch.tensor([100, 70, 40])),
+         "video": (torch.randn(3, 50, 32, generator=g), torch.tensor([50, 35, 20]))}
+    emb, mask, _ = m.build(f, Rates(4, 2), None, left_pad=True)
+    tok = m.tokenizer
+    ref = m.llm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=10, do_sample=False, num_beams=1,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    ref = [[t for t in row.tolist() if t not in (tok.eos_token_id, tok.pad_token_id)] for row in ref]
+    got = m.beam_search(emb, mask, 1, 10)
+    assert got == ref and any(len(x) > 3 for x in got)
