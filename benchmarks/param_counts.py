@@ -19,28 +19,15 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-import torch
 from _common import emit
 
 import mavsr_cli  # noqa: F401  (torchaudio guard before transformers)
 from mavsr_cli import config as C
 from mavsr_cli.model import llm as llm_mod
-from mavsr_cli.model.avhubert import AVHubertConfig, AVHubertVideoEncoder
-from mavsr_cli.model.build import build_model
+from mavsr_cli.model.meta import PUBLISHED_M as PUBLISHED
+from mavsr_cli.model.meta import build_on_meta
 from mavsr_cli.rates import Rates
 
-# published shapes (model cards / config.json of the hub checkpoints)
-LLAMA = {
-    "Llama-3.2-1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, tie_word_embeddings=True),
-    "Llama-3.2-3B": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                         num_key_value_heads=8, tie_word_embeddings=True),
-    "Llama-3.1-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, tie_word_embeddings=False),
-}
-WHISPER = {"whisper-small": (768, 12, 12), "whisper-medium": (1024, 24, 16)}
-# published totals, to check the meta-device builds against (millions)
-PUBLISHED = {"Llama-3.2-1B": 1235.8, "Llama-3.2-3B": 3212.7, "Llama-3.1-8B": 8030.3}
 SETTINGS = {  # name: (whisper, llm, LoRA rank); the paper's ASR/AVSR setting and its strongest one
     "lrs3": ("whisper-small", "Llama-3.2-1B", 64),
     "strong": ("whisper-medium", "Llama-3.1-8B", 64),
@@ -52,22 +39,14 @@ def n(params) -> int:
 
 
 def build(setting: str, strategy: str, rates: list[Rates] | None = None):
-    from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperModel
-
     wname, lname, rank = SETTINGS[setting]
-    d, layers, heads = WHISPER[wname]
     cfg = C.Config()
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, llm=lname, lora=dataclasses.replace(cfg.model.lora, strategy=strategy, rank=rank)))
-    tok = llm_mod.word_tokenizer(cfg.model.resolved_prompt().lower().replace(".", " .").split())
-    with torch.device("meta"):
-        llm = LlamaForCausalLM(LlamaConfig(vocab_size=128256, **LLAMA[lname])).eval().requires_grad_(False)
-        whisper = WhisperModel(WhisperConfig(d_model=d, encoder_layers=layers, encoder_attention_heads=heads,
-                                             encoder_ffn_dim=4 * d, decoder_layers=1, decoder_attention_heads=heads,
-                                             num_mel_bins=80)).encoder
-        video = AVHubertVideoEncoder(AVHubertConfig())
-        model = build_model(cfg, d, video.dim, rates=rates, llm=(llm, tok))
-    return cfg, model, n(whisper.parameters()), n(video.parameters()), llm
+    cfg = dataclasses.replace(
+        cfg, audio_encoder=dataclasses.replace(cfg.audio_encoder, path=f"openai/{wname}"),
+        model=dataclasses.replace(cfg.model, llm=f"meta-llama/{lname}",
+                                  lora=dataclasses.replace(cfg.model.lora, strategy=strategy, rank=rank)))
+    model, enc = build_on_meta(cfg, rates)
+    return cfg, model, enc["audio"], enc["video"], model.llm
 
 
 def counts(setting: str, strategy: str) -> dict:
