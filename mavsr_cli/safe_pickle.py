@@ -111,3 +111,33 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(obj, dict):
         raise MavsrError(f"{p} does not hold a checkpoint dict")
     return obj
+
+
+_NUMPY_ALLOWED = {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+}
+
+
+class NumpyUnpickler(pickle.Unpickler):
+    """Admits numpy arrays and plain containers only (landmark pickles)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _NUMPY_ALLOWED:
+            return super().find_class(module, name)
+        raise Refused(f"refused to load global {module}.{name}")
+
+
+def load_numpy_pickle(path: str | Path):
+    """Read a pickle of numpy arrays, lists and None (e.g. a landmark file) without running code."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            return NumpyUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise MavsrError(f"file not found: {p}") from None
+    except Refused as e:
+        raise MavsrError(f"{p}: {e}") from None
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise MavsrError(f"{p} is not a readable pickle: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -165,3 +165,100 @@ def run_synth(recipe: Recipe, opt: SynthOptions, force: bool = False, log=print)
         for s in skipped[:5]:
             log(f"  skipped {s}")
     return summary
+
+
+@dataclass(frozen=True)
+class LrsOptions:
+    root: Path  # the corpus as distributed (formats.md)
+    landmarks: Path | None = None  # landmark pickles at the videos' relative paths (default: beside the videos)
+    mean_face: Path | None = None  # reference face for the alignment (default: mavsr's template)
+    max_seconds: float = 16.0  # pretrain utterances are cut into segments of at most this long
+    nj: int = 2  # worker processes
+    shard: tuple[int, int] | None = None  # (i, N): process only every N-th utterance; rerun without to merge
+
+
+# corpus split -> manifest split
+SPLIT_MAP = {
+    "lrs3": {"pretrain": "train", "trainval": "train", "test": "test"},
+    "lrs2": {"pretrain": "train", "train": "train", "val": "val", "test": "test"},
+}
+
+
+def _lrs_one(args):
+    """Worker: prepare one utterance, or reuse its record from an earlier run (resume)."""
+    import json
+
+    from ..datasets import lrs
+    from ..roi import load_mean_face
+
+    item, root, out_dir, rec_path, landmarks, mean_face, max_seconds = args
+    if rec_path.is_file():
+        return json.loads(rec_path.read_text())
+    max_s = max_seconds if item.split == "pretrain" else float("inf")  # everything but pretrain stays whole
+    res = lrs.process(item, root, out_dir, landmarks, load_mean_face(mean_face) if mean_face else None, max_s)
+    if isinstance(res, list):
+        res = [{**r, "stem": str(r["stem"])} for r in res]
+    atomic_write_text(rec_path, json.dumps(res))
+    return res
+
+
+def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, log=print) -> dict:
+    """`mavsr prepare lrs3|lrs2`: official tree -> mouth-ROI media under corpus/<corpus>/ and manifests."""
+    from ..datasets import lrs
+
+    splits = sorted(set(SPLIT_MAP[corpus].values()))
+    if not force and opt.shard is None and all(is_done(recipe.data(s)) for s in splits):
+        log(f"prepare: data/{{{','.join(splits)}}} are done (use --force to redo)")
+        return {}
+    root = Path(opt.root)
+    if not root.is_dir():
+        raise MavsrError(f"--root {root} is not a directory")
+    if opt.landmarks is not None and not Path(opt.landmarks).is_dir():
+        raise MavsrError(f"--landmarks {opt.landmarks} is not a directory")
+    items = lrs.list_lrs3(root) if corpus == "lrs3" else lrs.list_lrs2(root)
+    out_dir = recipe.root / "corpus" / corpus
+    records = out_dir / ".records"
+    if force and records.exists():
+        import shutil
+
+        shutil.rmtree(records)
+    todo = items if opt.shard is None else items[opt.shard[0]::opt.shard[1]]
+    args = [(it, root, out_dir, records / it.split / it.speaker / f"{it.utt}.json", opt.landmarks, opt.mean_face,
+             opt.max_seconds) for it in todo]
+    results = list(parallel_map(_lrs_one, args, opt.nj, f"prepare {corpus} ({len(todo)} videos)"))
+    if opt.shard is not None:
+        log(f"prepare {corpus}: shard {opt.shard[0]}/{opt.shard[1]} done ({len(todo)} videos); run without --shard to merge")
+        return {}
+    per_split: dict[str, tuple[list, list]] = {s: ([], []) for s in splits}
+    for it, res in zip(items, results, strict=True):
+        utts, skipped = per_split[SPLIT_MAP[corpus][it.split]]
+        if isinstance(res, str):
+            skipped.append(res)
+            continue
+        for r in res:
+            stem = Path(r["stem"])
+            rel = stem.relative_to(recipe.root) if stem.is_relative_to(recipe.root) else stem
+            utts.append(mf.Utterance(id=r["id"], video=str(rel.with_suffix(".mp4")), audio=str(rel.with_suffix(".wav")),
+                                     text=r["text"], num_frames=r["num_frames"], duration=r["duration"],
+                                     speaker=r["speaker"]))
+    summary = {}
+    for split, (utts, skipped) in per_split.items():
+        d = recipe.data(split)
+        if not utts:
+            log(f"prepare {split}: no usable utterances ({len(skipped)} skipped)")
+            continue
+        ids = [u.id for u in utts]
+        if len(set(ids)) != len(ids):
+            raise MavsrError(f"duplicate utterance ids in {corpus} {split}")
+        mf.write(d / "manifest.jsonl", sorted(utts, key=lambda u: u.id))
+        atomic_write_text(d / "skipped.txt", "".join(s + "\n" for s in skipped))
+        write_provenance(d, yaml.safe_dump({"corpus": corpus, "root": str(root), "landmarks": str(opt.landmarks),
+                                            "mean_face": str(opt.mean_face), "max_seconds": opt.max_seconds},
+                                           sort_keys=False))
+        mark_done(d)
+        summary[split] = (len(utts), len(skipped))
+        log(f"prepare {split}: {len(utts)} utterances, {len(skipped)} skipped"
+            + (f" (see {d / 'skipped.txt'})" if skipped else ""))
+        for s in skipped[:5]:
+            log(f"  skipped {s}")
+    return summary

@@ -1,0 +1,135 @@
+"""LRS3 and LRS2 official trees (formats.md) -> mouth-ROI media and utterance records.
+
+Listing:
+  LRS3  <root>/{pretrain,trainval,test}/<speaker>/<utt>.mp4 + .txt
+  LRS2  <root>/mvlrs_v1/{main,pretrain}/<show>/<utt>.mp4 + .txt, split lists <root>/{train,val,test,pretrain}.txt
+Processing one utterance: read the transcript (and word table), the video at 25 fps, the audio at
+16 kHz mono, the landmark pickle at the same relative path (`.pkl`, under --landmarks or beside the
+video); align and crop the mouth (roi.py); cut long utterances into segments of at most
+`max_seconds` on word boundaries (pretrain); write `<out>/<split>/<speaker>/<utt>[_NN].mp4` (96x96
+gray H.264 + AAC) and `.wav`. Anything wrong becomes a one-line skip reason.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import MavsrError
+from ..media import FPS, SAMPLE_RATE, read_audio, read_video_at, write_av, write_wav
+from .lrs_text import parse_text
+
+LRS3_SPLITS = ("pretrain", "trainval", "test")
+LRS2_LISTS = ("pretrain", "train", "val", "test")
+_LIST_LINE = re.compile(r"^\s*(\S+)")
+
+
+@dataclass(frozen=True)
+class Item:
+    split: str  # the corpus's own split name (pretrain, trainval, test; main list names for LRS2)
+    speaker: str  # LRS3 speaker id / LRS2 show id
+    utt: str  # 5-digit utterance number
+    video: Path  # the mp4
+    rel: Path  # path relative to the corpus root, without suffix (for the landmark lookup)
+
+
+def list_lrs3(root: Path, splits: tuple[str, ...] = LRS3_SPLITS) -> list[Item]:
+    items = []
+    for split in splits:
+        d = root / split
+        if not d.is_dir():
+            continue
+        for mp4 in sorted(d.glob("*/*.mp4")):
+            items.append(Item(split, mp4.parent.name, mp4.stem, mp4, mp4.relative_to(root).with_suffix("")))
+    if not items:
+        raise MavsrError(f"no LRS3 videos under {root} (expected {'/'.join(splits)}/<speaker>/<utt>.mp4)")
+    return items
+
+
+def list_lrs2(root: Path, lists: tuple[str, ...] = LRS2_LISTS) -> list[Item]:
+    items = []
+    for name in lists:
+        lst = root / f"{name}.txt"
+        if not lst.is_file():
+            continue
+        sub = "pretrain" if name == "pretrain" else "main"
+        for line in lst.read_text().splitlines():
+            m = _LIST_LINE.match(line)
+            if not m:
+                continue
+            key = m.group(1)  # <show_id>/<utt>; test.txt may carry a second field
+            show, _, utt = key.partition("/")
+            mp4 = root / "mvlrs_v1" / sub / show / f"{utt}.mp4"
+            items.append(Item(name, show, utt, mp4, mp4.relative_to(root).with_suffix("")))
+    if not items:
+        raise MavsrError(f"no LRS2 split lists ({', '.join(n + '.txt' for n in lists)}) under {root}")
+    return items
+
+
+def segments(text: str, words: list[tuple[str, float, float]], duration: float, max_seconds: float):
+    """[(start s, end s, text)]: the whole utterance if it is short enough (or has no word table),
+    else consecutive word groups each spanning at most max_seconds."""
+    if duration <= max_seconds or not words:
+        return [(0.0, duration, text)]
+    out, cur = [], []
+    for w in words:
+        if cur and w[2] - cur[0][1] > max_seconds:
+            out.append(cur)
+            cur = []
+        cur.append(w)
+    if cur:
+        out.append(cur)
+    return [(g[0][1], g[-1][2], " ".join(x[0] for x in g)) for g in out]
+
+
+def landmark_path(item: Item, landmarks_dir: Path | None) -> Path:
+    base = landmarks_dir if landmarks_dir is not None else None
+    return (base / item.rel).with_suffix(".pkl") if base is not None else item.video.with_suffix(".pkl")
+
+
+def process(item: Item, root: Path, out_dir: Path, landmarks_dir: Path | None, mean_face: np.ndarray | None,
+            max_seconds: float) -> list[dict] | str:
+    """One utterance -> records {id, video, audio, text, num_frames, duration, speaker} of its
+    written segments, or the reason it is skipped (a string)."""
+    from ..roi import mouth_rois
+    from ..safe_pickle import load_numpy_pickle
+
+    rel = item.video.relative_to(root) if item.video.is_relative_to(root) else item.video
+    try:
+        text, words = parse_text(item.video.with_suffix(".txt"))
+        frames = read_video_at(item.video, FPS)
+        audio = read_audio(item.video)
+        lp = landmark_path(item, landmarks_dir)
+        if not lp.is_file():
+            raise MavsrError(f"no landmarks ({lp.name} not found; give --landmarks DIR)")
+        lms = load_numpy_pickle(lp)
+        if not isinstance(lms, (list, tuple)):
+            raise MavsrError(f"{lp.name} does not hold a per-frame list")
+        if len(lms) < len(frames):
+            raise MavsrError(f"landmark list has {len(lms)} frames, the video {len(frames)}")
+        rois = mouth_rois(frames, list(lms), mean_face)
+    except MavsrError as e:
+        return f"{rel}: {e}"
+    duration = max(len(frames) / FPS, len(audio) / SAMPLE_RATE)
+    recs = []
+    segs = segments(text, words, duration, max_seconds)
+    for k, (s, e, seg_text) in enumerate(segs):
+        f0, f1 = int(round(s * FPS)), max(int(round(s * FPS)) + 1, int(round(e * FPS)))
+        a0, a1 = int(round(s * SAMPLE_RATE)), int(round(e * SAMPLE_RATE))
+        if f1 > len(rois) or not seg_text.strip():
+            continue
+        name = item.utt if len(segs) == 1 else f"{item.utt}_{k:02d}"
+        stem = out_dir / item.split / item.speaker / name
+        if not (stem.with_suffix(".mp4").is_file() and stem.with_suffix(".wav").is_file()):
+            clip = audio[a0:a1] if len(segs) > 1 else audio
+            write_wav(stem.with_suffix(".wav"), clip)
+            write_av(stem.with_suffix(".mp4"), rois[f0:f1] if len(segs) > 1 else rois, clip)
+        recs.append({"id": f"{item.speaker}-{name}", "stem": stem, "text": seg_text.lower(),
+                     "num_frames": (f1 - f0) if len(segs) > 1 else len(rois),
+                     "duration": round((e - s) if len(segs) > 1 else duration, 3), "speaker": item.speaker})
+    if not recs:
+        return f"{rel}: no segment left to write"
+    return recs

@@ -1,0 +1,141 @@
+"""`mavsr prepare lrs3|lrs2` on fixture trees in the official layouts (tiny face videos + landmark pickles)."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+from e2e_helpers import mavsr
+
+from mavsr_cli.datasets.lrs_text import format_text
+from mavsr_cli.media import read_video_gray, write_av
+from mavsr_cli.roi import default_mean_face
+
+SIZE = 160
+
+
+def face_video(n_frames: int, seed: int, mouth_open=True):
+    """Frames of a drawn face (a dark mouth ellipse that opens and closes) and its landmarks."""
+    rng = np.random.default_rng(seed)
+    ref = default_mean_face()
+    scale, angle = rng.uniform(0.45, 0.55), np.deg2rad(rng.uniform(-8, 8))
+    r = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    shift = np.array([SIZE / 2 - 128, SIZE / 2 - 128]) + rng.uniform(-8, 8, 2)
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE]
+    p = np.stack([xs, ys], -1).astype(float)
+    frames, lms = [], []
+    for t in range(n_frames):
+        jitter = rng.normal(0, 0.3, 2)
+        lm = (ref - 128) @ r.T + 128 + shift + jitter
+        back = (p - 128 - shift - jitter) @ np.linalg.inv(r).T + 128
+        h = 6 + (5 * np.sin(t / 3) if mouth_open else 0)
+        inside = ((back[..., 0] - 128) / 30) ** 2 + ((back[..., 1] - 186) / h) ** 2 <= 1
+        f = np.full((SIZE, SIZE), 170, np.uint8)
+        f[inside] = 20
+        frames.append(f)
+        lms.append(lm.astype(np.float32))
+    return np.stack(frames), lms
+
+
+def write_utt(stem, words, seed, audio=True, landmarks="full", text_ok=True):
+    dur = words[-1][2] + 0.2
+    n = int(round(dur * 25))
+    frames, lms = face_video(n, seed)
+    t = np.arange(int(dur * 16000)) / 16000
+    wav = (0.1 * np.sin(2 * np.pi * 180 * t)).astype(np.float32)
+    write_av(stem.with_suffix(".mp4"), frames, wav if audio else None)
+    text = " ".join(w for w, _, _ in words)
+    stem.with_suffix(".txt").write_text(format_text(text, words) if text_ok else "garbage without header\n")
+    if landmarks == "short":
+        lms = lms[: n // 2]
+    if landmarks:
+        lms = [None if k % 7 == 3 else x for k, x in enumerate(lms)]  # some frames without a face
+        with open(stem.with_suffix(".pkl"), "wb") as f:
+            pickle.dump(lms, f, protocol=2)
+
+
+def words_for(n, start=0.1, step=0.3):
+    vocab = ["ALPHA", "BRAVO", "CHARLIE", "DELTA", "ECHO", "FOXTROT", "GOLF"]
+    return [(vocab[k % len(vocab)], round(start + k * step, 2), round(start + k * step + 0.25, 2)) for k in range(n)]
+
+
+@pytest.fixture(scope="module")
+def lrs3_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("LRS3")
+    spk = ["aBcDeFgHiJ0", "zz_-9yXwVu1"]
+    for split, s, u, kw in [("trainval", spk[0], "00001", {}), ("trainval", spk[1], "00002", {}),
+                            ("test", spk[1], "00001", {}), ("pretrain", spk[0], "00003", {}),
+                            ("trainval", spk[0], "00004", {"text_ok": False}),
+                            ("trainval", spk[1], "00005", {"audio": False}),
+                            ("trainval", spk[1], "00006", {"landmarks": "short"}),
+                            ("test", spk[0], "00007", {"landmarks": None})]:
+        d = root / split / s
+        d.mkdir(parents=True, exist_ok=True)
+        write_utt(d / u, words_for(8 if split == "pretrain" else 3), seed=int(u), **kw)
+    bad = root / "trainval" / spk[0] / "00008.mp4"
+    bad.write_bytes(b"not a video at all")
+    bad.with_suffix(".txt").write_text(format_text("HELLO", [("HELLO", 0.1, 0.3)]))
+    return root
+
+
+def test_lrs3_tree_prepares_into_manifests_with_reasons_for_every_skip(lrs3_tree, tmp_path):
+    d = tmp_path / "recipe"
+    d.mkdir()
+    r = mavsr(d, "prepare", "lrs3", "--root", str(lrs3_tree), "--max-seconds", "1.0", "--nj", "1")
+    train = [json.loads(x) for x in (d / "data/train/manifest.jsonl").read_text().splitlines()]
+    test = [json.loads(x) for x in (d / "data/test/manifest.jsonl").read_text().splitlines()]
+    ids = [u["id"] for u in train]
+    assert "aBcDeFgHiJ0-00001" in ids and "zz_-9yXwVu1-00002" in ids
+    seg = sorted(i for i in ids if i.startswith("aBcDeFgHiJ0-00003_"))
+    assert len(seg) >= 3  # 8 words over 2.4 s cut into segments of at most 1 s on word boundaries
+    segs = [u for u in train if u["id"] in seg]
+    assert all(u["duration"] <= 1.0 + 1e-6 for u in segs)
+    assert " ".join(u["text"] for u in sorted(segs, key=lambda u: u["id"])) == \
+        " ".join(w.lower() for w, _, _ in words_for(8))
+    assert [u["id"] for u in test] == ["zz_-9yXwVu1-00001"]
+    skipped = (d / "data/train/skipped.txt").read_text() + (d / "data/test/skipped.txt").read_text()
+    for utt, why in (("00004", "Text:"), ("00005", "no audio"), ("00006", "landmark list has"),
+                     ("00007", "no landmarks"), ("00008", "00008.mp4")):
+        assert any(utt in line and why in line for line in skipped.splitlines()), (utt, why, skipped)
+    assert "5 skipped" not in r.stdout  # reported per split
+    # the crop is centred on the mouth: a dark blob around the middle of a 96x96 frame
+    v = read_video_gray(d / train[0]["video"])
+    assert v.shape[1:] == (96, 96)
+    ys, xs = np.nonzero(v[len(v) // 2] < 90)
+    assert abs(xs.mean() - 47.5) < 4 and abs(ys.mean() - 47.5) < 4
+    # a second run is a no-op
+    before = {p: p.stat().st_mtime_ns for p in (d / "data").rglob("*") if p.is_file()}
+    r2 = mavsr(d, "prepare", "lrs3", "--root", str(lrs3_tree), "--max-seconds", "1.0", "--nj", "1")
+    assert "are done" in r2.stdout
+    assert {p: p.stat().st_mtime_ns for p in (d / "data").rglob("*") if p.is_file()} == before
+
+
+def test_sharded_preparation_merges(lrs3_tree, tmp_path):
+    d = tmp_path / "recipe"
+    d.mkdir()
+    for i in (1, 0):
+        r = mavsr(d, "prepare", "lrs3", "--root", str(lrs3_tree), "--nj", "1", "--shard", f"{i}/2")
+        assert "run without --shard" in r.stdout
+    assert not (d / "data/train/.done").exists()
+    mavsr(d, "prepare", "lrs3", "--root", str(lrs3_tree), "--nj", "1")
+    assert (d / "data/train/.done").is_file()
+
+
+def test_lrs2_lists_pick_the_splits(tmp_path):
+    root = tmp_path / "LRS2"
+    shows = ["5535415699068794046", "6330311066473698535"]
+    for s, u in ((shows[0], "00001"), (shows[0], "00002"), (shows[1], "00001")):
+        d = root / "mvlrs_v1/main" / s
+        d.mkdir(parents=True, exist_ok=True)
+        write_utt(d / u, words_for(3), seed=int(u))
+    (root / "train.txt").write_text(f"{shows[0]}/00001\n")
+    (root / "val.txt").write_text(f"{shows[0]}/00002\n")
+    (root / "test.txt").write_text(f"{shows[1]}/00001 NF\n")  # a second field: ignored
+    d = tmp_path / "recipe"
+    d.mkdir()
+    mavsr(d, "prepare", "lrs2", "--root", str(root), "--nj", "1")
+    for split, want in (("train", f"{shows[0]}-00001"), ("val", f"{shows[0]}-00002"), ("test", f"{shows[1]}-00001")):
+        got = [json.loads(x)["id"] for x in (d / f"data/{split}/manifest.jsonl").read_text().splitlines()]
+        assert got == [want]
+    r = mavsr(d, "prepare", "lrs2", "--root", str(tmp_path / "nowhere"), "--force", ok=False)
+    assert r.returncode == 2 and "not a directory" in r.stderr
