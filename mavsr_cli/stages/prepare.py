@@ -154,17 +154,23 @@ def run_synth(recipe: Recipe, opt: SynthOptions, force: bool = False, log=print)
         utts, skipped = read_tree_split(recipe, corpus / split, opt.nj)
         if not utts:
             raise MavsrError(f"no usable utterances in {corpus / split} ({len(skipped)} skipped)")
-        d = recipe.data(split)
-        mf.write(d / "manifest.jsonl", utts)
-        atomic_write_text(d / "skipped.txt", "".join(s + "\n" for s in skipped))
-        write_provenance(d, yaml.safe_dump({"corpus": "synth", **{k: v for k, v in opt.__dict__.items() if k != "nj"}}, sort_keys=False))
-        mark_done(d)
-        summary[split] = (len(utts), len(skipped))
-        log(f"prepare {split}: {len(utts)} utterances, {len(skipped)} skipped"
-            + (f" (see {d / 'skipped.txt'})" if skipped else ""))
-        for s in skipped[:5]:
-            log(f"  skipped {s}")
+        settings = {"corpus": "synth", **{k: v for k, v in opt.__dict__.items() if k != "nj"}}
+        summary[split] = write_split(recipe, split, utts, skipped, settings, log)
     return summary
+
+
+def write_split(recipe: Recipe, split: str, utts: list, skipped: list[str], settings: dict, log) -> tuple[int, int]:
+    """data/<split>/: the manifest (whole, atomically), the skip reasons, provenance, .done."""
+    d = recipe.data(split)
+    mf.write(d / "manifest.jsonl", utts)
+    atomic_write_text(d / "skipped.txt", "".join(s + "\n" for s in skipped))
+    write_provenance(d, yaml.safe_dump(settings, sort_keys=False))
+    mark_done(d)
+    log(f"prepare {split}: {len(utts)} utterances, {len(skipped)} skipped"
+        + (f" (see {d / 'skipped.txt'})" if skipped else ""))
+    for s in skipped[:5]:
+        log(f"  skipped {s}")
+    return len(utts), len(skipped)
 
 
 @dataclass(frozen=True)
@@ -243,22 +249,13 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
                                      speaker=r["speaker"]))
     summary = {}
     for split, (utts, skipped) in per_split.items():
-        d = recipe.data(split)
         if not utts:
             log(f"prepare {split}: no usable utterances ({len(skipped)} skipped)")
             continue
         ids = [u.id for u in utts]
         if len(set(ids)) != len(ids):
             raise MavsrError(f"duplicate utterance ids in {corpus} {split}")
-        mf.write(d / "manifest.jsonl", sorted(utts, key=lambda u: u.id))
-        atomic_write_text(d / "skipped.txt", "".join(s + "\n" for s in skipped))
-        write_provenance(d, yaml.safe_dump({"corpus": corpus, "root": str(root), "landmarks": str(opt.landmarks),
-                                            "mean_face": str(opt.mean_face), "max_seconds": opt.max_seconds},
-                                           sort_keys=False))
-        mark_done(d)
-        summary[split] = (len(utts), len(skipped))
-        log(f"prepare {split}: {len(utts)} utterances, {len(skipped)} skipped"
-            + (f" (see {d / 'skipped.txt'})" if skipped else ""))
-        for s in skipped[:5]:
-            log(f"  skipped {s}")
+        settings = {"corpus": corpus, "root": str(root), "landmarks": str(opt.landmarks),
+                    "mean_face": str(opt.mean_face), "max_seconds": opt.max_seconds}
+        summary[split] = write_split(recipe, split, sorted(utts, key=lambda u: u.id), skipped, settings, log)
     return summary
