@@ -222,9 +222,18 @@ def score(
 
 
 @app.command()
-def info() -> None:
+def info(
+    grid: Annotated[Path | None, typer.Option(help="Print only the rate tags of this config's grid, one per line (for scripts).")] = None,
+) -> None:
     """Print versions of mavsr and its libraries, torchaudio's status and the available devices."""
     import platform
+
+    if grid is not None:
+        from . import config as C
+
+        for r in C.load(grid).model.rate_grid():
+            out.print(r.tag, highlight=False, markup=False)
+        return
 
     import torch
 

@@ -139,3 +139,24 @@ def test_lrs2_lists_pick_the_splits(tmp_path):
         assert got == [want]
     r = mavsr(d, "prepare", "lrs2", "--root", str(tmp_path / "nowhere"), "--force", ok=False)
     assert r.returncode == 2 and "not a directory" in r.stderr
+
+
+def test_the_lrs3_recipe_script_runs_its_prepare_stage(lrs3_tree, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    shutil.copytree(root / "recipes/lrs3", tmp_path / "recipes/lrs3")
+    shutil.copy(root / "recipes/lrs_run.sh", tmp_path / "recipes/lrs_run.sh")
+    env = dict(os.environ, LRS3_ROOT=str(lrs3_tree), NJ="1", HF_HUB_OFFLINE="1", MAVSR_QUIET="1",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    r = subprocess.run(["bash", str(tmp_path / "recipes/lrs3/run.sh"), "--stage", "0", "--stop-stage", "0"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (tmp_path / "recipes/lrs3/data/train/.done").is_file()
+    r = subprocess.run(["bash", str(tmp_path / "recipes/lrs3/run.sh"), "--bogus"], capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 2 and "unknown option" in r.stderr
