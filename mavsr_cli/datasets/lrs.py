@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MavsrError
-from ..media import FPS, SAMPLE_RATE, read_audio, read_video_at, write_av, write_wav
+from ..media import FPS, SAMPLE_RATE, crop_resize, read_audio, read_video_at, write_av, write_wav
 from .lrs_text import parse_text
 
 LRS3_SPLITS = ("pretrain", "trainval", "test")
@@ -34,6 +34,7 @@ class Item:
     utt: str  # 5-digit utterance number
     video: Path  # the mp4
     rel: Path  # path relative to the corpus root, without suffix (for the landmark lookup)
+    uid: str = ""  # utterance id (default: <speaker>-<utt>)
 
 
 def list_lrs3(root: Path, splits: tuple[str, ...] = LRS3_SPLITS) -> list[Item]:
@@ -69,6 +70,38 @@ def list_lrs2(root: Path, lists: tuple[str, ...] = LRS2_LISTS) -> list[Item]:
     return items
 
 
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".mpg", ".mpeg")
+
+
+def list_dir(root: Path, split: str) -> list[Item]:
+    """Any folder of videos with a transcript `.txt` beside each: one item per video (recursive).
+    Ids are the relative paths with '/' replaced by '-'; the speaker is the parent folder's name."""
+    items = []
+    for v in sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()):
+        rel = v.relative_to(root).with_suffix("")
+        spk = v.parent.name if v.parent != root else "unknown"
+        items.append(Item(split, spk, v.stem, v, rel, uid=rel.as_posix().replace("/", "-")))
+    if not items:
+        raise MavsrError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) under {root}")
+    return items
+
+
+def read_transcript(path: Path) -> tuple[str, list[tuple[str, float, float]]]:
+    """An LRS `Text:` file, or a plain transcript (the whole file) for custom data."""
+    try:
+        raw = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MavsrError(f"no transcript {Path(path).name}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MavsrError(f"{Path(path).name}: unreadable transcript ({e})") from None
+    if raw.startswith("Text:"):
+        return parse_text(path)
+    text = " ".join(raw.split())
+    if not text:
+        raise MavsrError(f"{Path(path).name}: empty transcript")
+    return text, []
+
+
 def segments(text: str, words: list[tuple[str, float, float]], duration: float, max_seconds: float):
     """[(start s, end s, text)]: the whole utterance if it is short enough (or has no word table),
     else consecutive word groups each spanning at most max_seconds."""
@@ -91,35 +124,42 @@ def landmark_path(item: Item, landmarks_dir: Path | None) -> Path:
 
 
 def process(item: Item, root: Path, out_dir: Path, landmarks_dir: Path | None, mean_face: np.ndarray | None,
-            max_seconds: float) -> list[dict] | str:
+            max_seconds: float, custom: bool = False) -> list[dict] | str:
     """One utterance -> records {id, video, audio, text, num_frames, duration, speaker} of its
-    written segments, or the reason it is skipped (a string)."""
+    written segments, or the reason it is skipped (a string).
+
+    `custom` (prepare dir): plain-text transcripts are accepted, and a video without landmarks
+    is taken to be a mouth crop already (resized to 96x96) instead of being skipped."""
     from ..roi import mouth_rois
     from ..safe_pickle import load_numpy_pickle
 
     rel = item.video.relative_to(root) if item.video.is_relative_to(root) else item.video
     try:
-        text, words = parse_text(item.video.with_suffix(".txt"))
+        text, words = (read_transcript if custom else parse_text)(item.video.with_suffix(".txt"))
         frames = read_video_at(item.video, FPS)
         audio = read_audio(item.video)
         lp = landmark_path(item, landmarks_dir)
-        if not lp.is_file():
-            raise MavsrError(f"no landmarks ({lp.name} not found; give --landmarks DIR)")
-        lms = load_numpy_pickle(lp)
-        if not isinstance(lms, (list, tuple)):
-            raise MavsrError(f"{lp.name} does not hold a per-frame list")
-        if len(lms) < len(frames):
-            raise MavsrError(f"landmark list has {len(lms)} frames, the video {len(frames)}")
-        rois = mouth_rois(frames, list(lms), mean_face)
+        if custom and not lp.is_file():
+            rois = crop_resize(frames, None, 96)
+        else:
+            if not lp.is_file():
+                raise MavsrError(f"no landmarks ({lp.name} not found; give --landmarks DIR)")
+            lms = load_numpy_pickle(lp)
+            if not isinstance(lms, (list, tuple)):
+                raise MavsrError(f"{lp.name} does not hold a per-frame list")
+            if len(lms) < len(frames):
+                raise MavsrError(f"landmark list has {len(lms)} frames, the video {len(frames)}")
+            rois = mouth_rois(frames, list(lms), mean_face)
     except MavsrError as e:
         return f"{rel}: {e}"
     duration = max(len(frames) / FPS, len(audio) / SAMPLE_RATE)
     recs = []
     segs = segments(text, words, duration, max_seconds)
     for k, (s, e, seg_text) in enumerate(segs):
-        f0, f1 = int(round(s * FPS)), max(int(round(s * FPS)) + 1, int(round(e * FPS)))
+        f0 = int(round(s * FPS))
+        f1 = min(len(rois), max(f0 + 1, int(round(e * FPS))))  # audio may run a little past the video
         a0, a1 = int(round(s * SAMPLE_RATE)), int(round(e * SAMPLE_RATE))
-        if f1 > len(rois) or not seg_text.strip():
+        if f1 <= f0 or not seg_text.strip():
             continue
         name = item.utt if len(segs) == 1 else f"{item.utt}_{k:02d}"
         stem = out_dir / item.split / item.speaker / name
@@ -127,7 +167,8 @@ def process(item: Item, root: Path, out_dir: Path, landmarks_dir: Path | None, m
             clip = audio[a0:a1] if len(segs) > 1 else audio
             write_wav(stem.with_suffix(".wav"), clip)
             write_av(stem.with_suffix(".mp4"), rois[f0:f1] if len(segs) > 1 else rois, clip)
-        recs.append({"id": f"{item.speaker}-{name}", "stem": stem, "text": seg_text.lower(),
+        base = item.uid or f"{item.speaker}-{item.utt}"
+        recs.append({"id": base if len(segs) == 1 else f"{base}_{k:02d}", "stem": stem, "text": seg_text.lower(),
                      "num_frames": (f1 - f0) if len(segs) > 1 else len(rois),
                      "duration": round((e - s) if len(segs) > 1 else duration, 3), "speaker": item.speaker})
     if not recs:

@@ -181,6 +181,7 @@ class LrsOptions:
     max_seconds: float = 16.0  # pretrain utterances are cut into segments of at most this long
     nj: int = 2  # worker processes
     shard: tuple[int, int] | None = None  # (i, N): process only every N-th utterance; rerun without to merge
+    split: str = "train"  # prepare dir: the manifest split the folder becomes
 
 
 # corpus split -> manifest split
@@ -197,11 +198,12 @@ def _lrs_one(args):
     from ..datasets import lrs
     from ..roi import load_mean_face
 
-    item, root, out_dir, rec_path, landmarks, mean_face, max_seconds = args
+    item, root, out_dir, rec_path, landmarks, mean_face, max_seconds, custom = args
     if rec_path.is_file():
         return json.loads(rec_path.read_text())
-    max_s = max_seconds if item.split == "pretrain" else float("inf")  # everything but pretrain stays whole
-    res = lrs.process(item, root, out_dir, landmarks, load_mean_face(mean_face) if mean_face else None, max_s)
+    max_s = max_seconds if item.split == "pretrain" or custom else float("inf")  # test etc. stay whole
+    res = lrs.process(item, root, out_dir, landmarks, load_mean_face(mean_face) if mean_face else None, max_s,
+                      custom=custom)
     if isinstance(res, list):
         res = [{**r, "stem": str(r["stem"])} for r in res]
     atomic_write_text(rec_path, json.dumps(res))
@@ -209,10 +211,11 @@ def _lrs_one(args):
 
 
 def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, log=print) -> dict:
-    """`mavsr prepare lrs3|lrs2`: official tree -> mouth-ROI media under corpus/<corpus>/ and manifests."""
+    """`mavsr prepare lrs3|lrs2|dir`: a tree -> mouth-ROI media under corpus/<corpus>/ and manifests."""
     from ..datasets import lrs
 
-    splits = sorted(set(SPLIT_MAP[corpus].values()))
+    split_map = SPLIT_MAP.get(corpus, {opt.split: opt.split})
+    splits = sorted(set(split_map.values()))
     if not force and opt.shard is None and all(is_done(recipe.data(s)) for s in splits):
         log(f"prepare: data/{{{','.join(splits)}}} are done (use --force to redo)")
         return {}
@@ -221,7 +224,8 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
         raise MavsrError(f"--root {root} is not a directory")
     if opt.landmarks is not None and not Path(opt.landmarks).is_dir():
         raise MavsrError(f"--landmarks {opt.landmarks} is not a directory")
-    items = lrs.list_lrs3(root) if corpus == "lrs3" else lrs.list_lrs2(root)
+    items = {"lrs3": lrs.list_lrs3, "lrs2": lrs.list_lrs2}[corpus](root) if corpus in SPLIT_MAP \
+        else lrs.list_dir(root, opt.split)
     out_dir = recipe.root / "corpus" / corpus
     records = out_dir / ".records"
     if force and records.exists():
@@ -229,15 +233,15 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
 
         shutil.rmtree(records)
     todo = items if opt.shard is None else items[opt.shard[0]::opt.shard[1]]
-    args = [(it, root, out_dir, records / it.split / it.speaker / f"{it.utt}.json", opt.landmarks, opt.mean_face,
-             opt.max_seconds) for it in todo]
+    args = [(it, root, out_dir, records / it.split / (it.uid or f"{it.speaker}/{it.utt}") / "record.json",
+             opt.landmarks, opt.mean_face, opt.max_seconds, corpus == "dir") for it in todo]
     results = list(parallel_map(_lrs_one, args, opt.nj, f"prepare {corpus} ({len(todo)} videos)"))
     if opt.shard is not None:
         log(f"prepare {corpus}: shard {opt.shard[0]}/{opt.shard[1]} done ({len(todo)} videos); run without --shard to merge")
         return {}
     per_split: dict[str, tuple[list, list]] = {s: ([], []) for s in splits}
     for it, res in zip(items, results, strict=True):
-        utts, skipped = per_split[SPLIT_MAP[corpus][it.split]]
+        utts, skipped = per_split[split_map[it.split]]
         if isinstance(res, str):
             skipped.append(res)
             continue

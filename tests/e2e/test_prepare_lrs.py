@@ -160,3 +160,23 @@ def test_the_lrs3_recipe_script_runs_its_prepare_stage(lrs3_tree, tmp_path):
     r = subprocess.run(["bash", str(tmp_path / "recipes/lrs3/run.sh"), "--bogus"], capture_output=True, text=True,
                        env=env)
     assert r.returncode == 2 and "unknown option" in r.stderr
+
+
+def test_prepare_dir_takes_any_folder_of_videos_with_transcripts(tmp_path):
+    root = tmp_path / "mydata"
+    (root / "alice/day1").mkdir(parents=True)
+    (root / "bob").mkdir()
+    write_utt(root / "alice/day1/take1", words_for(3), seed=1)  # LRS text + landmarks: aligned
+    frames, _ = face_video(20, seed=2)
+    t = np.arange(16000 * 20 // 25) / 16000
+    write_av(root / "bob/clip.mp4", frames[:, 32:128, 32:128], (0.1 * np.sin(2 * np.pi * 200 * t)).astype(np.float32))
+    (root / "bob/clip.txt").write_text("hello there\n")  # plain text, no landmarks: used as a mouth crop
+    write_av(root / "bob/orphan.mp4", frames, None)  # no transcript
+    d = tmp_path / "recipe"
+    d.mkdir()
+    r = mavsr(d, "prepare", "dir", "--root", str(root), "--split", "dev", "--nj", "1")
+    utts = {json.loads(x)["id"]: json.loads(x) for x in (d / "data/dev/manifest.jsonl").read_text().splitlines()}
+    assert set(utts) == {"alice-day1-take1", "bob-clip"}
+    assert utts["bob-clip"]["text"] == "hello there" and utts["bob-clip"]["speaker"] == "bob"
+    assert read_video_gray(d / utts["bob-clip"]["video"]).shape[1:] == (96, 96)
+    assert "orphan" in (d / "data/dev/skipped.txt").read_text() and "1 skipped" in r.stdout
