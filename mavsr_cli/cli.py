@@ -54,14 +54,15 @@ def _recipe(d: Path):
 
 @app.command()
 def prepare(
-    corpus: Annotated[str, typer.Argument(help="Corpus to prepare: synth (generated), lrs3 or lrs2 (official trees, --root), dir (any folder of videos with a .txt transcript beside each, --root).")],
+    corpus: Annotated[str, typer.Argument(help="Corpus to prepare: synth (generated), lrs3 or lrs2 (official trees, --root), dir (any folder of videos with a .txt transcript beside each, --root), csv (an LLM-AVSR label list, --csv and --root).")],
     dir: DirOpt = Path("."),
     root: Annotated[Path | None, typer.Option(help="lrs3/lrs2: the corpus as distributed (e.g. the dir holding pretrain/, trainval/, test/).")] = None,
     landmarks: Annotated[Path | None, typer.Option(help="lrs3/lrs2: dir of 68-point landmark pickles at the videos' relative paths (default: .pkl beside each video).")] = None,
     mean_face: Annotated[Path | None, typer.Option(help="lrs3/lrs2: reference face (68 x 2, .npy or text) for the mouth alignment (default: mavsr's template).")] = None,
     max_seconds: Annotated[float, typer.Option(help="lrs3/lrs2: cut pretrain utterances into segments of at most this many seconds, on word boundaries.")] = 16.0,
     shard: Annotated[str | None, typer.Option(help="lrs3/lrs2/dir: i/N, process only this worker's share; run again without it to merge.")] = None,
-    split: Annotated[str, typer.Option(help="dir: the split the folder becomes (data/<split>/).")] = "train",
+    split: Annotated[str, typer.Option(help="dir/csv: the split the data becomes (data/<split>/).")] = "train",
+    csv: Annotated[Path | None, typer.Option(help="csv: the label list (dataset,relative_path,frames,token_ids,text); --root is its data root.")] = None,
     num_utts: Annotated[int, typer.Option(help="synth: utterances in the train split.")] = 400,
     test_utts: Annotated[int, typer.Option(help="synth: utterances in the test split.")] = 60,
     speakers: Annotated[int, typer.Option(help="synth: number of speakers (voice + face).")] = 4,
@@ -76,6 +77,11 @@ def prepare(
     from .stages.extract_features import parse_shard
 
     recipe = _recipe(dir)
+    if corpus == "csv":
+        if csv is None or root is None:
+            raise MavsrError("prepare csv needs --csv (the label list) and --root (its data root)")
+        stage.run_csv(recipe, csv, root, split, force, _log)
+        return
     if corpus in ("lrs3", "lrs2", "dir"):
         if root is None:
             raise MavsrError(f"prepare {corpus} needs --root (the corpus folder)")
@@ -83,7 +89,7 @@ def prepare(
         stage.run_lrs(recipe, corpus, opt, force, _log)
         return
     if corpus != "synth":
-        raise MavsrError(f"unknown corpus {corpus!r} (available: synth, lrs3, lrs2, dir)")
+        raise MavsrError(f"unknown corpus {corpus!r} (available: synth, lrs3, lrs2, dir, csv)")
     stage.run_synth(recipe, stage.SynthOptions(num_utts, test_utts, speakers, heldout_speakers, seed, nj), force, _log)
 
 

@@ -263,3 +263,54 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
                     "mean_face": str(opt.mean_face), "max_seconds": opt.max_seconds}
         summary[split] = write_split(recipe, split, sorted(utts, key=lambda u: u.id), skipped, settings, log)
     return summary
+
+
+def run_csv(recipe: Recipe, csv_path: Path, data_root: Path, split: str, force: bool = False, log=print) -> dict:
+    """`mavsr prepare csv`: the LLM-AVSR research code's label list -> data/<split>/manifest.jsonl.
+
+    Lines `dataset_name,relative_path,num_video_frames,token_ids,text` (no header); media are
+    `<data_root>/<dataset_name>/<relative_path>` (mp4, already mouth ROIs) with the audio beside it
+    as `.wav`. The old token ids are ignored; the media are not re-encoded, only checked to exist."""
+    import csv
+
+    if not force and is_done(recipe.data(split)):
+        log(f"prepare: data/{split} is done (use --force to redo)")
+        return {}
+    if not Path(csv_path).is_file():
+        raise MavsrError(f"label list not found: {csv_path}")
+    utts, skipped = [], []
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) < 5:
+                skipped.append(f"line {n}: expected 5 fields (dataset,path,frames,token_ids,text), got {len(row)}")
+                continue
+            dataset, rel, frames, _, text = row[0], row[1], row[2], row[3], ",".join(row[4:])
+            video = Path(data_root) / dataset / rel
+            if video.suffix != ".mp4":
+                video = video.with_suffix(".mp4")
+            wav = video.with_suffix(".wav")
+            try:
+                num_frames = int(frames)
+            except ValueError:
+                skipped.append(f"line {n}: frame count {frames!r} is not a number")
+                continue
+            missing = [p.name for p in (video, wav) if not p.is_file()]
+            if missing:
+                skipped.append(f"line {n}: {dataset}/{rel}: missing {', '.join(missing)}")
+                continue
+            if not text.strip():
+                skipped.append(f"line {n}: {dataset}/{rel}: empty transcript")
+                continue
+            key = Path(rel).with_suffix("").as_posix()
+            utts.append(mf.Utterance(id=f"{dataset}-{key.replace('/', '-')}", video=str(video), audio=str(wav),
+                                     text=" ".join(text.lower().split()), num_frames=num_frames,
+                                     duration=round(num_frames / FPS, 3), speaker=Path(key).parent.name or key))
+    if not utts:
+        raise MavsrError(f"no usable lines in {csv_path} ({len(skipped)} skipped)")
+    utts.sort(key=lambda u: u.id)
+    if len({u.id for u in utts}) != len(utts):
+        raise MavsrError(f"duplicate utterances in {csv_path}")
+    settings = {"corpus": "csv", "csv": str(csv_path), "data_root": str(data_root)}
+    return {split: write_split(recipe, split, utts, skipped, settings, log)}

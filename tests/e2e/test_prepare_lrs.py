@@ -180,3 +180,26 @@ def test_prepare_dir_takes_any_folder_of_videos_with_transcripts(tmp_path):
     assert utts["bob-clip"]["text"] == "hello there" and utts["bob-clip"]["speaker"] == "bob"
     assert read_video_gray(d / utts["bob-clip"]["video"]).shape[1:] == (96, 96)
     assert "orphan" in (d / "data/dev/skipped.txt").read_text() and "1 skipped" in r.stdout
+
+
+def test_an_llm_avsr_label_list_imports_as_a_manifest(tmp_path):
+    data = tmp_path / "preprocessed"
+    d0 = data / "lrs3" / "lrs3_video_seg24s" / "test" / "spk0000001"
+    d0.mkdir(parents=True)
+    frames, _ = face_video(10, seed=3)
+    write_av(d0 / "00001.mp4", frames[:, 32:128, 32:128], None)
+    (d0 / "00001.wav").write_bytes(b"RIFF")  # existence is what is checked
+    write_av(d0 / "00002.mp4", frames[:, 32:128, 32:128], None)  # its .wav is missing
+    lst = tmp_path / "test.csv"
+    lst.write_text("lrs3,lrs3_video_seg24s/test/spk0000001/00001.mp4,10,12 55 7,hello, world\n"
+                   "lrs3,lrs3_video_seg24s/test/spk0000001/00002.mp4,10,3 4,bye\n"
+                   "lrs3,broken line\n")
+    d = tmp_path / "recipe"
+    d.mkdir()
+    r = mavsr(d, "prepare", "csv", "--csv", str(lst), "--root", str(data), "--split", "test")
+    (u,) = [json.loads(x) for x in (d / "data/test/manifest.jsonl").read_text().splitlines()]
+    assert u["id"] == "lrs3-lrs3_video_seg24s-test-spk0000001-00001" and u["text"] == "hello, world"
+    assert u["num_frames"] == 10 and u["duration"] == 0.4 and u["audio"].endswith("00001.wav")
+    assert u["speaker"] == "spk0000001"
+    skipped = (d / "data/test/skipped.txt").read_text()
+    assert "00002.wav" in skipped and "expected 5 fields" in skipped and "2 skipped" in r.stdout
