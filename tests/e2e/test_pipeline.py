@@ -81,7 +81,9 @@ def test_user_errors_are_one_line_and_non_zero(recipe):
     r = mavsr(d, "decode", "--exp", "exp/nope", "--audio-rate", "4", "--video-rate", "2", ok=False)
     assert r.returncode == 2 and "not an experiment dir" in r.stderr
     r = mavsr(d, "prepare", "lrs3", ok=False)
-    assert r.returncode == 2 and "not supported yet" in r.stderr
+    assert r.returncode == 2 and "needs --root" in r.stderr
+    r = mavsr(d, "prepare", "voxceleb", ok=False)
+    assert r.returncode == 2 and "unknown corpus" in r.stderr
     r = mavsr(d, "train", "--config", "conf/missing.yaml", ok=False)
     assert r.returncode == 2 and "config file not found" in r.stderr
 
