@@ -6,9 +6,13 @@ timeline through a viseme table (mouth opening, width, rounding, teeth and tongu
 with per-speaker face geometry, head motion, lighting and sensor noise, so the video carries part,
 not all, of the content (as real lips do).
 
-The corpus is written as an LRS3-shaped tree, `<root>/<split>/<speaker>/<utt>.{mp4,wav,txt}`,
-with `Text:` files holding word timings (formats.md), so it is prepared by the same tree reader as
-real data. This first version writes the 96x96 mouth ROI directly instead of a full face.
+The corpus is written as an LRS3 tree, `<root>/{trainval,test}/<speaker>/<utt>.{mp4,txt,pkl}`:
+full-frame 224x224 face video with the audio in the mp4, `Text:` files with word timings, and
+68-point landmark pickles (formats.md). The mouth is rendered from visemes, pasted into a drawn
+face in a reference frame, and the face is moved per frame by a similarity transform (per-speaker
+pose plus head motion); the landmarks are the reference template moved the same way, with
+detector jitter and a few frames without a face. `mavsr prepare lrs3` then recovers the mouth
+ROI exactly as it does for real data.
 """
 
 from __future__ import annotations
@@ -100,6 +104,10 @@ class Speaker:
     motion: float  # head motion amplitude, pixels
     noise: float  # sensor noise std (0-255 scale)
     light: float  # left-right lighting gradient
+    face_scale: float = 0.9  # size of the face in the full frame, relative to the reference face
+    face_angle: float = 0.0  # head roll, degrees
+    face_dx: float = 0.0  # face position offset in the full frame, pixels
+    face_dy: float = 0.0
 
 
 def make_speaker(seed: int, index: int) -> Speaker:
@@ -119,6 +127,10 @@ def make_speaker(seed: int, index: int) -> Speaker:
         motion=float(r.uniform(0.5, 3.0)),
         noise=float(r.uniform(2.0, 8.0)),
         light=float(r.uniform(-0.15, 0.15)),
+        face_scale=float(r.uniform(0.82, 0.95)),
+        face_angle=float(r.uniform(-6, 6)),
+        face_dx=float(r.uniform(-8, 8)),
+        face_dy=float(r.uniform(-8, 8)),
     )
 
 
@@ -205,6 +217,54 @@ def render(track: np.ndarray, spk: Speaker, rng: np.random.Generator, size: int 
         frames[i] = img
     frames = frames * 255 + rng.normal(0, spk.noise, frames.shape)
     return frames.clip(0, 255).astype(np.uint8)
+
+
+FACE_SIZE = 224  # full-frame video size, as LRS3's
+
+
+def _face_canvas(spk: Speaker, roi: np.ndarray) -> np.ndarray:
+    """One reference-frame (256x256) face: head, eyes, brows, nose, with the mouth ROI pasted
+    centred on the template's mouth. float32 in 0..255."""
+    from ..roi import REF_SIZE
+
+    yy, xx = np.mgrid[0:REF_SIZE, 0:REF_SIZE].astype(np.float32)
+    img = np.full((REF_SIZE, REF_SIZE), 60.0, np.float32)
+    head = ((xx - 128) / 96) ** 2 + ((yy - 140) / 122) ** 2 <= 1
+    img[head] = 255 * spk.skin
+    for ex in (88, 168):
+        img[((xx - ex) / 13) ** 2 + ((yy - 107) / 5) ** 2 <= 1] = 30
+        img[((xx - ex) / 20) ** 2 + ((yy - 86) / 3) ** 2 <= 1] = 255 * spk.skin * 0.5
+    img[((xx - 128) / 9) ** 2 + ((yy - 135) / 22) ** 2 <= 1] = 255 * spk.skin * 0.85
+    img[138:234, 80:176] = roi
+    return img
+
+
+def face_video(rois: np.ndarray, spk: Speaker, rng: np.random.Generator, size: int = FACE_SIZE):
+    """Mouth ROIs (T, 96, 96) -> full-frame face video (T, size, size) uint8 and per-frame 68-point
+    landmarks (a few frames None, as a detector would miss them)."""
+    from ..roi import default_mean_face
+
+    t_n = len(rois)
+    ref = default_mean_face()
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    canvases = torch.from_numpy(np.stack([_face_canvas(spk, r.astype(np.float32)) for r in rois]))[:, None]
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+    grids, lms = [], []
+    for i in range(t_n):
+        ang = np.deg2rad(spk.face_angle + 1.5 * np.sin(2 * np.pi * i / 53 + phase[0]))
+        sc = spk.face_scale * 0.78
+        r = sc * np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]])
+        t = np.array([size / 2 + spk.face_dx + spk.motion * np.sin(2 * np.pi * i / 41 + phase[1]),
+                      size / 2 + spk.face_dy + spk.motion * np.sin(2 * np.pi * i / 59 + phase[2])]) - r @ [128, 140]
+        lm = ref @ r.T + t + rng.normal(0, 0.3, ref.shape)
+        lms.append(None if rng.random() < 0.02 else lm.astype(np.float32))
+        inv = np.linalg.inv(r)
+        q = (np.stack([xs, ys], -1) - t) @ inv.T  # output pixel -> reference-frame pixel
+        grids.append(np.stack([(q[..., 0] + 0.5) / 128 - 1, (q[..., 1] + 0.5) / 128 - 1], -1))
+    grid = torch.from_numpy(np.stack(grids)).float()
+    out = torch.nn.functional.grid_sample(canvases, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    frames = out[:, 0].numpy() + rng.normal(0, 1.5, (t_n, size, size))
+    return frames.clip(0, 255).astype(np.uint8), lms
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """Stage `prepare`: a corpus on disk -> `data/<split>/manifest.jsonl`.
 
-`prepare synth` first generates the synthetic corpus tree under `<dir>/corpus/synth/` (resumable:
-finished utterances are kept), then reads that tree like any LRS3-shaped tree:
-    reads  corpus/synth/<split>/<speaker>/<utt>.{mp4,wav,txt}
-    writes data/<split>/manifest.jsonl, data/<split>/{skipped.txt,config.yaml,cmd.txt,.done}
+`prepare synth` first generates the synthetic corpus as an LRS3 tree under `<dir>/corpus/synth/`
+(full-face video, `Text:` files, landmark pickles; resumable: finished utterances are kept), then
+prepares that tree with `prepare lrs3`'s code, mouth alignment included:
+    reads  corpus/synth/{trainval,test}/<speaker>/<utt>.{mp4,txt,pkl}
+    writes corpus/lrs3/... (mouth ROIs), data/<split>/manifest.jsonl,
+           data/<split>/{skipped.txt,config.yaml,cmd.txt,.done}
 Every utterance's media are opened and checked; a missing, unreadable or corrupt file is reported
 and skipped (counted in the summary), never a crash with a half-written manifest.
 """
@@ -18,9 +20,9 @@ import yaml
 
 from .. import manifest as mf
 from ..datasets import synth
-from ..datasets.lrs_text import format_text, parse_text
+from ..datasets.lrs_text import format_text
 from ..errors import MavsrError
-from ..media import FPS, read_audio, read_video_gray, write_av, write_wav
+from ..media import FPS, write_av
 from ..progress import bar, progress
 from ..recipe import Recipe, atomic_write_text, is_done, mark_done, write_provenance
 
@@ -62,8 +64,8 @@ def generate_synth(root: Path, opt: SynthOptions, log=print) -> None:
             texts[job[0], job[2]] = s
     todo = []
     for split, spk, i in jobs:
-        stem = root / split / spk.id / f"{i:05d}"
-        if not all(stem.with_suffix(ext).is_file() for ext in (".mp4", ".wav", ".txt")):
+        stem = root / SYNTH_DIRS[split] / spk.id / f"{i:05d}"
+        if not all(stem.with_suffix(ext).is_file() for ext in (".mp4", ".pkl", ".txt")):
             todo.append((split, spk, i, stem))
     if not todo:
         return
@@ -73,12 +75,23 @@ def generate_synth(root: Path, opt: SynthOptions, log=print) -> None:
         pass
 
 
+SYNTH_DIRS = {"train": "trainval", "test": "test"}  # LRS3's split dirs
+
+
 def _synth_one(args) -> None:
-    """Worker: synthesize one utterance and write its mp4, wav and (last, marking it done) txt."""
+    """Worker: synthesize one utterance; write its full-face mp4 (with audio), landmark pickle and
+    (last, marking it done) txt."""
+    import pickle
+
     text, spk, seed, stem = args
-    u = synth.synthesize(text, spk, np.random.default_rng(seed))
-    write_av(stem.with_suffix(".mp4"), u.frames, u.audio)
-    write_wav(stem.with_suffix(".wav"), u.audio)
+    rng = np.random.default_rng(seed)
+    u = synth.synthesize(text, spk, rng)
+    frames, lms = synth.face_video(u.frames, spk, rng)
+    write_av(stem.with_suffix(".mp4"), frames, u.audio)
+    tmp = stem.with_suffix(".pkl.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(lms, f, protocol=2)
+    tmp.replace(stem.with_suffix(".pkl"))
     atomic_write_text(stem.with_suffix(".txt"), format_text(u.text, u.words))
 
 
@@ -104,43 +117,6 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def read_tree_split(recipe: Recipe, split_dir: Path, nj: int = 1) -> tuple[list[mf.Utterance], list[str]]:
-    """Read `<split>/<speaker>/<utt>.mp4 + .txt` into utterances; bad ones become skip reasons."""
-    skipped = []
-    mp4s = sorted(split_dir.glob("*/*.mp4"))
-    for t in sorted(split_dir.glob("*/*.txt")):
-        if not t.with_suffix(".mp4").exists():
-            skipped.append(f"{t.relative_to(recipe.root)}: missing video {t.with_suffix('.mp4').name}")
-    utts = []
-    for r in parallel_map(_check_one, [(recipe.root, v) for v in mp4s], nj, f"check {split_dir.name}"):
-        (utts if isinstance(r, mf.Utterance) else skipped).append(r)
-    return utts, skipped
-
-
-def _check_one(args) -> mf.Utterance | str:
-    """Worker: read one utterance's text and media; an Utterance, or the reason it is skipped."""
-    root, video = args
-    rel = video.relative_to(root)
-    try:
-        text, _ = parse_text(video.with_suffix(".txt"))
-        frames = read_video_gray(video)
-        wav = video.with_suffix(".wav")
-        audio_path = wav if wav.is_file() else video
-        audio = read_audio(audio_path)
-    except MavsrError as e:  # MediaError included: missing, unreadable or corrupt
-        return f"{rel}: {e}"
-    speaker = video.parent.name
-    return mf.Utterance(
-        id=f"{speaker}-{video.stem}",
-        video=str(rel),
-        audio=str(audio_path.relative_to(root)),
-        text=text.lower(),
-        num_frames=int(frames.shape[0]),
-        duration=round(max(frames.shape[0] / FPS, len(audio) / 16000), 3),
-        speaker=speaker,
-    )
-
-
 def run_synth(recipe: Recipe, opt: SynthOptions, force: bool = False, log=print) -> dict:
     """`mavsr prepare synth`: generate the corpus, then write one manifest per split."""
     splits = ("train", "test")
@@ -149,14 +125,8 @@ def run_synth(recipe: Recipe, opt: SynthOptions, force: bool = False, log=print)
         return {}
     corpus = recipe.root / "corpus" / "synth"
     generate_synth(corpus, opt, log=log)
-    summary = {}
-    for split in splits:
-        utts, skipped = read_tree_split(recipe, corpus / split, opt.nj)
-        if not utts:
-            raise MavsrError(f"no usable utterances in {corpus / split} ({len(skipped)} skipped)")
-        settings = {"corpus": "synth", **{k: v for k, v in opt.__dict__.items() if k != "nj"}}
-        summary[split] = write_split(recipe, split, utts, skipped, settings, log)
-    return summary
+    settings = {"corpus": "synth", **{k: v for k, v in opt.__dict__.items() if k != "nj"}}
+    return run_lrs(recipe, "lrs3", LrsOptions(corpus, nj=opt.nj), force=force, log=log, settings=settings)
 
 
 def write_split(recipe: Recipe, split: str, utts: list, skipped: list[str], settings: dict, log) -> tuple[int, int]:
@@ -210,7 +180,8 @@ def _lrs_one(args):
     return res
 
 
-def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, log=print) -> dict:
+def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, log=print,
+            settings: dict | None = None) -> dict:
     """`mavsr prepare lrs3|lrs2|dir`: a tree -> mouth-ROI media under corpus/<corpus>/ and manifests."""
     from ..datasets import lrs
 
@@ -259,9 +230,9 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
         ids = [u.id for u in utts]
         if len(set(ids)) != len(ids):
             raise MavsrError(f"duplicate utterance ids in {corpus} {split}")
-        settings = {"corpus": corpus, "root": str(root), "landmarks": str(opt.landmarks),
-                    "mean_face": str(opt.mean_face), "max_seconds": opt.max_seconds}
-        summary[split] = write_split(recipe, split, sorted(utts, key=lambda u: u.id), skipped, settings, log)
+        info = {**(settings or {"corpus": corpus}), "root": str(root), "landmarks": str(opt.landmarks),
+                "mean_face": str(opt.mean_face), "max_seconds": opt.max_seconds}
+        summary[split] = write_split(recipe, split, sorted(utts, key=lambda u: u.id), skipped, info, log)
     return summary
 
 

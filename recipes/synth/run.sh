@@ -2,7 +2,8 @@
 # Synthetic AVSR recipe: the whole mavsr pipeline on a generated corpus, on a laptop CPU.
 #   bash run.sh [--stage N] [--stop-stage M] [--conf conf/synth.yaml]
 # Stages (each skips work already done; rerun to resume):
-#   0 prepare synth      corpus/synth/ -> data/{train,test}/manifest.jsonl
+#   0 prepare synth      corpus/synth/ (LRS3 tree: face video, text, landmarks) -> corpus/lrs3/ (mouth
+#                        ROIs, through prepare lrs3's code) -> data/{train,test}/manifest.jsonl
 #   1 tiny-models        models/{whisper,video,llm} (+ LM warm-up on the train text)
 #   2 extract-features   dump/<encoders>/{train,test}/
 #   3 train --rates all  exp/<tag>/ (one Matryoshka checkpoint for every rate pair)

@@ -27,31 +27,23 @@ def test_prepare_synth_writes_manifests_and_resumes(tmp_path):
 
 
 def test_bad_media_are_counted_and_skipped_not_fatal(tmp_path):
-    from mavsr_cli.stages.prepare import read_tree_split
-
     r = Recipe(tmp_path)
     run_synth(r, OPT, log=lambda m: None)
     n = len(mf.read(r.manifest("train")))
-    corpus = tmp_path / "corpus" / "synth" / "train"
+    corpus = tmp_path / "corpus" / "synth" / "trainval"
     (corpus / "spk00" / "00000.mp4").write_bytes(b"\x00" * 100)  # corrupt video
-    (corpus / "spk01" / "00001.mp4").unlink()  # missing video, its text remains
+    (corpus / "spk01" / "00001.mp4").unlink()  # missing video: generation restores it
     (corpus / "spk00" / "00002.txt").write_text("no header here\n")  # malformed text
-    # the tree reader reports each, with its reason, and keeps the rest
-    utts, skipped = read_tree_split(r, corpus)
-    assert len(utts) == n - 3
-    reasons = "\n".join(skipped)
-    assert "spk00/00000.mp4: cannot open" in reasons
-    assert "missing video 00001.mp4" in reasons
-    assert "spk00/00002.mp4" in reasons and "Text:" in reasons
-    # the stage: generation resumes (restores the utterance with a missing file); the corrupt
-    # video and the bad text are skipped and counted; the manifest is written whole
+    (corpus / "spk01" / "00003.pkl").write_bytes(b"\x80\x02]q\x00.")  # an empty landmark list
     msgs = []
     summary = run_synth(r, OPT, force=True, log=msgs.append)
-    assert summary["train"] == (n - 2, 2)
-    assert len(mf.read(r.manifest("train"))) == n - 2
+    assert summary["train"] == (n - 3, 3)
+    assert len(mf.read(r.manifest("train"))) == n - 3
     listed = (r.data("train") / "skipped.txt").read_text()
-    assert "spk00/00000.mp4" in listed and "spk00/00002.mp4" in listed
-    assert any("2 skipped" in m for m in msgs)
+    assert "spk00/00000.mp4" in listed and "cannot open" in listed
+    assert "spk00/00002.mp4" in listed and "Text:" in listed
+    assert "spk01/00003.mp4" in listed and "landmark list has 0 frames" in listed
+    assert any("3 skipped" in m for m in msgs)
 
 
 def test_bad_options_are_user_errors(tmp_path):
