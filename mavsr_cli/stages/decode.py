@@ -79,12 +79,14 @@ def pick_by_budget(trained: list[Rates], budget: float, scores: dict[str, float]
 
 def known_scores(exp: Path, split: str) -> dict[str, float]:
     """WER per rate tag from scored clean decode dirs of this split (the lowest over beams)."""
+    from .score import parse_decode_name
+
     out: dict[str, float] = {}
     for w in exp.glob(f"decode_*/{split}/wer.json"):
-        parts = w.parent.parent.name.split("_")
-        if len(parts) != 3:  # noisy conditions do not rank configurations
+        rates, _, condition = parse_decode_name(w.parent.parent.name)
+        if condition:  # noisy conditions do not rank configurations
             continue
-        out[parts[1]] = min(out.get(parts[1], 1e9), json.loads(w.read_text())["wer"])
+        out[rates.tag] = min(out.get(rates.tag, 1e9), json.loads(w.read_text())["wer"])
     return out
 
 

@@ -166,13 +166,11 @@ def _lrs_one(args):
     import json
 
     from ..datasets import lrs
-    from ..roi import load_mean_face
-
     item, root, out_dir, rec_path, landmarks, mean_face, max_seconds, custom = args
     if rec_path.is_file():
         return json.loads(rec_path.read_text())
     max_s = max_seconds if item.split == "pretrain" or custom else float("inf")  # test etc. stay whole
-    res = lrs.process(item, root, out_dir, landmarks, load_mean_face(mean_face) if mean_face else None, max_s,
+    res = lrs.process(item, root, out_dir, landmarks, mean_face, max_s,
                       custom=custom)
     if isinstance(res, list):
         res = [{**r, "stem": str(r["stem"])} for r in res]
@@ -184,6 +182,7 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
             settings: dict | None = None) -> dict:
     """`mavsr prepare lrs3|lrs2|dir`: a tree -> mouth-ROI media under corpus/<corpus>/ and manifests."""
     from ..datasets import lrs
+    from ..roi import load_mean_face
 
     split_map = SPLIT_MAP.get(corpus, {opt.split: opt.split})
     splits = sorted(set(split_map.values()))
@@ -195,6 +194,7 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
         raise MavsrError(f"--root {root} is not a directory")
     if opt.landmarks is not None and not Path(opt.landmarks).is_dir():
         raise MavsrError(f"--landmarks {opt.landmarks} is not a directory")
+    mean_face = load_mean_face(opt.mean_face) if opt.mean_face else None  # read once, checked before any work
     items = {"lrs3": lrs.list_lrs3, "lrs2": lrs.list_lrs2}[corpus](root) if corpus in SPLIT_MAP \
         else lrs.list_dir(root, opt.split)
     out_dir = recipe.root / "corpus" / corpus
@@ -205,7 +205,7 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
         shutil.rmtree(records)
     todo = items if opt.shard is None else items[opt.shard[0]::opt.shard[1]]
     args = [(it, root, out_dir, records / it.split / (it.uid or f"{it.speaker}/{it.utt}") / "record.json",
-             opt.landmarks, opt.mean_face, opt.max_seconds, corpus == "dir") for it in todo]
+             opt.landmarks, mean_face, opt.max_seconds, corpus == "dir") for it in todo]
     results = list(parallel_map(_lrs_one, args, opt.nj, f"prepare {corpus} ({len(todo)} videos)"))
     if opt.shard is not None:
         log(f"prepare {corpus}: shard {opt.shard[0]}/{opt.shard[1]} done ({len(todo)} videos); run without --shard to merge")

@@ -49,10 +49,3 @@ def test_bad_values_and_files(tmp_path):
     p.write_text("model:\n  modality: avx\n")
     with pytest.raises(MavsrError, match="modality"):
         C.load(p)
-
-
-def test_shipped_recipe_configs_load():
-    confs = sorted(ROOT.glob("recipes/*/conf/*.yaml"))
-    assert confs
-    for c in confs:
-        C.load(c)
