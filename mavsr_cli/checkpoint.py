@@ -3,6 +3,7 @@
 exp/<tag>/ckpt/step-NNNNNN/
     model.safetensors   trained tensors (projectors, LoRA, modality markers); metadata "meta"
     trainer.pt          optimizer + scheduler + epoch, for resuming (weights_only load)
+    checksums.json      sha256 of both, verified whenever they are loaded
 meta: mavsr version, rate grid (tags), LoRA strategy, modality, LLM and encoder references,
 feature dims and cache tag, step/epoch. The resolved config lies in exp/<tag>/config.yaml.
 """
@@ -19,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import MavsrError
+from .recipe import atomic_write_json, clean_stale, sha256_file, verify_checksum
 
 
 def save(ckpt_root: Path, step: int, state: dict, meta: dict, trainer: dict | None, keep: int) -> Path:
@@ -31,6 +33,7 @@ def save(ckpt_root: Path, step: int, state: dict, meta: dict, trainer: dict | No
 
 def save_named(ckpt_root: Path, name: str, state: dict, meta: dict, trainer: dict | None = None) -> Path:
     final = ckpt_root / name
+    clean_stale(ckpt_root)
     tmp = ckpt_root / f".{name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -38,6 +41,8 @@ def save_named(ckpt_root: Path, name: str, state: dict, meta: dict, trainer: dic
     save_file(state, str(tmp / "model.safetensors"), metadata={"meta": json.dumps(meta, sort_keys=True)})
     if trainer is not None:
         torch.save(trainer, tmp / "trainer.pt")
+    sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+    atomic_write_json(tmp / "checksums.json", sums)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -67,6 +72,20 @@ def latest(exp_dir: Path) -> Path:
     return ckpts[-1]
 
 
+def verify(ckpt: Path, name: str = "model.safetensors") -> None:
+    """Check one file of a checkpoint against checksums.json (checkpoints written before checksums
+    existed have none and are only checked for readability)."""
+    sums_file = ckpt / "checksums.json"
+    if not (ckpt / name).is_file():
+        raise MavsrError(f"checkpoint {ckpt} has no {name}")
+    if sums_file.is_file():
+        try:
+            sums = json.loads(sums_file.read_text())
+        except (ValueError, OSError) as e:
+            raise MavsrError(f"checkpoint {ckpt}: unreadable checksums.json ({e})") from None
+        verify_checksum(ckpt / name, sums.get(name), "checkpoint file")
+
+
 def read_meta(ckpt: Path) -> dict:
     try:
         with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
@@ -78,7 +97,18 @@ def read_meta(ckpt: Path) -> dict:
 def load_state(ckpt: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    verify(ckpt)
     try:
         return load_file(str(ckpt / "model.safetensors"))
     except Exception as e:
         raise MavsrError(f"unreadable checkpoint {ckpt}: {e}") from None
+
+
+def load_trainer(ckpt: Path) -> dict:
+    """The optimizer/scheduler state of a step checkpoint, checksum-verified, tensors only."""
+    verify(ckpt, "trainer.pt")
+    try:
+        return torch.load(ckpt / "trainer.pt", weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise MavsrError(f"unreadable trainer state in {ckpt} ({type(e).__name__}); remove that checkpoint "
+                         "to resume from the one before it") from None

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -44,12 +47,17 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _recipe(d: Path):
-    from .recipe import Recipe
+def _recipe(d: Path, *writes: str | Path):
+    """The recipe dir; `writes` (relative to it, or absolute) are output dirs checked for being
+    writable before any work starts, so a read-only or full disk fails at once, in one line."""
+    from .recipe import Recipe, check_writable
 
     if not d.is_dir():
         raise MavsrError(f"recipe directory not found: {d}")
-    return Recipe(d)
+    recipe = Recipe(d)
+    for w in writes:
+        check_writable(recipe.root / w)
+    return recipe
 
 
 @app.command()
@@ -76,7 +84,7 @@ def prepare(
     from .stages import prepare as stage
     from .stages.extract_features import parse_shard
 
-    recipe = _recipe(dir)
+    recipe = _recipe(dir, "data", "corpus")
     if corpus == "csv":
         if csv is None or root is None:
             raise MavsrError("prepare csv needs --csv (the label list) and --root (its data root)")
@@ -103,7 +111,8 @@ def tiny_models(
     llm_hidden: Annotated[int, typer.Option(help="Llama hidden size.")] = 192,
     llm_layers: Annotated[int, typer.Option(help="Llama layers.")] = 2,
     lm_epochs: Annotated[int, typer.Option(help="Language-model warm-up epochs on the train transcripts (0 = none).")] = 8,
-    encoder_epochs: Annotated[int, typer.Option(help="Character-CTC pretraining epochs of each encoder (0 = keep random).")] = 6,
+    encoder_epochs: Annotated[int, typer.Option(help="CTC pretraining epochs of each encoder (0 = keep random).")] = 6,
+    ctc_units: Annotated[str, typer.Option(help="Encoder CTC targets: word (the LLM's word tokens) or char.")] = "word",
     seed: Annotated[int, typer.Option(help="Random seed for the initial weights.")] = 0,
     force: ForceOpt = False,
 ) -> None:
@@ -112,8 +121,8 @@ def tiny_models(
     from .stages import tiny_models as stage
 
     opt = stage.TinyOptions(audio_dim, audio_layers, video_dim, video_layers, llm_hidden, llm_layers, lm_epochs,
-                            encoder_epochs, seed=seed)
-    stage.run(_recipe(dir), opt, force, _log)
+                            encoder_epochs, seed=seed, ctc_units=ctc_units)
+    stage.run(_recipe(dir, "models"), opt, force, _log)
 
 
 @app.command("extract-features")
@@ -130,7 +139,7 @@ def extract_features(
     from . import config as C
     from .stages import extract_features as stage
 
-    stage.run(_recipe(dir), C.load(config), split, force, _log, stage.parse_shard(shard), shard_size)
+    stage.run(_recipe(dir, "dump"), C.load(config), split, force, _log, stage.parse_shard(shard), shard_size)
 
 
 @app.command()
@@ -159,7 +168,7 @@ def train(
         cfg = C.with_modality(cfg, modality)
     tag = tag or stage.default_tag(str(config) if config else None, cfg.model.lora.strategy, rates,
                                    None if modality is None else cfg.model.modality)
-    stage.run(_recipe(dir), cfg, rates, tag, force, _log)
+    stage.run(_recipe(dir, "exp"), cfg, rates, tag, force, _log)
 
 
 @app.command()
@@ -184,7 +193,7 @@ def decode(
     from .stages import decode as stage
     from .stages.extract_features import parse_shard
 
-    stage.run(_recipe(dir), exp, split, audio_rate, video_rate, batch_size, max_new_tokens, force, _log,
+    stage.run(_recipe(dir, exp), exp, split, audio_rate, video_rate, batch_size, max_new_tokens, force, _log,
               beam=beam, snr=snr, noise=noise, shard=parse_shard(shard), sweep=sweep, budget=budget)
 
 
@@ -225,7 +234,7 @@ def score(
     """Score every finished decode dir of an experiment (wer.json, result.txt, errors.txt, ref/hyp.trn) and write exp/<tag>/RESULTS.md."""
     from .stages import score as stage
 
-    stage.run(_recipe(dir), exp, force, _log, normaliser=normaliser)
+    stage.run(_recipe(dir, exp), exp, force, _log, normaliser=normaliser)
 
 
 @app.command()
@@ -259,6 +268,8 @@ def info(
 
 
 def main() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
     except MavsrError as e:
@@ -269,6 +280,32 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: finished work is kept; rerun the same command to resume")
         sys.exit(130)
+    except Terminated:
+        err.print("[bold red]terminated[/] (SIGTERM): finished work is kept; rerun the same command to resume")
+        sys.exit(143)
+    except OSError as e:
+        # disk full, read-only or permission errors met mid-stage: every output is written to a
+        # temporary name and renamed, so what was finished before is intact
+        if e.errno not in _RESOURCE_ERRNOS:
+            raise
+        from rich.markup import escape
+
+        where = f" writing {e.filename}" if e.filename else ""
+        err.print(f"[bold red]error:[/] {escape(e.strerror or str(e))}{escape(where)}; finished work is kept, "
+                  "free space or fix permissions and rerun the same command", highlight=False)
+        sys.exit(2)
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's stop, `kill`, torchrun shutting workers down) as an exception, so the
+    same clean-up runs as for Ctrl-C: temporary outputs are removed, finished ones kept."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+_RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import MavsrError
+from .recipe import verify_checksum
 
 
 def file_digest(path: Path, limit: int = 64 << 20) -> str:
@@ -85,7 +86,14 @@ class FeatureStore:
         e = self.entries[uid]
         h = self._handles.get(e["shard"])
         if h is None:
-            h = self._handles[e["shard"]] = safe_open(str(self.dir / e["shard"]), framework="pt")
+            path = self.dir / e["shard"]
+            if not path.is_file():
+                raise MavsrError(f"feature shard {path} is missing: re-run `mavsr extract-features --force`")
+            verify_checksum(path, self.provenance.get("shards", {}).get(e["shard"]), "feature shard")
+            try:
+                h = self._handles[e["shard"]] = safe_open(str(path), framework="pt")
+            except Exception as err:
+                raise MavsrError(f"unreadable feature shard {path} ({err}): re-run `mavsr extract-features --force`") from None
         name = f"{uid}/{modality}" if copy is None else f"{uid}/{modality}#{copy}"
         return h.get_tensor(name).float()
 

@@ -26,6 +26,8 @@ class Utterance:
 
 
 _FIELDS = [f.name for f in fields(Utterance)]
+_TYPES = {"id": str, "video": str, "audio": str, "text": str, "num_frames": int, "duration": (int, float),
+          "speaker": str}
 
 
 def write(path: Path, utts: list[Utterance]) -> None:
@@ -41,7 +43,11 @@ def read(path: Path) -> list[Utterance]:
     if not path.is_file():
         raise MavsrError(f"manifest not found: {path}")
     out, seen = [], set()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MavsrError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -51,6 +57,11 @@ def read(path: Path) -> list[Utterance]:
         missing = [k for k in _FIELDS if k not in rec]
         if missing:
             raise MavsrError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
+        bad = [k for k, t in _TYPES.items() if not isinstance(rec[k], t) or isinstance(rec[k], bool)]
+        if bad:
+            raise MavsrError(f"{path}:{n}: field(s) of the wrong type: {', '.join(bad)}")
+        if not rec["id"]:
+            raise MavsrError(f"{path}:{n}: empty utterance id")
         u = Utterance(**{k: rec[k] for k in _FIELDS})
         if u.id in seen:
             raise MavsrError(f"{path}:{n}: duplicate utterance id {u.id!r}")

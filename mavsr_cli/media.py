@@ -30,7 +30,8 @@ def _open(path: Path):
     try:
         return av.open(str(path))
     except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise MediaError(f"cannot open {path}: {e}") from None
+        why = getattr(e, "strerror", None) or str(e)
+        raise MediaError(f"cannot open {path}: {why} (truncated, empty or not a media file?)") from None
 
 
 def read_video_gray(path: Path) -> np.ndarray:

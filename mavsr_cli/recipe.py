@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -37,15 +38,102 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_writable(d: Path) -> None:
+    """Fail in one line, before any work, when `d` cannot take new files (read-only, full, no
+    permission): a probe file is created, written, synced and removed in `d`, or in its nearest
+    existing parent when `d` is not there yet (nothing is created)."""
+    d = Path(d)
+    while not d.exists() and d.parent != d:
+        d = d.parent
+    probe = d / f".mavsr-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise MavsrError(f"cannot write to {d}: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checksum(path: Path, expected: str | None, what: str) -> None:
+    """One-line refusal when a file's content is not what was written (truncated, bit rot, replaced)."""
+    if expected is None:
+        return
+    try:
+        got = sha256_file(path)
+    except OSError as e:
+        raise MavsrError(f"{what} {path}: unreadable ({e.strerror or e})") from None
+    if got != expected:
+        raise MavsrError(f"{what} {path} is corrupt: its checksum does not match the one written with it "
+                         f"(sha256 {got[:12]}... vs {expected[:12]}...); re-create it")
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether `path` lies under `root` once `..` parts are resolved (symlinks are not followed:
+    a corpus linked into the recipe dir stays inside it)."""
+    p, r = os.path.normpath(os.path.abspath(path)), os.path.normpath(os.path.abspath(root))
+    return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
 
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+_TMP_NAME = re.compile(r"^\..+\.(?:tmp|old)-(\d+)(?:\.[A-Za-z0-9]+)?$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(d: Path, recursive: bool = False) -> int:
+    """Remove the temporary files and dirs (`.<name>.tmp-<pid>`) that killed runs left in `d`.
+
+    Only those of processes no longer running on this machine are touched, so concurrent shard
+    workers keep theirs. Returns how many were removed."""
+    d = Path(d)
+    if not d.is_dir():
+        return 0
+    n = 0
+    for p in (d.rglob(".*") if recursive else d.glob(".*")):
+        m = _TMP_NAME.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            n += 1
+    return n
 
 
 @contextlib.contextmanager
@@ -57,6 +145,7 @@ def staged_dir(final: Path, force: bool = False):
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(final.parent)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -118,6 +207,37 @@ class Recipe:
         """Manifest media paths are absolute or relative to the recipe dir (one rule)."""
         path = Path(p)
         return path if path.is_absolute() else self.root / path
+
+    def media_roots(self, split: str) -> list[Path]:
+        """Where a split's media may lie: the recipe dir, and the data root `prepare` recorded for
+        it (data/<split>/config.yaml, `data_root`) when the manifest points at media in place."""
+        import yaml
+
+        roots = [self.root]
+        cfg = self.data(split) / "config.yaml"
+        if cfg.is_file():
+            try:
+                settings = yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise MavsrError(f"{cfg}: unreadable ({e})") from None
+            if isinstance(settings, dict) and settings.get("data_root"):
+                roots.append(Path(settings["data_root"]))
+        return roots
+
+    def utterances(self, split: str) -> list:
+        """The split's manifest records; a media path that escapes the roots the split was prepared
+        from (`..` out of the recipe dir, or an absolute path elsewhere) is refused in one line."""
+        from . import manifest as mf
+
+        path = self.require_manifest(split)
+        utts = mf.read(path)
+        roots = self.media_roots(split)
+        for u in utts:
+            for m in (u.video, u.audio):
+                if m and not any(inside(self.resolve_media(m), r) for r in roots):
+                    raise MavsrError(f"{path}: {u.id}: media path {m!r} escapes the roots this split was "
+                                     f"prepared from ({', '.join(str(r) for r in roots)})")
+        return utts
 
 
 def resolve_model(recipe: Recipe, name_or_path: str) -> str:

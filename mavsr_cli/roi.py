@@ -78,9 +78,14 @@ def fill_missing(landmarks: list) -> np.ndarray:
         raise MavsrError("no face landmarks in any frame")
     out = np.zeros((t, 68, 2))
     for i in have:
-        a = np.asarray(landmarks[i], dtype=np.float64)
+        try:
+            a = np.asarray(landmarks[i], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise MavsrError(f"landmarks of frame {i} are not numbers ({type(landmarks[i]).__name__})") from None
         if a.shape != (68, 2):
             raise MavsrError(f"landmarks of frame {i} have shape {a.shape}, expected (68, 2)")
+        if not np.isfinite(a).all():
+            raise MavsrError(f"landmarks of frame {i} are not finite")
         out[i] = a
     idx = np.arange(t)
     flat = out.reshape(t, -1)

@@ -29,13 +29,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import augment, checkpoint
+from . import augment, checkpoint, faults
 from .config import Config
+from .errors import MavsrError
 from .features import FeatureStore, pad_batch
 from .progress import bar
 from .rates import Rates
 
-FAULT_ENV = "MAVSR_FAULT_KILL_AT_STEP"  # testing aid: SIGKILL the run right after this step's checkpoint
+FAULT_ENV = faults.KILL_AT_STEP  # testing aid: SIGKILL the run right after this step's checkpoint
 
 
 def batch_features(store: FeatureStore, ids: list[str], modality: str, copies: list[int | None] | None = None) -> dict:
@@ -191,7 +192,7 @@ def train(model, store: FeatureStore, texts: dict[str, str], cfg: Config, rates:
     keep = max(t.keep_checkpoints, t.average_last)
 
     if resume:  # exactly where the last checkpoint left off
-        tr = torch.load(last / "trainer.pt", weights_only=True, map_location="cpu")
+        tr = checkpoint.load_trainer(last)
         if fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -242,11 +243,20 @@ def train(model, store: FeatureStore, texts: dict[str, str], cfg: Config, rates:
                     sync = contextlib.nullcontext()
                     if world > 1 and k < len(micro) - 1 and hasattr(engine, "no_sync"):
                         sync = engine.no_sync()
-                    with sync:
-                        with autocast():
-                            ce = engine(feats, [targets[i] for i in chunk])  # (G,)
-                        # mean over configurations of (global token mean); DDP averages over processes
-                        (ce.sum() / len(rates) / n_tok * world).backward()
+                    try:
+                        with sync:
+                            faults.maybe_oom(len(chunk))
+                            with autocast():
+                                ce = engine(feats, [targets[i] for i in chunk])  # (G,)
+                            # mean over configurations of (global token mean); DDP averages over processes
+                            (ce.sum() / len(rates) / n_tok * world).backward()
+                    except torch.OutOfMemoryError:
+                        frames = sum(store.frames(i) for i in chunk)
+                        raise MavsrError(
+                            f"out of memory at step {step + 1} (epoch {epoch + 1}) on a micro-batch of {len(chunk)} "
+                            f"utterances, {frames} video frames ({chunk[0]} .. {chunk[-1]}); lower train.batch_size "
+                            f"or set train.max_frames below {frames}, or raise train.accum_steps; rerun to resume "
+                            "from the last checkpoint") from None
                     sums += ce.detach().double().cpu()
                 if world > 1:
                     s_dev = sums.to(device)

@@ -20,7 +20,8 @@ import numpy as np
 
 from ..errors import MavsrError
 from ..media import FPS, SAMPLE_RATE, crop_resize, read_audio, read_video_at, write_av, write_wav
-from .lrs_text import parse_text
+from ..recipe import inside
+from .lrs_text import clean_transcript, parse_text
 
 LRS3_SPLITS = ("pretrain", "trainval", "test")
 LRS2_LISTS = ("pretrain", "train", "val", "test")
@@ -57,13 +58,19 @@ def list_lrs2(root: Path, lists: tuple[str, ...] = LRS2_LISTS) -> list[Item]:
         if not lst.is_file():
             continue
         sub = "pretrain" if name == "pretrain" else "main"
-        for line in lst.read_text().splitlines():
+        try:
+            lines = lst.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise MavsrError(f"{lst}: unreadable split list ({e})") from None
+        for n, line in enumerate(lines, 1):
             m = _LIST_LINE.match(line)
             if not m:
                 continue
             key = m.group(1)  # <show_id>/<utt>; test.txt may carry a second field
             show, _, utt = key.partition("/")
             mp4 = root / "mvlrs_v1" / sub / show / f"{utt}.mp4"
+            if not inside(mp4, root / "mvlrs_v1" / sub):
+                raise MavsrError(f"{lst}:{n}: entry {key!r} escapes the corpus root")
             items.append(Item(name, show, utt, mp4, mp4.relative_to(root).with_suffix("")))
     if not items:
         raise MavsrError(f"no LRS2 split lists ({', '.join(n + '.txt' for n in lists)}) under {root}")
@@ -96,7 +103,7 @@ def read_transcript(path: Path) -> tuple[str, list[tuple[str, float, float]]]:
         raise MavsrError(f"{Path(path).name}: unreadable transcript ({e})") from None
     if raw.startswith("Text:"):
         return parse_text(path)
-    text = " ".join(raw.split())
+    text = clean_transcript(raw)
     if not text:
         raise MavsrError(f"{Path(path).name}: empty transcript")
     return text, []

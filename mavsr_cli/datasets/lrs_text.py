@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
 
 from ..errors import MavsrError
 
 _BRACES = re.compile(r"[{}]")
+
+
+def clean_transcript(text: str) -> str:
+    """NFC-normalised, without control or invisible format characters (zero-width spaces, BOMs,
+    bells), whitespace collapsed. Letters of any script are kept: the LLM's tokenizer decides."""
+    text = unicodedata.normalize("NFC", text)
+    text = "".join(" " if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text
+                   if unicodedata.category(c) not in ("Cf", "Co", "Cn", "Cs"))
+    return " ".join(text.split())
 
 
 def format_text(text: str, words: list[tuple[str, float, float]], conf: int = 3) -> str:
@@ -27,7 +37,7 @@ def parse_text(path: Path) -> tuple[str, list[tuple[str, float, float]]]:
     lines = raw.splitlines()
     if not lines or not lines[0].startswith("Text:"):
         raise MavsrError(f"{path}: first line does not start with 'Text:'")
-    text = " ".join(_BRACES.sub("", lines[0][len("Text:"):]).split())
+    text = clean_transcript(_BRACES.sub("", lines[0][len("Text:"):]))
     if not text:
         raise MavsrError(f"{path}: empty transcript")
     words = []

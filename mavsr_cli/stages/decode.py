@@ -21,15 +21,14 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, faults
 from .. import config as config_mod
-from .. import manifest as mf
 from ..errors import MavsrError
 from ..features import FeatureStore
 from ..model.build import build_model
 from ..progress import bar
 from ..rates import Rates, require
-from ..recipe import Recipe, atomic_write_text, is_done, resolve_model, staged_dir, write_provenance
+from ..recipe import Recipe, atomic_write_text, clean_stale, is_done, resolve_model, staged_dir, write_provenance
 from ..train_loop import batch_features
 from . import extract_features as ef
 
@@ -99,7 +98,7 @@ class Decoder:
         self.exp = Path(exp) if Path(exp).is_absolute() else recipe.root / exp
         self.cfg, self.ckpt, self.meta = load_experiment(self.exp)
         self.trained = [Rates.parse(t) for t in self.meta["rates"]]
-        self.utts = {u.id: u for u in mf.read(recipe.require_manifest(split))} if split else {}
+        self.utts = {u.id: u for u in recipe.utterances(split)} if split else {}
         self._model = None
         self._stores: dict[str, FeatureStore] = {}
 
@@ -138,6 +137,7 @@ class Decoder:
         bs = opts.batch_size or self.cfg.decode.batch_size
         batches = [ids[b:b + bs] for b in range(0, len(ids), bs)]
         parts_dir = out.parent / f".{self.split}.parts"
+        clean_stale(parts_dir)
         n_parts = opts.shard[1] if opts.shard else _existing_parts(parts_dir)
         mine = [opts.shard[0]] if opts.shard else range(n_parts)
         for p in mine:
@@ -171,15 +171,14 @@ class Decoder:
 
     def _decode_batches(self, rates: Rates, opts: DecodeOptions, store: FeatureStore, batches: list[list[str]],
                         what: str) -> list[dict]:
-        model = self.model
+        _ = self.model  # load it before the progress bar starts
         out = []
         with torch.inference_mode(), bar() as pbar:
             task = pbar.add_task(f"decode {what}", total=sum(len(b) for b in batches), info="")
             for bid in batches:
                 mnt = opts.max_new_tokens or auto_max_new_tokens([self.utts[i].duration for i in bid])
                 t0 = time.perf_counter()
-                hyps, n_in = model.generate(batch_features(store, bid, self.cfg.model.modality), rates, mnt,
-                                            beam=opts.beam)
+                hyps, n_in = self._generate(store, bid, rates, mnt, opts.beam)
                 dt = (time.perf_counter() - t0) / len(bid)
                 for i, h, n in zip(bid, hyps, n_in, strict=True):
                     u = self.utts[i]
@@ -187,6 +186,25 @@ class Decoder:
                                 "time": round(dt, 5)})
                 pbar.advance(task, len(bid))
         return out
+
+
+    def _generate(self, store: FeatureStore, bid: list[str], rates: Rates, mnt: int, beam: int):
+        """One batch; a batch that runs out of accelerator memory is decoded again in halves
+        (down to single utterances, which then fail in one line)."""
+        try:
+            faults.maybe_oom(len(bid))
+            return self.model.generate(batch_features(store, bid, self.cfg.model.modality), rates, mnt, beam=beam)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(bid) == 1:
+                raise MavsrError(f"out of memory decoding {bid[0]} alone at {rates.tag} beam {beam}: "
+                                 "lower --beam or decode on a larger device") from None
+            half = len(bid) // 2
+            self.log(f"decode: out of memory on a batch of {len(bid)}; retrying as {half} + {len(bid) - half}")
+            a, na = self._generate(store, bid[:half], rates, mnt, beam)
+            b, nb = self._generate(store, bid[half:], rates, mnt, beam)
+            return a + b, na + nb
 
 
 def _existing_parts(parts_dir: Path) -> int:

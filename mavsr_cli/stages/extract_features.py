@@ -25,7 +25,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .. import manifest as mf
 from ..augment import babble, fit_length, mix_at_snr, pick_babble_sources
 from ..config import Config, snr_values
 from ..errors import MavsrError
@@ -34,7 +33,17 @@ from ..media import read_audio, read_video_gray
 from ..model.audio_encoder import WhisperAudioEncoder
 from ..model.video_encoder import load_video_encoder
 from ..progress import bar
-from ..recipe import Recipe, atomic_write_json, atomic_write_text, is_done, mark_done, resolve_model, write_provenance
+from ..recipe import (
+    Recipe,
+    atomic_write_json,
+    atomic_write_text,
+    clean_stale,
+    is_done,
+    mark_done,
+    resolve_model,
+    sha256_file,
+    write_provenance,
+)
 
 SHARD_SIZE = 256  # utterances per shard file
 
@@ -135,7 +144,7 @@ class NoiseSource:
             self.file = read_audio(path)
         self.speakers: dict[str, str] = {}
         if kind == "babble":
-            train = mf.read(recipe.require_manifest("train"))
+            train = recipe.utterances("train")
             self.speakers = {u.id: u.speaker for u in train}
             by_id = {u.id: u for u in train}
             self.wav = lru_cache(maxsize=512)(lambda uid: read_audio(recipe.resolve_media(by_id[uid].audio)))
@@ -201,7 +210,7 @@ def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log
     tag = encoders_tag(prov)
     audio_enc = video_enc = None
     for split in splits:
-        utts = mf.read(recipe.require_manifest(split))
+        utts = recipe.utterances(split)
         out = recipe.dump(tag, cache_split(cfg, split, condition))
         n_copies = cfg.augment.noisy_copies if split == "train" and condition is None else 0
         aug = Augmenter(recipe, cfg) if n_copies else None
@@ -223,6 +232,7 @@ def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log
             if force:
                 (out / ".done").unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
+        clean_stale(out)
         if audio_enc is None and prov["audio"]:
             audio_enc = WhisperAudioEncoder.load(resolve_model(recipe, cfg.audio_encoder.path), cfg.audio_encoder.mode)
         if video_enc is None and prov["video"]:
@@ -272,8 +282,10 @@ def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log
             log(f"extract-features {split}: shard {shard[0]}/{shard[1]} done ({len(todo)} shard files written); "
                 "run without --shard to merge")
             continue
+        sums = {}
         for n, chunk in enumerate(chunks):
             name = f"shard-{n:05d}.safetensors"
+            sums[name] = sha256_file(out / name)
             with safe_open(str(out / name), framework="pt") as f:
                 snrs = json.loads(f.metadata().get("snrs", "{}"))
                 for u in chunk:
@@ -288,7 +300,7 @@ def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log
                     index.append(e)
         atomic_write_text(out / "index.jsonl", "".join(json.dumps(e) + "\n" for e in index))
         atomic_write_json(out / "provenance.json", {"encoders": prov, "dims": dims, "utterances": len(index),
-                                                     "augment": aug_settings})
+                                                     "augment": aug_settings, "shards": sums})
         write_provenance(out, cfg.dump())
         mark_done(out)
         log(f"extract-features {split}: {len(index)} utterances -> {out.relative_to(recipe.root)}")

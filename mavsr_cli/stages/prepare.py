@@ -24,7 +24,7 @@ from ..datasets.lrs_text import format_text
 from ..errors import MavsrError
 from ..media import FPS, write_av
 from ..progress import bar, progress
-from ..recipe import Recipe, atomic_write_text, is_done, mark_done, write_provenance
+from ..recipe import Recipe, atomic_write_text, clean_stale, inside, is_done, mark_done, write_provenance
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,7 @@ def run_synth(recipe: Recipe, opt: SynthOptions, force: bool = False, log=print)
         log("prepare: data/train and data/test are done (use --force to redo)")
         return {}
     corpus = recipe.root / "corpus" / "synth"
+    clean_stale(corpus, recursive=True)
     generate_synth(corpus, opt, log=log)
     settings = {"corpus": "synth", **{k: v for k, v in opt.__dict__.items() if k != "nj"}}
     return run_lrs(recipe, "lrs3", LrsOptions(corpus, nj=opt.nj), force=force, log=log, settings=settings)
@@ -132,6 +133,7 @@ def run_synth(recipe: Recipe, opt: SynthOptions, force: bool = False, log=print)
 def write_split(recipe: Recipe, split: str, utts: list, skipped: list[str], settings: dict, log) -> tuple[int, int]:
     """data/<split>/: the manifest (whole, atomically), the skip reasons, provenance, .done."""
     d = recipe.data(split)
+    clean_stale(d)
     mf.write(d / "manifest.jsonl", utts)
     atomic_write_text(d / "skipped.txt", "".join(s + "\n" for s in skipped))
     write_provenance(d, yaml.safe_dump(settings, sort_keys=False))
@@ -199,6 +201,7 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
         else lrs.list_dir(root, opt.split)
     out_dir = recipe.root / "corpus" / corpus
     records = out_dir / ".records"
+    clean_stale(out_dir, recursive=True)
     if force and records.exists():
         import shutil
 
@@ -250,34 +253,40 @@ def run_csv(recipe: Recipe, csv_path: Path, data_root: Path, split: str, force: 
     if not Path(csv_path).is_file():
         raise MavsrError(f"label list not found: {csv_path}")
     utts, skipped = [], []
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        for n, row in enumerate(csv.reader(f), 1):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) < 5:
-                skipped.append(f"line {n}: expected 5 fields (dataset,path,frames,token_ids,text), got {len(row)}")
-                continue
-            dataset, rel, frames, _, text = row[0], row[1], row[2], row[3], ",".join(row[4:])
-            video = Path(data_root) / dataset / rel
-            if video.suffix != ".mp4":
-                video = video.with_suffix(".mp4")
-            wav = video.with_suffix(".wav")
-            try:
-                num_frames = int(frames)
-            except ValueError:
-                skipped.append(f"line {n}: frame count {frames!r} is not a number")
-                continue
-            missing = [p.name for p in (video, wav) if not p.is_file()]
-            if missing:
-                skipped.append(f"line {n}: {dataset}/{rel}: missing {', '.join(missing)}")
-                continue
-            if not text.strip():
-                skipped.append(f"line {n}: {dataset}/{rel}: empty transcript")
-                continue
-            key = Path(rel).with_suffix("").as_posix()
-            utts.append(mf.Utterance(id=f"{dataset}-{key.replace('/', '-')}", video=str(video), audio=str(wav),
-                                     text=" ".join(text.lower().split()), num_frames=num_frames,
-                                     duration=round(num_frames / FPS, 3), speaker=Path(key).parent.name or key))
+    try:
+        lines = Path(csv_path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MavsrError(f"{csv_path}: unreadable label list ({e})") from None
+    for n, row in enumerate(csv.reader(lines), 1):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 5:
+            skipped.append(f"line {n}: expected 5 fields (dataset,path,frames,token_ids,text), got {len(row)}")
+            continue
+        dataset, rel, frames, _, text = row[0], row[1], row[2], row[3], ",".join(row[4:])
+        video = Path(data_root) / dataset / rel
+        if video.suffix != ".mp4":
+            video = video.with_suffix(".mp4")
+        wav = video.with_suffix(".wav")
+        if not inside(video, Path(data_root) / dataset) or not inside(Path(data_root) / dataset, data_root):
+            skipped.append(f"line {n}: {dataset}/{rel}: path escapes the data root {data_root}")
+            continue
+        try:
+            num_frames = int(frames)
+        except ValueError:
+            skipped.append(f"line {n}: frame count {frames!r} is not a number")
+            continue
+        missing = [p.name for p in (video, wav) if not p.is_file()]
+        if missing:
+            skipped.append(f"line {n}: {dataset}/{rel}: missing {', '.join(missing)}")
+            continue
+        if not text.strip():
+            skipped.append(f"line {n}: {dataset}/{rel}: empty transcript")
+            continue
+        key = Path(rel).with_suffix("").as_posix()
+        utts.append(mf.Utterance(id=f"{dataset}-{key.replace('/', '-')}", video=str(video), audio=str(wav),
+                                 text=" ".join(text.lower().split()), num_frames=num_frames,
+                                 duration=round(num_frames / FPS, 3), speaker=Path(key).parent.name or key))
     if not utts:
         raise MavsrError(f"no usable lines in {csv_path} ({len(skipped)} skipped)")
     utts.sort(key=lambda u: u.id)

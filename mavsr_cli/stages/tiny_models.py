@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import yaml
 
-from .. import manifest as mf
 from ..config import VideoEncoderConfig
 from ..datasets import synth
+from ..errors import MavsrError
 from ..media import read_audio, read_video_gray
 from ..model import llm as llm_mod
 from ..model.audio_encoder import WhisperAudioEncoder
@@ -50,6 +50,7 @@ class TinyOptions:
     encoder_epochs: int = 6  # character-CTC pretraining epochs of each encoder (0 = keep random)
     prompt: str = "Transcribe speech and video to text."  # the prompt the warm-up puts before the text
     seed: int = 0
+    ctc_units: str = "word"  # encoder CTC targets: "word" (the LLM's word tokens) or "char"
 
 
 def warmup_sequence(tok, text: str, prompt: str, rng: np.random.Generator) -> tuple[list[int], list[int]]:
@@ -115,16 +116,26 @@ def lm_warmup(path: Path, texts: list[str], prompt: str, epochs: int, seed: int,
 CHARS = " abcdefghijklmnopqrstuvwxyz'"  # CTC targets; index 0 is the blank
 
 
-def ctc_pretrain(name: str, encoder: torch.nn.Module, encode, inputs: list, texts: list[str], dim: int,
-                 epochs: int, seed: int, log=print, batch_size: int = 8, lr: float = 2e-3) -> float:
-    """Train `encoder` with a linear CTC head over characters; `encode(x)` maps one input to (T, dim)."""
+def ctc_targets(texts: list[str], units: str, words: list[str]) -> tuple[list[torch.Tensor], int]:
+    """CTC target sequences (index 0 is the blank) and the number of classes, blank included."""
+    if units == "char":
+        return [torch.tensor([CHARS.index(c) + 1 for c in t if c in CHARS]) for t in texts], len(CHARS) + 1
+    if units == "word":
+        index = {w: i + 1 for i, w in enumerate(words)}
+        return [torch.tensor([index[w] for w in t.split() if w in index]) for t in texts], len(words) + 1
+    raise MavsrError(f"unknown CTC unit {units!r}: use word or char")
+
+
+def ctc_pretrain(name: str, encoder: torch.nn.Module, encode, inputs: list, targets: list[torch.Tensor],
+                 classes: int, dim: int, epochs: int, seed: int, log=print, batch_size: int = 8,
+                 lr: float = 2e-3) -> float:
+    """Train `encoder` with a linear CTC head over `classes` units; `encode(x)` maps one input to (T, dim)."""
     g = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(dim, len(CHARS) + 1)
+    head = torch.nn.Linear(dim, classes)
     params = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     steps = epochs * math.ceil(len(inputs) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, warmup=0))
-    targets = [torch.tensor([CHARS.index(c) + 1 for c in t if c in CHARS]) for t in texts]
     ctc = torch.nn.CTCLoss(blank=0, zero_infinity=True)
     encoder.train()
     loss_v = float("nan")
@@ -157,22 +168,24 @@ def run(recipe: Recipe, opt: TinyOptions, force: bool = False, log=print) -> Pat
     if is_done(out) and not force:
         log(f"tiny-models: {out} is done (use --force to rebuild)")
         return out
-    utts = mf.read(recipe.require_manifest("train"))
+    utts = recipe.utterances("train")
     texts = [u.text for u in utts]
     prompts = "transcribe speech and video to text ."  # every word of the paper's three prompts
     words = synth.vocabulary() + sorted({w for t in texts for w in t.split()}) + prompts.split()
     with staged_dir(out) as tmp:
         n = opt.encoder_epochs
+        targets, classes = ctc_targets(texts, opt.ctc_units, sorted(set(words)))
 
         def pretrain_audio(enc):
             mels = [enc.mel(read_audio(recipe.resolve_media(u.audio))) for u in progress(utts, "log-mel")]
-            ctc_pretrain("audio", enc.encoder, enc.encode_mel, mels, texts, opt.audio_dim, n, opt.seed, log)
+            ctc_pretrain("audio", enc.encoder, enc.encode_mel, mels, targets, classes, opt.audio_dim, n, opt.seed,
+                         log)
 
         def pretrain_video(enc):
             vc = VideoEncoderConfig()
             crops = [video_crop(read_video_gray(recipe.resolve_media(u.video)), vc.crop) for u in progress(utts, "mouth crops")]
-            ctc_pretrain("video", enc, lambda c: enc(normalise(c, vc.mean, vc.std)), crops, texts, opt.video_dim, n,
-                         opt.seed, log)
+            ctc_pretrain("video", enc, lambda c: enc(normalise(c, vc.mean, vc.std)), crops, targets, classes,
+                         opt.video_dim, n, opt.seed, log)
 
         WhisperAudioEncoder.tiny(tmp / "whisper", d_model=opt.audio_dim, layers=opt.audio_layers, seed=opt.seed,
                                  pretrain=pretrain_audio if n > 0 else None)

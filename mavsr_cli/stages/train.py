@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from .. import manifest as mf
 from ..config import Config
 from ..errors import MavsrError
 from ..features import FeatureStore
@@ -67,7 +66,7 @@ def run(recipe: Recipe, cfg: Config, rates_spec: str, tag: str, force: bool = Fa
     logger = Logger(exp / "train.log", log) if main else (lambda msg: None)
     enc_tag = encoders_tag(provenance(recipe, cfg))
     store = FeatureStore(recipe.dump(enc_tag, cache_split(cfg, "train")))
-    texts = {u.id: u.text for u in mf.read(recipe.require_manifest("train"))}
+    texts = {u.id: u.text for u in recipe.utterances("train")}
     missing = [i for i in store.ids() if i not in texts]
     if missing:
         raise MavsrError(f"feature cache has utterances not in data/train/manifest.jsonl: {missing[:3]}")
