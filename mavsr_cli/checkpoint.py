@@ -38,11 +38,15 @@ def save_named(ckpt_root: Path, name: str, state: dict, meta: dict, trainer: dic
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"meta": json.dumps(meta, sort_keys=True)})
-    if trainer is not None:
-        torch.save(trainer, tmp / "trainer.pt")
-    sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
-    atomic_write_json(tmp / "checksums.json", sums)
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"meta": json.dumps(meta, sort_keys=True)})
+        if trainer is not None:
+            torch.save(trainer, tmp / "trainer.pt")
+        sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+        atomic_write_json(tmp / "checksums.json", sums)
+    except BaseException:  # disk full, interrupted: the checkpoints before this one are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -87,6 +91,7 @@ def verify(ckpt: Path, name: str = "model.safetensors") -> None:
 
 
 def read_meta(ckpt: Path) -> dict:
+    verify(ckpt)
     try:
         with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
             return json.loads(f.metadata()["meta"])

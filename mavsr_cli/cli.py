@@ -112,7 +112,7 @@ def tiny_models(
     llm_layers: Annotated[int, typer.Option(help="Llama layers.")] = 2,
     lm_epochs: Annotated[int, typer.Option(help="Language-model warm-up epochs on the train transcripts (0 = none).")] = 8,
     encoder_epochs: Annotated[int, typer.Option(help="CTC pretraining epochs of each encoder (0 = keep random).")] = 6,
-    ctc_units: Annotated[str, typer.Option(help="Encoder CTC targets: word (the LLM's word tokens) or char.")] = "word",
+    ctc_units: Annotated[str, typer.Option(help="Encoder CTC targets: char, or word (the LLM's word tokens).")] = "char",
     seed: Annotated[int, typer.Option(help="Random seed for the initial weights.")] = 0,
     force: ForceOpt = False,
 ) -> None:
@@ -225,6 +225,27 @@ def transcribe(
 
 
 @app.command()
+def bench(
+    exp: Annotated[list[Path], typer.Option(help="Experiment dir(s) (exp/<tag>); repeat the option to compare several (e.g. AV, audio-only, video-only, baselines).")],
+    dir: DirOpt = Path("."),
+    split: Annotated[str, typer.Option(help="Split to decode.")] = "test",
+    snr: Annotated[str, typer.Option(help="Conditions, comma-separated: clean and babble SNRs in dB.")] = "clean,10,5,0,-5",
+    noise: Annotated[str, typer.Option(help="Noise for the SNR conditions: babble, white, or an audio file.")] = "babble",
+    beam: Annotated[int, typer.Option(help="Beam width (1 = greedy).")] = 15,
+    batch_size: Annotated[int | None, typer.Option(help="Utterances decoded together (default: config).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report dir (default: exp/<tag>/bench for one experiment, bench/ for several).")] = None,
+) -> None:
+    """Elastic-inference report: every trained rate pair x modality x noise condition decoded in one run, with WER, LLM tokens/s, latency, RTF and peak memory (CSV, JSON, REPORT.md, PNG plots)."""
+    _quiet_libraries()
+    from .stages import bench as stage
+
+    opt = stage.BenchOptions(split=split, snrs=stage.parse_snrs(snr), noise=noise, beam=beam, batch_size=batch_size)
+    if beam < 1:
+        raise MavsrError("--beam must be at least 1")
+    stage.run(_recipe(dir, *exp), exp, opt, out, _log)
+
+
+@app.command()
 def score(
     exp: Annotated[Path, typer.Option(help="Experiment dir (exp/<tag>), relative to --dir or absolute.")],
     dir: DirOpt = Path("."),
@@ -269,40 +290,66 @@ def info(
 
 def main() -> None:
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
     try:
         app()
-    except MavsrError as e:
-        from rich.markup import escape
-
-        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err.print("[bold red]interrupted[/]: finished work is kept; rerun the same command to resume")
-        sys.exit(130)
-    except Terminated:
-        err.print("[bold red]terminated[/] (SIGTERM): finished work is kept; rerun the same command to resume")
-        sys.exit(143)
-    except OSError as e:
-        # disk full, read-only or permission errors met mid-stage: every output is written to a
-        # temporary name and renamed, so what was finished before is intact
-        if e.errno not in _RESOURCE_ERRNOS:
+    except SystemExit:
+        if _signalled is None:
             raise
+        _interrupted(_signalled)
+    except BaseException as e:
         from rich.markup import escape
 
-        where = f" writing {e.filename}" if e.filename else ""
-        err.print(f"[bold red]error:[/] {escape(e.strerror or str(e))}{escape(where)}; finished work is kept, "
-                  "free space or fix permissions and rerun the same command", highlight=False)
-        sys.exit(2)
+        if _signalled is not None or isinstance(e, (KeyboardInterrupt, Interrupted)):
+            # a signal can surface as another exception when it lands inside a C extension
+            _interrupted(_signalled or signal.SIGINT)
+        if isinstance(e, MavsrError):
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            sys.exit(e.exit_code)
+        if _resource_error(e):
+            # disk full, read-only or permission errors met mid-stage: every output is written to a
+            # temporary name and renamed, so what was finished before is intact
+            why = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+            where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+            err.print(f"[bold red]error:[/] {escape(why)}{escape(where)}; finished work is kept, "
+                      "free space or fix permissions and rerun the same command", highlight=False)
+            sys.exit(2)
+        raise
 
 
-class Terminated(BaseException):
-    """SIGTERM (a scheduler's stop, `kill`, torchrun shutting workers down) as an exception, so the
-    same clean-up runs as for Ctrl-C: temporary outputs are removed, finished ones kept."""
+def _interrupted(signum: int) -> None:
+    sig = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
+    err.print(f"[bold red]interrupted[/] ({sig}): finished work is kept; rerun the same command to resume")
+    sys.exit(143 if sig == "SIGTERM" else 130)
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+def _resource_error(e: BaseException) -> bool:
+    """Disk full / read-only / permission, as an OSError or as the message of a library's own error
+    (safetensors and torch.save report a full disk in their own exception types)."""
+    if isinstance(e, OSError) and e.errno in _RESOURCE_ERRNOS:
+        return True
+    return any(m in str(e) for m in ("No space left on device", "Read-only file system", "Disk quota exceeded"))
+
+
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop, `kill`, torchrun shutting workers down) as an
+    exception: temporary outputs are removed on the way out, finished ones kept. (Not
+    KeyboardInterrupt, which Typer turns into a silent exit.)"""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+_signalled: int | None = None
+
+
+def _on_signal(signum, frame):
+    global _signalled
+    if _signalled is None:  # the first signal interrupts; more of them do not disturb the clean-up
+        _signalled = signum
+        raise Interrupted(signum)
 
 
 _RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}

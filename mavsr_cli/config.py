@@ -192,18 +192,19 @@ def with_modality(cfg: Config, modality: str) -> Config:
     return out
 
 
+def snr_value(x, what: str) -> float | None:
+    """One SNR condition: a number of dB, or None for 'clean'."""
+    if str(x).strip().lower() == "clean":
+        return None
+    try:
+        return float(x)
+    except ValueError:
+        raise MavsrError(f"{what}: {str(x).strip()!r} is neither 'clean' nor a number of dB") from None
+
+
 def snr_values(aug: AugmentConfig) -> list[float | None]:
     """The SNR set as numbers; None = clean."""
-    out = []
-    for x in aug.snrs:
-        if str(x).strip().lower() == "clean":
-            out.append(None)
-            continue
-        try:
-            out.append(float(x))
-        except ValueError:
-            raise MavsrError(f"augment.snrs: {x!r} is neither a number (dB) nor 'clean'") from None
-    return out
+    return [snr_value(x, "augment.snrs") for x in aug.snrs]
 
 
 def validate(cfg: Config) -> None:

@@ -57,10 +57,14 @@ class AVSRModel(nn.Module):
         own = {n: p for n, p in self.named_parameters() if p.requires_grad}
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            from ..errors import MavsrError
+        from ..errors import MavsrError
 
+        if missing or unexpected:
             raise MavsrError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        shapes = [f"{n} {tuple(state[n].shape)} vs {tuple(p.shape)}" for n, p in own.items() if state[n].shape != p.shape]
+        if shapes:
+            raise MavsrError(f"checkpoint does not match the model: {len(shapes)} tensor(s) of another shape, "
+                             f"e.g. {shapes[0]} (another model or config?)")
         with torch.no_grad():
             for n, p in own.items():
                 p.copy_(state[n].to(p.dtype))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,10 +145,14 @@ class Decoder:
             part = parts_dir / f"part-{p:05d}-of-{n_parts:05d}.jsonl"
             if part.is_file() and not force:
                 continue
-            lines = self._decode_batches(rates, opts, store, batches[p::n_parts], f"{rates.tag} {self.split}"
-                                         + (f" part {p}/{n_parts}" if n_parts > 1 else ""))
             parts_dir.mkdir(parents=True, exist_ok=True)
+            journal = part.with_name(part.name + ".journal")
+            if force:
+                journal.unlink(missing_ok=True)
+            lines = self._decode_batches(rates, opts, store, batches[p::n_parts], f"{rates.tag} {self.split}"
+                                         + (f" part {p}/{n_parts}" if n_parts > 1 else ""), journal)
             atomic_write_text(part, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+            journal.unlink(missing_ok=True)
         if opts.shard:
             self.log(f"decode: part {opts.shard[0]}/{opts.shard[1]} of {rel} done; run without --shard to merge")
             return out
@@ -170,20 +175,33 @@ class Decoder:
         return out
 
     def _decode_batches(self, rates: Rates, opts: DecodeOptions, store: FeatureStore, batches: list[list[str]],
-                        what: str) -> list[dict]:
+                        what: str, journal: Path) -> list[dict]:
+        """Decode `batches`; each finished batch is appended to `journal` (one JSON line, synced),
+        so an interrupted run resumes after the last whole batch and ends with the same output."""
         _ = self.model  # load it before the progress bar starts
-        out = []
-        with torch.inference_mode(), bar() as pbar:
-            task = pbar.add_task(f"decode {what}", total=sum(len(b) for b in batches), info="")
-            for bid in batches:
+        done = _read_journal(journal, batches)
+        out = [x for k in range(len(done)) for x in done[k]]
+        with torch.inference_mode(), bar() as pbar, open(journal, "a", encoding="utf-8") as jf:
+            task = pbar.add_task(f"decode {what}", total=sum(len(b) for b in batches),
+                                 completed=sum(len(b) for b in batches[:len(done)]), info="")
+            if done:
+                self.log(f"decode: resuming {what} after {len(done)} of {len(batches)} batches")
+            for k, bid in enumerate(batches):
+                if k < len(done):
+                    continue
+                mine = []
                 mnt = opts.max_new_tokens or auto_max_new_tokens([self.utts[i].duration for i in bid])
                 t0 = time.perf_counter()
                 hyps, n_in = self._generate(store, bid, rates, mnt, opts.beam)
                 dt = (time.perf_counter() - t0) / len(bid)
                 for i, h, n in zip(bid, hyps, n_in, strict=True):
                     u = self.utts[i]
-                    out.append({"id": i, "ref": u.text, "hyp": h, "tokens_in": n, "duration": u.duration,
-                                "time": round(dt, 5)})
+                    mine.append({"id": i, "ref": u.text, "hyp": h, "tokens_in": n, "duration": u.duration,
+                                 "time": round(dt, 5)})
+                jf.write(json.dumps({"batch": k, "ids": bid, "lines": mine}, ensure_ascii=False) + "\n")
+                jf.flush()
+                os.fsync(jf.fileno())
+                out += mine
                 pbar.advance(task, len(bid))
         return out
 
@@ -205,6 +223,27 @@ class Decoder:
             a, na = self._generate(store, bid[:half], rates, mnt, beam)
             b, nb = self._generate(store, bid[half:], rates, mnt, beam)
             return a + b, na + nb
+
+
+def _read_journal(journal: Path, batches: list[list[str]]) -> list[list[dict]]:
+    """The leading batches a killed run finished, from its journal; a torn last line (the kill
+    came mid-write) or a journal of other batches counts for nothing from there on."""
+    done: list[list[dict]] = []
+    if not journal.is_file():
+        return done
+    lines = journal.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        k = len(done)
+        if rec.get("batch") != k or k >= len(batches) or rec.get("ids") != batches[k]:
+            break
+        done.append(rec["lines"])
+    if len(done) < len(lines) or (lines and not lines[-1].endswith("\n")):  # keep only what is valid
+        atomic_write_text(journal, "".join(lines[:len(done)]))
+    return done
 
 
 def _existing_parts(parts_dir: Path) -> int:

@@ -274,10 +274,14 @@ def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log
                             tensors[f"{u.id}/video#{k}"] = video_enc(normalise(crop, vcfg.mean, vcfg.std)).half().contiguous()
                     pbar.advance(task)
                 tmp = out / f".{name}.tmp-{os.getpid()}"
-                save_file(tensors, str(tmp), metadata={"ids": json.dumps([u.id for u in chunk]),
-                                                       "augment": json.dumps(aug_settings),
-                                                       "snrs": json.dumps(snrs)})
-                os.replace(tmp, out / name)
+                try:
+                    save_file(tensors, str(tmp), metadata={"ids": json.dumps([u.id for u in chunk]),
+                                                           "augment": json.dumps(aug_settings),
+                                                           "snrs": json.dumps(snrs)})
+                    os.replace(tmp, out / name)
+                except BaseException:  # disk full, interrupted: no half shard is left behind
+                    tmp.unlink(missing_ok=True)
+                    raise
         if shard is not None:
             log(f"extract-features {split}: shard {shard[0]}/{shard[1]} done ({len(todo)} shard files written); "
                 "run without --shard to merge")

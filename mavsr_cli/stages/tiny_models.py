@@ -50,7 +50,7 @@ class TinyOptions:
     encoder_epochs: int = 6  # character-CTC pretraining epochs of each encoder (0 = keep random)
     prompt: str = "Transcribe speech and video to text."  # the prompt the warm-up puts before the text
     seed: int = 0
-    ctc_units: str = "word"  # encoder CTC targets: "word" (the LLM's word tokens) or "char"
+    ctc_units: str = "char"  # encoder CTC targets: "char" or "word" (the LLM's word tokens)
 
 
 def warmup_sequence(tok, text: str, prompt: str, rng: np.random.Generator) -> tuple[list[int], list[int]]:

@@ -176,3 +176,41 @@ def test_transcribe_takes_other_frame_rates_sizes_and_a_roi(recipe, tmp_path):
             junk.write_bytes(path.read_bytes()[:300])
             r = mavsr(d, "transcribe", str(junk), "--exp", "exp/t", ok=False)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
+
+
+def test_bench_measures_every_pair_and_condition_in_one_run(recipe, tmp_path):
+    import csv
+
+    out = tmp_path / "bench"
+    r = mavsr(recipe, "bench", "--exp", "exp/t", "--snr", "clean,0", "--beam", "2", "--out", str(out))
+    assert "bench: 8 rows" in r.stdout
+    rows = list(csv.DictReader((out / "bench.csv").open()))
+    assert sorted((x["rates"], x["snr"]) for x in rows) == sorted(
+        (t, s) for t in ("a4v2", "a4v5", "a16v2", "a16v5") for s in ("clean", "0.0"))
+    clean = [x for x in rows if x["snr"] == "clean"]
+    for x in clean:  # the Pareto flags follow from the numbers in the same file
+        dominated = any(float(y["tokens_per_s"]) <= float(x["tokens_per_s"]) and float(y["wer"]) <= float(x["wer"])
+                        and (float(y["tokens_per_s"]), float(y["wer"])) != (float(x["tokens_per_s"]), float(x["wer"]))
+                        for y in clean)
+        assert (x["pareto"] == "True") == (not dominated)
+    tokens = {x["rates"]: float(x["tokens_per_s"]) for x in clean}
+    assert tokens["a4v2"] > tokens["a4v5"] > tokens["a16v5"] and tokens["a4v2"] > tokens["a16v2"] > tokens["a16v5"]
+    assert all(float(x["latency_s"]) > 0 and float(x["rtf"]) > 0 for x in rows)
+    # the WER of each row is the one its decode dir scores
+    for x in rows:
+        cond = "" if x["snr"] == "clean" else "_snr0"
+        w = json.loads((recipe / f"exp/t/decode_{x['rates']}_beam2{cond}/test/wer.json").read_text())
+        assert abs(w["wer"] - float(x["wer"])) < 0.01
+    report = (out / "REPORT.md").read_text()
+    assert "| exp | modality | (A,V) | clean | 0 dB |" in report
+    data = json.loads((out / "bench.json").read_text())
+    assert len(data["rows"]) == 8 and data["environment"]["beam"] == 2
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "plots not drawn" in report
+    else:
+        assert (out / "wer_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
+        assert (out / "wer_vs_snr.png").read_bytes()[:4] == b"\x89PNG"
+    r = mavsr(recipe, "bench", "--exp", "exp/t", "--snr", "clean,loud", ok=False)
+    assert r.returncode == 2 and "'loud' is neither 'clean' nor a number" in r.stderr

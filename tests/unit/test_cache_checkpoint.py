@@ -61,7 +61,11 @@ def test_checkpoints_keep_the_last_k_and_describe_themselves(tmp_path):
     latest = checkpoint.latest(tmp_path)
     assert checkpoint.read_meta(latest) == {"rates": ["a4v2"], "step": 30}
     assert torch.equal(checkpoint.load_state(latest)["projectors.a4.0.weight"], state["projectors.a4.0.weight"])
+    assert json.loads((latest / "checksums.json").read_text()).keys() == {"model.safetensors", "trainer.pt"}
     (latest / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(MavsrError, match="is corrupt: its checksum does not match"):
+        checkpoint.read_meta(latest)
+    (latest / "checksums.json").unlink()  # a checkpoint from before checksums: only its readability is checked
     with pytest.raises(MavsrError, match="unreadable checkpoint"):
         checkpoint.read_meta(latest)
     with pytest.raises(MavsrError, match="no checkpoint"):

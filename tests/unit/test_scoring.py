@@ -16,3 +16,12 @@ def test_wer_counts_each_error_kind():
 def test_empty_hypothesis_is_all_deletions():
     r = wer(["one two three"], [""])
     assert r["del"] == 3 and r["wer"] == pytest.approx(100.0)
+
+
+def test_pareto_front_and_snr_lists():
+    from mavsr_cli.stages.bench import pareto, parse_snrs
+
+    # (tokens/s, WER): the cheap one and the accurate one are on the front; the third is beaten
+    assert pareto([(10, 30.0), (30, 10.0), (20, 35.0), (20, 20.0)]) == [True, True, False, True]
+    assert pareto([(10, 5.0), (10, 5.0)]) == [True, True]  # equal points do not dominate each other
+    assert parse_snrs("clean, 10,5,-5,clean") == (None, 10.0, 5.0, -5.0)

@@ -1,0 +1,267 @@
+"""Stage `bench`: the elastic-inference report of trained experiments.
+
+For each experiment (its modality and rate grid come from its checkpoint), each trained rate pair
+and each noise condition (clean and babble at the given SNRs), the split is decoded afresh in
+this one run, so latencies and memory are measured side by side, then scored:
+    WER, CER, LLM input tokens per second of speech, decode latency per utterance, real-time
+    factor (decode time / speech time), peak memory of the decode (CUDA: peak allocated; CPU:
+    peak resident-set growth over the process's level before it, sampled every 5 ms)
+writes <out>/bench.csv, bench.json (rows + machine), REPORT.md (tables, the Pareto front of clean
+WER vs tokens), and with matplotlib installed wer_vs_tokens.png and wer_vs_snr.png.
+A video-only model is decoded once: audio noise does not reach it, so its clean row stands for
+every SNR (marked so in the table).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import snr_value
+from ..errors import MavsrError
+from ..recipe import Recipe, atomic_write_json, atomic_write_text
+from .decode import DecodeOptions, Decoder
+from .score import score_dir
+
+COLUMNS = ["exp", "modality", "rates", "audio_rate", "video_rate", "snr", "wer", "cer", "tokens_per_s",
+           "latency_s", "rtf", "peak_mem_mb", "utterances", "pareto"]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    split: str = "test"
+    snrs: tuple[float | None, ...] = (None, 10.0, 5.0, 0.0, -5.0)  # None = clean
+    noise: str = "babble"
+    beam: int = 15
+    batch_size: int | None = None
+
+
+def parse_snrs(spec: str) -> tuple[float | None, ...]:
+    """'clean,10,5,0,-5' -> (None, 10.0, 5.0, 0.0, -5.0)."""
+    out = [snr_value(part, f"--snr {spec!r}") for part in spec.split(",") if part.strip()]
+    if not out:
+        raise MavsrError("--snr: no condition given")
+    return tuple(dict.fromkeys(out))
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA peak allocated, or on the CPU the peak growth of the resident
+    set over its level at entry (sampled every 5 ms by a thread), in MB."""
+
+    def __init__(self) -> None:
+        self.cuda = torch.cuda.is_available()
+        self.peak_mb: float | None = None
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        self._base = self._rss()
+        self._max = self._base
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.005):
+                self._max = max(self._max, self._rss())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._max = max(self._max, self._rss())
+            self.peak_mb = (self._max - self._base) / 2**20
+        return False
+
+
+def pareto(points: list[tuple[float, float]]) -> list[bool]:
+    """Which (cost, error) points no other point beats on both (lower is better for both)."""
+    out = []
+    for i, (c, e) in enumerate(points):
+        dominated = any((c2 <= c and e2 <= e) and (c2 < c or e2 < e) for j, (c2, e2) in enumerate(points) if j != i)
+        out.append(not dominated)
+    return out
+
+
+def measure(recipe: Recipe, exp: Path, opt: BenchOptions, log=print) -> list[dict]:
+    """Decode and score every trained pair of one experiment under every condition."""
+    dec = Decoder(recipe, exp, opt.split, log)
+    modality = dec.cfg.model.modality
+    tag = dec.exp.name
+    rows = []
+    _ = dec.model  # loaded once, outside the timed blocks
+    for rates in dec.trained:
+        clean_row = None
+        for snr in opt.snrs:
+            if modality == "v" and snr is not None:
+                rows.append({**clean_row, "snr": snr, "note": "video only: audio noise does not reach it"})
+                continue
+            dopt = DecodeOptions(beam=opt.beam, batch_size=opt.batch_size, snr=snr, noise=opt.noise)
+            if snr is not None:
+                dec.store(dopt)  # the noisy features are encoded before the timed block
+            with PeakMemory() as mem:
+                d = dec.run(rates, dopt, force=True)
+            res = score_dir(d, force=True)
+            recs = [json.loads(x) for x in (d / "hyp.jsonl").read_text().splitlines() if x.strip()]
+            speech = sum(r["duration"] for r in recs)
+            spent = sum(r["time"] for r in recs)
+            row = {"exp": tag, "modality": modality, "rates": rates.tag, "audio_rate": rates.audio,
+                   "video_rate": rates.video, "snr": snr, "wer": round(res["wer"], 2), "cer": round(res["cer"], 2),
+                   "tokens_per_s": round(sum(r["tokens_in"] for r in recs) / max(1e-9, speech), 2),
+                   "latency_s": round(spent / max(1, len(recs)), 5), "rtf": round(spent / max(1e-9, speech), 5),
+                   "peak_mem_mb": round(mem.peak_mb, 1), "utterances": len(recs), "note": ""}
+            rows.append(row)
+            if snr is None:
+                clean_row = row
+            log(f"bench: {tag} {rates.tag} {'clean' if snr is None else f'{snr:g} dB'}: WER {row['wer']:.2f}, "
+                f"{row['tokens_per_s']:.1f} tokens/s, {row['latency_s'] * 1000:.1f} ms/utt, RTF {row['rtf']:.4f}")
+    return rows
+
+
+def _snr_label(snr) -> str:
+    return "clean" if snr is None else f"{snr:g} dB"
+
+
+def report(rows: list[dict], opt: BenchOptions) -> tuple[str, dict]:
+    env = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {_cpu_count()} cores",
+           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "torch": torch.__version__, "split": opt.split, "beam": opt.beam, "noise": opt.noise}
+    lines = ["# Elastic inference report", "",
+             " | ".join(f"{k}: {v}" for k, v in env.items()), "",
+             "Clean condition; **bold** = on the Pareto front of WER vs LLM input tokens per second "
+             "(no other configuration has both fewer tokens and a lower WER).", "",
+             "ms/utt is the decode time of a batch divided by its utterances; RTF = decode time / speech time; "
+             "peak MB on a CPU is the growth of the resident set during the decode (the allocator reuses "
+             "memory freed by earlier rows, so compare rows of one run only).", "",
+             "| exp | modality | (A,V) | WER % | CER % | tokens/s | ms/utt | RTF | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["snr"] is not None:
+            continue
+        b = "**" if r["pareto"] else ""
+        lines.append(f"| {r['exp']} | {r['modality']} | {b}({r['audio_rate'] or '-'},{r['video_rate'] or '-'}){b} | "
+                     f"{b}{r['wer']:.2f}{b} | {r['cer']:.2f} | {r['tokens_per_s']:.1f} | {r['latency_s'] * 1000:.1f} | "
+                     f"{r['rtf']:.4f} | {r['peak_mem_mb']:.1f} |")
+    snrs = list(dict.fromkeys(r["snr"] for r in rows))
+    if len(snrs) > 1:
+        lines += ["", f"WER % by {opt.noise} SNR:", "",
+                  "| exp | modality | (A,V) | " + " | ".join(_snr_label(s) for s in snrs) + " |",
+                  "|---|---|---|" + "---|" * len(snrs)]
+        keys = list(dict.fromkeys((r["exp"], r["modality"], r["rates"]) for r in rows))
+        for k in keys:
+            by = {r["snr"]: r for r in rows if (r["exp"], r["modality"], r["rates"]) == k}
+            mark = " (video only: clean for all)" if k[1] == "v" else ""
+            lines.append(f"| {k[0]} | {k[1]}{mark} | {k[2]} | "
+                         + " | ".join(f"{by[s]['wer']:.2f}" if s in by else "-" for s in snrs) + " |")
+    return "\n".join(lines) + "\n", env
+
+
+def _cpu_count() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+def plots(rows: list[dict], out: Path) -> list[str]:
+    """wer_vs_tokens.png and wer_vs_snr.png; [] when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    clean = [r for r in rows if r["snr"] is None]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for (e, m) in dict.fromkeys((r["exp"], r["modality"]) for r in clean):
+        pts = [r for r in clean if (r["exp"], r["modality"]) == (e, m)]
+        ax.scatter([r["tokens_per_s"] for r in pts], [r["wer"] for r in pts], label=f"{e} ({m})", s=30)
+        for r in pts:
+            ax.annotate(r["rates"], (r["tokens_per_s"], r["wer"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = sorted((r for r in clean if r["pareto"]), key=lambda r: r["tokens_per_s"])
+    if front:
+        ax.plot([r["tokens_per_s"] for r in front], [r["wer"] for r in front], "k--", lw=1, label="Pareto front")
+    ax.set_xlabel("LLM input tokens per second of speech")
+    ax.set_ylabel("WER % (clean)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "wer_vs_tokens.png", dpi=120)
+    plt.close(fig)
+    files = ["wer_vs_tokens.png"]
+    snrs = [s for s in dict.fromkeys(r["snr"] for r in rows)]
+    if len(snrs) > 1:
+        xs = {s: (30.0 if s is None else s) for s in snrs}  # clean drawn at 30 dB, labelled
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for k in dict.fromkeys((r["exp"], r["modality"], r["rates"]) for r in rows):
+            pts = sorted((r for r in rows if (r["exp"], r["modality"], r["rates"]) == k), key=lambda r: -xs[r["snr"]])
+            ax.plot([xs[r["snr"]] for r in pts], [r["wer"] for r in pts], marker="o", ms=3,
+                    label=f"{k[0]} {k[1]} {k[2]}")
+        ax.set_xticks(sorted(xs.values()))
+        ax.set_xticklabels(["clean" if v == 30.0 and None in xs else f"{v:g}" for v in sorted(xs.values())])
+        ax.invert_xaxis()
+        ax.set_xlabel("babble SNR (dB)")
+        ax.set_ylabel("WER %")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / "wer_vs_snr.png", dpi=120)
+        plt.close(fig)
+        files.append("wer_vs_snr.png")
+    return files
+
+
+def run(recipe: Recipe, exps: list[Path], opt: BenchOptions, out: Path | None = None, log=print) -> Path:
+    if not exps:
+        raise MavsrError("give at least one --exp")
+    exps = [Path(e) if Path(e).is_absolute() else recipe.root / e for e in exps]
+    out = Path(out) if out is not None else (exps[0] / "bench" if len(exps) == 1 else recipe.root / "bench")
+    out = out if out.is_absolute() else recipe.root / out
+    rows = []
+    for exp in exps:
+        rows += measure(recipe, exp, opt, log)
+    flags = pareto([(r["tokens_per_s"], r["wer"]) for r in rows if r["snr"] is None])
+    it = iter(flags)
+    for r in rows:
+        r["pareto"] = next(it) if r["snr"] is None else False
+    text, env = report(rows, opt)
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS + ["note"], extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({**r, "snr": "clean" if r["snr"] is None else r["snr"]})
+    atomic_write_text(out / "bench.csv", buf.getvalue())
+    atomic_write_json(out / "bench.json", {"environment": env, "rows": rows})
+    files = plots(rows, out)
+    text += "\n" + ("".join(f"![{f}]({f})\n\n" for f in files) if files
+                    else "(plots not drawn: install matplotlib, `pip install 'mavsr[plots]'`)\n")
+    atomic_write_text(out / "REPORT.md", text)
+    log(f"bench: {len(rows)} rows -> {out}/bench.csv, bench.json, REPORT.md" + "".join(f", {f}" for f in files))
+    return out
