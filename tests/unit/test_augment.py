@@ -50,5 +50,5 @@ def test_time_masks_stay_inside_each_true_length_and_depend_only_on_their_seed()
 
 def test_snr_settings_are_validated():
     assert C.snr_values(C.AugmentConfig(snrs=("-5", 10, "clean"))) == [-5.0, 10.0, None]
-    with pytest.raises(MavsrError, match="neither a number"):
+    with pytest.raises(MavsrError, match="neither .clean. nor a number"):
         C.validate(C.from_dict({"augment": {"snrs": ["loud"]}}))
