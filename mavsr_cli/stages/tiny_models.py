@@ -53,19 +53,27 @@ class TinyOptions:
     ctc_units: str = "char"  # encoder CTC targets: "char" or "word" (the LLM's word tokens)
 
 
-def warmup_sequence(tok, text: str, prompt: str, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+def warmup_sequence(tok, text: str, prompt: str, rng: np.random.Generator,
+                    words: list[str] | None = None) -> tuple[list[int], list[int]]:
     """One warm-up example: (input ids, labels), the loss on the transcript and EOS only.
 
-    Half the examples are plain `[BOS] prompt text [EOS]`. The other half put two stretched, noisy
-    copies of the transcript before the prompt (each word repeated 1-4 times, 10% of the tokens
-    replaced at random), standing in for the audio and video token streams: a pretrained LLM can
-    already read content from its context, and this teaches the small one the same skill from text.
+    A third of the examples are plain `[BOS] prompt text [EOS]`. The others put two stretched,
+    noisy copies of a word sequence before the prompt (each word repeated 1-5 times, 10% of the
+    tokens replaced at random), standing in for the audio and video token streams: a pretrained
+    LLM can already read content from its context, and this teaches the small one the same skill
+    from text. Half of those sequences are the transcript, half random words from `words`: only
+    reading the context predicts a random sequence, so the skill cannot be replaced by the
+    grammar (measured: with transcripts alone the warmed-up LLM's loss with two copies in context
+    was 1.87 nats/word against 2.13 without; with random sequences too, 0.06).
     """
+    r = rng.random()
+    if r >= 2 / 3 and words:
+        text = " ".join(words[i] for i in rng.integers(len(words), size=int(rng.integers(4, 12))))
     ids = tok(text, add_special_tokens=False).input_ids
     head = [tok.bos_token_id]
-    if rng.random() < 0.5:
+    if r >= 1 / 3:
         for _ in range(2):
-            copy = [w for w in ids for _ in range(int(rng.integers(1, 5)))]
+            copy = [w for w in ids for _ in range(int(rng.integers(1, 6)))]
             noise = rng.random(len(copy)) < 0.1
             head += [int(rng.integers(len(tok))) if n else w for w, n in zip(copy, noise, strict=True)]
     head += tok(prompt, add_special_tokens=False).input_ids
@@ -73,8 +81,12 @@ def warmup_sequence(tok, text: str, prompt: str, rng: np.random.Generator) -> tu
     return head + tail, [-100] * len(head) + tail
 
 
-def lm_warmup(path: Path, texts: list[str], prompt: str, epochs: int, seed: int, log=print) -> float:
-    """Train the whole small LLM on the transcripts (see warmup_sequence), then save it."""
+def lm_warmup(path: Path, texts: list[str], prompt: str, epochs: int, seed: int, log=print,
+              words: list[str] | None = None) -> float:
+    """Train the whole small LLM on the transcripts (see warmup_sequence), then save it.
+
+    AdamW at 1e-3 with a linear warm-up (100 steps at most) and cosine decay, gradient norm
+    clipped at 1: at 3e-3 without warm-up or clipping, the copying skill did not form."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -82,17 +94,17 @@ def lm_warmup(path: Path, texts: list[str], prompt: str, epochs: int, seed: int,
     model.train()
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     bs = 32
     steps = epochs * math.ceil(len(texts) / bs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, warmup=0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, warmup=min(100, steps // 10)))
     loss_v = float("nan")
     with bar() as pbar:
         task = pbar.add_task("LM warm-up", total=steps, info="")
         for _ in range(epochs):
             order = torch.randperm(len(texts), generator=g).tolist()
             for i in range(0, len(order), bs):
-                batch = [warmup_sequence(tok, texts[j], prompt, rng) for j in order[i:i + bs]]
+                batch = [warmup_sequence(tok, texts[j], prompt, rng, words) for j in order[i:i + bs]]
                 n = max(len(x) for x, _ in batch)
                 ids = torch.full((len(batch), n), tok.pad_token_id)
                 lab = torch.full((len(batch), n), -100)
@@ -104,6 +116,7 @@ def lm_warmup(path: Path, texts: list[str], prompt: str, epochs: int, seed: int,
                 loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
                 opt.zero_grad()
                 loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 sched.step()
                 loss_v = loss.item()
@@ -193,7 +206,7 @@ def run(recipe: Recipe, opt: TinyOptions, force: bool = False, log=print) -> Pat
                                pretrain=pretrain_video if n > 0 else None)
         llm_mod.tiny(tmp / "llm", words, hidden=opt.llm_hidden, layers=opt.llm_layers, seed=opt.seed + 2)
         if opt.lm_epochs > 0:
-            lm_warmup(tmp / "llm", texts, opt.prompt, opt.lm_epochs, opt.seed, log=log)
+            lm_warmup(tmp / "llm", texts, opt.prompt, opt.lm_epochs, opt.seed, log=log, words=synth.vocabulary())
         write_provenance(tmp, yaml.safe_dump(opt.__dict__, sort_keys=False))
     log(f"tiny-models: wrote {out}")
     return out

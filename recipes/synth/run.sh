@@ -38,7 +38,7 @@ if step 0; then
 fi
 if step 1; then
   echo "== stage 1: small encoders and LLM from configs [${SECONDS}s]"
-  mavsr tiny-models --encoder-epochs 4 --lm-epochs 12
+  mavsr tiny-models --encoder-epochs 4 --lm-epochs 64
 fi
 if step 2; then
   echo "== stage 2: extract features [${SECONDS}s]"

@@ -363,3 +363,35 @@ def test_beam_search_of_width_one_is_greedy_search(parts):
     ref = [[t for t in row.tolist() if t not in (tok.eos_token_id, tok.pad_token_id)] for row in ref]
     got = m.beam_search(emb, mask, 1, 10)
     assert got == ref and any(len(x) > 3 for x in got)
+
+
+def test_lm_warmup_examples_teach_reading_the_context(tmp_path):
+    import numpy as np
+
+    from mavsr_cli.datasets import synth
+    from mavsr_cli.model import llm as llm_mod
+    from mavsr_cli.stages.tiny_models import warmup_sequence
+
+    words = synth.vocabulary()
+    _, tok = llm_mod.load(str(llm_mod.tiny(tmp_path / "llm", words + ["transcribe", "text", "."], hidden=32, layers=1)))
+    rng = np.random.default_rng(0)
+    text = "anna found the red apple"
+    kinds = {"plain": 0, "transcript": 0, "random": 0}
+    prompt = "transcribe text ."
+    p_ids = tok(prompt, add_special_tokens=False).input_ids
+    for _ in range(300):
+        x, y = warmup_sequence(tok, text, prompt, rng, words)
+        n_head = y.index(next(v for v in y if v != -100))
+        target = y[n_head:-1]
+        assert x[n_head:] == y[n_head:] and y[-1] == tok.eos_token_id  # the loss is on the target only
+        assert x[n_head - len(p_ids):n_head] == p_ids
+        context = x[1:n_head - len(p_ids)]
+        if not context:
+            kinds["plain"] += 1
+            assert target == tok(text, add_special_tokens=False).input_ids
+            continue
+        kinds["transcript" if target == tok(text, add_special_tokens=False).input_ids else "random"] += 1
+        # two stretched copies: every target word appears in the context (noise replaces 10%)
+        hit = sum(t in context for t in target) / len(target)
+        assert hit >= 0.5 and len(context) >= 2 * len(target)
+    assert all(v > 60 for v in kinds.values()), kinds
