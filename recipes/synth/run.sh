@@ -9,6 +9,8 @@
 #   3 train --rates all  exp/<tag>/ (one Matryoshka checkpoint for every rate pair)
 #   4 decode --sweep     exp/<tag>/decode_<rates>_beam<B>/test/ for each trained pair
 #   5 score              wer.json per decode dir, exp/<tag>/RESULTS.md
+#   6 bench              exp/<tag>/bench/: every pair x {clean, 10, 0, -5 dB babble} decoded in one run:
+#                        WER, tokens/s, latency, RTF, memory, Pareto front, plots (REPORT.md)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -58,5 +60,10 @@ if step 5; then
   mavsr score --exp "exp/$tag"
   echo
   cat "exp/$tag/RESULTS.md"
+fi
+if step 6; then
+  echo "== stage 6: elastic-inference report [${SECONDS}s]"
+  mavsr bench --exp "exp/$tag" --snr clean,10,0,-5 --beam "$beam"
+  cat "exp/$tag/bench/REPORT.md"
 fi
 echo "== done in ${SECONDS}s"
