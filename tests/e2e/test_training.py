@@ -36,6 +36,13 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+# Splitting a batch (accumulation, processes) only reorders float sums; Adam divides each gradient
+# by its own running scale, which turns that rounding in near-zero gradients into weight
+# differences of about 1e-6 (measured 1.4e-6). A wrong split moves weights by about one
+# learning rate (2e-3) per step, so 1e-5 keeps two orders of magnitude between the two.
+SAME_WEIGHTS = 1e-5
+
+
 @pytest.fixture(scope="module")
 def ref(recipe):
     """An uninterrupted single-process run with a checkpoint every step."""
@@ -60,7 +67,7 @@ def test_a_killed_run_resumes_and_ends_exactly_like_an_uninterrupted_one(recipe,
 
 def test_gradient_accumulation_gives_the_one_batch_result(recipe, ref):
     mavsr(recipe, "train", "--config", conf(recipe, "accum", save_every=1, accum_steps=2), "--tag", "accum")
-    assert max_diff(final_state(recipe / "exp/accum"), final_state(ref)) < 1e-6
+    assert max_diff(final_state(recipe / "exp/accum"), final_state(ref)) < SAME_WEIGHTS
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
@@ -77,7 +84,7 @@ def test_two_gloo_processes_train_the_same_weights_as_one(recipe, ref, engine):
     assert len(losses(exp)) == len(losses(ref))  # one writer: rank 0
     for a, b in zip(losses(exp), losses(ref), strict=True):
         assert a == pytest.approx(b, abs=1e-4)
-    assert max_diff(final_state(exp), final_state(ref)) < 1e-6
+    assert max_diff(final_state(exp), final_state(ref)) < SAME_WEIGHTS
 
 
 def test_the_final_checkpoint_can_average_the_last_ones_and_decode_uses_it(recipe):
