@@ -186,6 +186,7 @@ def decode(
     snr: Annotated[float | None, typer.Option(help="Add noise to the audio at this SNR in dB (seeded per utterance; encoded once into its own cache).")] = None,
     noise: Annotated[str, typer.Option(help="Noise for --snr: babble (other training speakers), white, or an audio file.")] = "babble",
     shard: Annotated[str | None, typer.Option(help="i/N: decode only this worker's share into a part file; run again without it to merge.")] = None,
+    pool_rates: Annotated[str | None, typer.Option(help="Inference-only pooling (the paper's baseline), e.g. a16v5: pool the features at these rates but use the projectors of --audio-rate/--video-rate (say a model trained at rate 1). Average-pooling models only.")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Decode a split at one rate pair (or --sweep, --budget) into exp/<tag>/decode_<rates>_beam<B>[_snr<X>]/<split>/."""
@@ -194,7 +195,7 @@ def decode(
     from .stages.extract_features import parse_shard
 
     stage.run(_recipe(dir, exp), exp, split, audio_rate, video_rate, batch_size, max_new_tokens, force, _log,
-              beam=beam, snr=snr, noise=noise, shard=parse_shard(shard), sweep=sweep, budget=budget)
+              beam=beam, snr=snr, noise=noise, shard=parse_shard(shard), sweep=sweep, budget=budget, pool=pool_rates)
 
 
 @app.command()

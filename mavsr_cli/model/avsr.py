@@ -70,14 +70,19 @@ class AVSRModel(nn.Module):
                 p.copy_(state[n].to(p.dtype))
 
     # ---- inputs --------------------------------------------------------------------------
-    def _media_tokens(self, feats: dict, rates: Rates) -> list[list[torch.Tensor]]:
-        """Per utterance, the marker-wrapped compressed token blocks: list of (n_i, D) pieces."""
+    def _media_tokens(self, feats: dict, rates: Rates, pool: Rates | None = None) -> list[list[torch.Tensor]]:
+        """Per utterance, the marker-wrapped compressed token blocks: list of (n_i, D) pieces.
+
+        `pool` (inference only): compress at these rates but use the projectors of `rates`, the
+        paper's baseline of pooling a model trained at one rate to another at decode time."""
         pieces: list[list[torch.Tensor]] = None
-        for modality, rate, (m_open, m_close) in (("audio", rates.audio, (0, 1)), ("video", rates.video, (2, 3))):
+        pool = pool or rates
+        for modality, rate, prate, (m_open, m_close) in (("audio", rates.audio, pool.audio, (0, 1)),
+                                                         ("video", rates.video, pool.video, (2, 3))):
             if rate is None:
                 continue
             x, lengths = feats[modality]  # (B, T, Din), (B,)
-            y, ylen = compress(x, lengths, rate, self.compression)  # (B, T', Din*)
+            y, ylen = compress(x, lengths, prate, self.compression)  # (B, T', Din*)
             y = self.projectors[proj.key(modality[0], rate)](y)  # (B, T', D)
             if pieces is None:
                 pieces = [[] for _ in range(y.shape[0])]
@@ -89,12 +94,13 @@ class AVSRModel(nn.Module):
         emb = self.llm.get_input_embeddings()
         return emb(torch.tensor(ids, dtype=torch.long, device=device))
 
-    def build(self, feats: dict, rates: Rates, targets: list[list[int]] | None = None, left_pad: bool = False):
+    def build(self, feats: dict, rates: Rates, targets: list[list[int]] | None = None, left_pad: bool = False,
+              pool: Rates | None = None):
         """-> inputs_embeds (B, L, D), attention_mask (B, L), labels (B, L) or None.
 
         Also activates the configuration's adapters for the LLM pass that follows."""
         self.use_rates(rates)
-        pieces = self._media_tokens(feats, rates)
+        pieces = self._media_tokens(feats, rates, pool)
         device = self.markers.device
         tok = self.tokenizer
         bos = self._embed([tok.bos_token_id], device)
@@ -175,10 +181,11 @@ class AVSRModel(nn.Module):
         return [s / n for s in self.ce_sums(feats, grid, targets, packed=True)]
 
     @torch.no_grad()
-    def generate(self, feats: dict, rates: Rates, max_new_tokens: int, beam: int = 1) -> tuple[list[str], list[int]]:
+    def generate(self, feats: dict, rates: Rates, max_new_tokens: int, beam: int = 1,
+                 pool: Rates | None = None) -> tuple[list[str], list[int]]:
         """Deterministic decoding, never sampling: greedy (`beam` 1, transformers' generate) or
         mavsr's batched beam search. Returns texts and the LLM input length per utterance."""
-        emb, mask, _ = self.build(feats, rates, None, left_pad=True)
+        emb, mask, _ = self.build(feats, rates, None, left_pad=True, pool=pool)
         tok = self.tokenizer
         if beam > 1:
             ids = self.beam_search(emb, mask, beam, max_new_tokens)

@@ -42,11 +42,13 @@ class DecodeOptions:
     snr: float | None = None  # noisy condition: SNR in dB (None = clean)
     noise: str = "babble"  # babble | white | a noise file
     shard: tuple[int, int] | None = None  # (i, N): decode only every N-th batch into a part file
+    pool: Rates | None = None  # inference-only pooling: compress at these rates, keep the decoded pair's projectors
 
 
 def decode_dir(exp: Path, rates: Rates, split: str, opts: DecodeOptions = DecodeOptions()) -> Path:
     cond = "" if opts.snr is None else "_" + ef.condition_name(opts.noise, opts.snr)
-    return exp / f"decode_{rates.tag}_beam{opts.beam}{cond}" / split
+    pool = "" if opts.pool is None else f"_pool{opts.pool.tag}"
+    return exp / f"decode_{rates.tag}{pool}_beam{opts.beam}{cond}" / split
 
 
 def load_experiment(exp: Path):
@@ -83,8 +85,8 @@ def known_scores(exp: Path, split: str) -> dict[str, float]:
 
     out: dict[str, float] = {}
     for w in exp.glob(f"decode_*/{split}/wer.json"):
-        rates, _, condition = parse_decode_name(w.parent.parent.name)
-        if condition:  # noisy conditions do not rank configurations
+        rates, _, condition, pool = parse_decode_name(w.parent.parent.name)
+        if condition or pool:  # noisy conditions and inference-only pooling do not rank configurations
             continue
         out[rates.tag] = min(out.get(rates.tag, 1e9), json.loads(w.read_text())["wer"])
     return out
@@ -164,7 +166,8 @@ class Decoder:
         lines.sort(key=lambda x: order[x["id"]])
         with staged_dir(out) as tmp:
             atomic_write_text(tmp / "hyp.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
-            o = {"checkpoint": self.ckpt.name, "rates": rates.tag, "split": self.split, "beam": opts.beam,
+            o = {"checkpoint": self.ckpt.name, "rates": rates.tag,
+                 "pool": opts.pool.tag if opts.pool else None, "split": self.split, "beam": opts.beam,
                  "batch_size": bs, "max_new_tokens": opts.max_new_tokens or "auto", "snr": opts.snr,
                  "noise": opts.noise if opts.snr is not None else None, "sampling": False}
             write_provenance(tmp, self.cfg.dump() + "decode_options:\n" + "".join(f"  {k}: {v}\n" for k, v in o.items()))
@@ -192,7 +195,7 @@ class Decoder:
                 mine = []
                 mnt = opts.max_new_tokens or auto_max_new_tokens([self.utts[i].duration for i in bid])
                 t0 = time.perf_counter()
-                hyps, n_in = self._generate(store, bid, rates, mnt, opts.beam)
+                hyps, n_in = self._generate(store, bid, rates, mnt, opts.beam, opts.pool)
                 dt = (time.perf_counter() - t0) / len(bid)
                 for i, h, n in zip(bid, hyps, n_in, strict=True):
                     u = self.utts[i]
@@ -206,12 +209,14 @@ class Decoder:
         return out
 
 
-    def _generate(self, store: FeatureStore, bid: list[str], rates: Rates, mnt: int, beam: int):
+    def _generate(self, store: FeatureStore, bid: list[str], rates: Rates, mnt: int, beam: int,
+                  pool: Rates | None = None):
         """One batch; a batch that runs out of accelerator memory is decoded again in halves
         (down to single utterances, which then fail in one line)."""
         try:
             faults.maybe_oom(len(bid))
-            return self.model.generate(batch_features(store, bid, self.cfg.model.modality), rates, mnt, beam=beam)
+            return self.model.generate(batch_features(store, bid, self.cfg.model.modality), rates, mnt, beam=beam,
+                                       pool=pool)
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -220,8 +225,8 @@ class Decoder:
                                  "lower --beam or decode on a larger device") from None
             half = len(bid) // 2
             self.log(f"decode: out of memory on a batch of {len(bid)}; retrying as {half} + {len(bid) - half}")
-            a, na = self._generate(store, bid[:half], rates, mnt, beam)
-            b, nb = self._generate(store, bid[half:], rates, mnt, beam)
+            a, na = self._generate(store, bid[:half], rates, mnt, beam, pool)
+            b, nb = self._generate(store, bid[half:], rates, mnt, beam, pool)
             return a + b, na + nb
 
 
@@ -257,12 +262,26 @@ def _existing_parts(parts_dir: Path) -> int:
 def run(recipe: Recipe, exp: Path, split: str, audio_rate: int | None, video_rate: int | None,
         batch_size: int | None = None, max_new_tokens: int | None = None, force: bool = False, log=print,
         beam: int = 15, snr: float | None = None, noise: str = "babble", shard: tuple[int, int] | None = None,
-        sweep: bool = False, budget: float | None = None) -> list[Path]:
-    """Decode at one rate pair, at every trained pair (`sweep`), or at the best pair within `budget`."""
+        sweep: bool = False, budget: float | None = None, pool: str | None = None) -> list[Path]:
+    """Decode at one rate pair, at every trained pair (`sweep`), or at the best pair within `budget`.
+
+    `pool` (a rate tag, e.g. a16v5): inference-only pooling, the paper's baseline: features are
+    compressed at these rates but go through the projectors (and adapters) of the decoded pair,
+    typically a model trained at rate 1 decoded at rates it never saw."""
     if beam < 1:
         raise MavsrError("--beam must be at least 1")
     dec = Decoder(recipe, exp, split, log)
-    opts = DecodeOptions(beam, batch_size, max_new_tokens, snr, noise, shard)
+    pool_rates = None
+    if pool is not None:
+        pool_rates = Rates.parse(pool)
+        if sweep or budget is not None:
+            raise MavsrError("--pool-rates goes with one pair (--audio-rate/--video-rate), not --sweep or --budget")
+        if dec.cfg.model.compression != "avg":
+            raise MavsrError(f"--pool-rates needs average pooling; this model compresses by {dec.cfg.model.compression!r}, "
+                             "which changes the projector's input width")
+        if (pool_rates.audio is None) != (audio_rate is None) or (pool_rates.video is None) != (video_rate is None):
+            raise MavsrError(f"--pool-rates {pool} must name the same modalities as the decoded pair")
+    opts = DecodeOptions(beam, batch_size, max_new_tokens, snr, noise, shard, pool_rates)
     if sweep:
         if audio_rate is not None or video_rate is not None or budget is not None:
             raise MavsrError("--sweep decodes every trained configuration; drop --audio-rate/--video-rate/--budget")

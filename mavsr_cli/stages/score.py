@@ -56,18 +56,21 @@ def score_dir(d: Path, force: bool = False, normaliser: str = "default") -> dict
     return res
 
 
-def parse_decode_name(name: str) -> tuple[Rates, int | None, str]:
-    """decode_a16v5_beam15_snr0 -> (Rates(16, 5), 15, 'snr0'); '' condition = clean."""
+def parse_decode_name(name: str) -> tuple[Rates, int | None, str, Rates | None]:
+    """decode_a16v5_beam15_snr0 -> (Rates(16, 5), 15, 'snr0', None); '' condition = clean;
+    decode_a1v1_poola16v5_beam15 -> (Rates(1, 1), 15, '', Rates(16, 5)) (inference-only pooling)."""
     parts = name.split("_")
     rates = Rates.parse(parts[1])
-    beam = None
+    beam = pool = None
     rest = parts[2:]
+    if rest and rest[0].startswith("pool"):
+        pool, rest = Rates.parse(rest[0][4:]), rest[1:]
     if rest and rest[0].startswith("beam"):
         beam = int(rest[0][4:])
         rest = rest[1:]
     elif rest and rest[0] == "greedy":  # decode dirs of mavsr 0.1.0
         beam, rest = 1, rest[1:]
-    return rates, beam, "_".join(rest)
+    return rates, beam, "_".join(rest), pool
 
 
 def _git_commit() -> str:
@@ -95,25 +98,28 @@ def run(recipe: Recipe, exp: Path, force: bool = False, log=print, normaliser: s
     rows = []
     for d in dirs:
         res = score_dir(d, force, normaliser)
-        rates, beam, cond = parse_decode_name(d.parent.name)
+        rates, beam, cond, pool = parse_decode_name(d.parent.name)
         rows.append({"decode": d.parent.name, "split": d.name, "rates": rates, "beam": beam,
-                     "condition": cond or "clean", **res})
+                     "condition": cond or "clean", "pool": pool, **res})
 
     def snr_key(c: str) -> float:
         return float("inf") if c == "clean" else float(c.rsplit("snr", 1)[1])
 
     rows.sort(key=lambda r: (r["split"], r["condition"] != "clean", r["condition"].rsplit("snr", 1)[0],
                              -snr_key(r["condition"]),
-                             r["rates"].audio or 0, r["rates"].video or 0, r["beam"] or 0))
+                             r["rates"].audio or 0, r["rates"].video or 0, r["pool"] is not None,
+                             r["pool"].tag if r["pool"] else "", r["beam"] or 0))
     lines = [
         f"# Results: {exp.name}", "",
-        f"Normaliser: {normaliser}. Tokens: LLM input tokens per second of speech (media + prompt).", "",
+        f"Normaliser: {normaliser}. Tokens: LLM input tokens per second of speech (media + prompt). "
+        "'(1,1) pooled at (16,5)': a pair's projectors fed features pooled at other rates at decode time only.", "",
         "| split | (A,V) | noise | beam | WER % | CER % | sub | del | ins | words | tokens/s | decode s/utt | decode dir |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         tps = r["llm_tokens_in_per_utt"] * r["utterances"] / max(r["speech_seconds"], 1e-9)
-        lines.append(f"| {r['split']} | {r['rates'].pair} | {r['condition']} | {r['beam']} | {r['wer']:.2f} | "
+        pair = r["rates"].pair + (f" pooled at {r['pool'].pair}" if r["pool"] else "")
+        lines.append(f"| {r['split']} | {pair} | {r['condition']} | {r['beam']} | {r['wer']:.2f} | "
                      f"{r['cer']:.2f} | {r['sub']} | {r['del']} | {r['ins']} | {r['ref_words']} | {tps:.1f} | "
                      f"{r['decode_time_per_utt']:.4f} | {r['decode']} |")
     lines += ["", "Environment: "

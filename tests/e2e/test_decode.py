@@ -214,3 +214,26 @@ def test_bench_measures_every_pair_and_condition_in_one_run(recipe, tmp_path):
         assert (out / "wer_vs_snr.png").read_bytes()[:4] == b"\x89PNG"
     r = mavsr(recipe, "bench", "--exp", "exp/t", "--snr", "clean,loud", ok=False)
     assert r.returncode == 2 and "'loud' is neither 'clean' nor a number" in r.stderr
+
+
+def test_inference_only_pooling_feeds_one_pairs_projectors_other_rates(recipe):
+    d = recipe
+    mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "4", "--video-rate", "2", "--pool-rates", "a16v5")
+    pooled = [json.loads(x) for x in (d / "exp/t/decode_a4v2_poola16v5_beam15/test/hyp.jsonl").read_text().splitlines()]
+    native = [json.loads(x) for x in (d / "exp/t/decode_a16v5_beam15/test/hyp.jsonl").read_text().splitlines()]
+    own = [json.loads(x) for x in (d / "exp/t/decode_a4v2_beam15/test/hyp.jsonl").read_text().splitlines()]
+    # the LLM sees as many tokens as at (16,5), fewer than at (4,2)
+    assert [x["tokens_in"] for x in pooled] == [x["tokens_in"] for x in native]
+    assert all(p["tokens_in"] < o["tokens_in"] for p, o in zip(pooled, own, strict=True))
+    assert "pool: a16v5" in (d / "exp/t/decode_a4v2_poola16v5_beam15/test/config.yaml").read_text()
+    mavsr(d, "score", "--exp", "exp/t")
+    assert "| test | (4,2) pooled at (16,5) | clean | 15 |" in (d / "exp/t/RESULTS.md").read_text()
+    from mavsr_cli.stages.decode import known_scores
+
+    own_wers = [json.loads(w.read_text())["wer"] for w in (d / "exp/t").glob("decode_a4v2_beam*/test/wer.json")
+                if "_snr" not in w.parent.parent.name]
+    assert known_scores(d / "exp/t", "test")["a4v2"] == min(own_wers)  # the pooled dir never ranks (4,2)
+    for bad, phrase in ((["--sweep", "--pool-rates", "a16v5"], "not --sweep"),
+                        (["--audio-rate", "4", "--video-rate", "2", "--pool-rates", "a16"], "same modalities")):
+        r = mavsr(d, "decode", "--exp", "exp/t", *bad, ok=False)
+        assert r.returncode == 2 and phrase in r.stderr, r.stderr
