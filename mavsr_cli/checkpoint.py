@@ -76,18 +76,27 @@ def latest(exp_dir: Path) -> Path:
     return ckpts[-1]
 
 
+_verified: dict[Path, tuple[int, int]] = {}  # file -> (size, mtime) last verified by this process
+
+
 def verify(ckpt: Path, name: str = "model.safetensors") -> None:
     """Check one file of a checkpoint against checksums.json (checkpoints written before checksums
-    existed have none and are only checked for readability)."""
+    existed have none and are only checked for readability). A file is hashed once per process
+    unless it changes (reading the meta and then the weights does not hash it twice)."""
     sums_file = ckpt / "checksums.json"
-    if not (ckpt / name).is_file():
+    f = ckpt / name
+    if not f.is_file():
         raise MavsrError(f"checkpoint {ckpt} has no {name}")
+    st = f.stat()
+    if _verified.get(f) == (st.st_size, st.st_mtime_ns):
+        return
     if sums_file.is_file():
         try:
             sums = json.loads(sums_file.read_text())
         except (ValueError, OSError) as e:
             raise MavsrError(f"checkpoint {ckpt}: unreadable checksums.json ({e})") from None
-        verify_checksum(ckpt / name, sums.get(name), "checkpoint file")
+        verify_checksum(f, sums.get(name), "checkpoint file")
+        _verified[f] = (st.st_size, st.st_mtime_ns)
 
 
 def read_meta(ckpt: Path) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import platform
 import threading
 import time
@@ -149,7 +150,7 @@ def _snr_label(snr) -> str:
 
 
 def report(rows: list[dict], opt: BenchOptions) -> tuple[str, dict]:
-    env = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {_cpu_count()} cores",
+    env = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "torch": torch.__version__, "split": opt.split, "beam": opt.beam, "noise": opt.noise}
     lines = ["# Elastic inference report", "",
@@ -180,12 +181,6 @@ def report(rows: list[dict], opt: BenchOptions) -> tuple[str, dict]:
             lines.append(f"| {k[0]} | {k[1]}{mark} | {k[2]} | "
                          + " | ".join(f"{by[s]['wer']:.2f}" if s in by else "-" for s in snrs) + " |")
     return "\n".join(lines) + "\n", env
-
-
-def _cpu_count() -> int:
-    import os
-
-    return os.cpu_count() or 1
 
 
 def plots(rows: list[dict], out: Path) -> list[str]:
