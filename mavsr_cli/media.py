@@ -6,7 +6,6 @@ one `MediaError` with the file name, so callers can count and skip bad utterance
 
 from __future__ import annotations
 
-import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import av
 import numpy as np
 
 from .errors import MavsrError
+from .recipe import atomic_file
 
 SAMPLE_RATE = 16000
 FPS = 25
@@ -112,21 +112,14 @@ def read_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     return np.concatenate(chunks).astype(np.float32)
 
 
-def _tmp_for(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-
-
 def write_av(path: Path, frames: np.ndarray, audio: np.ndarray | None, fps: int = FPS,
              sample_rate: int = SAMPLE_RATE, crf: int = 18) -> None:
     """Write grayscale frames (T, H, W) uint8 as H.264 and optional mono float audio as AAC.
 
     Written to a temporary name and renamed, so a crash never leaves a half file behind.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_for(path)
     t, h, w = frames.shape
-    try:
+    with atomic_file(path, keep_suffix=True) as tmp:
         with av.open(str(tmp), "w", format="mp4") as c:
             vs = c.add_stream("libx264", rate=fps)
             vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
@@ -154,27 +147,15 @@ def write_av(path: Path, frames: np.ndarray, audio: np.ndarray | None, fps: int 
                         c.mux(pkt)
                 for pkt in ast.encode(None):
                     c.mux(pkt)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
     """16-bit PCM WAV, written atomically."""
     import wave
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_for(path)
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
-    try:
-        with wave.open(str(tmp), "wb") as f:
-            f.setnchannels(1)
-            f.setsampwidth(2)
-            f.setframerate(sample_rate)
-            f.writeframes(pcm.tobytes())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_file(path, keep_suffix=True) as tmp, wave.open(str(tmp), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(sample_rate)
+        f.writeframes(pcm.tobytes())

@@ -33,20 +33,29 @@ def mark_done(d: Path) -> None:
     atomic_write_text(d / DONE, "")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new one, never a part."""
+@contextlib.contextmanager
+def atomic_file(path: Path, keep_suffix: bool = False):
+    """Yield a temporary sibling of `path` to write; it replaces `path` when the block succeeds and
+    is removed when it fails (disk full, interrupted), so readers never see a part. `keep_suffix`
+    keeps the extension last (`.x.tmp-<pid>.mp4`) for writers that go by it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    name = f".{path.stem}.tmp-{os.getpid()}{path.suffix}" if keep_suffix else f".{path.name}.tmp-{os.getpid()}"
+    tmp = path.with_name(name)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new one, never a part."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def check_writable(d: Path) -> None:

@@ -35,6 +35,7 @@ from ..model.video_encoder import load_video_encoder
 from ..progress import bar
 from ..recipe import (
     Recipe,
+    atomic_file,
     atomic_write_json,
     atomic_write_text,
     clean_stale,
@@ -273,15 +274,10 @@ def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log
                         if crop is not None:
                             tensors[f"{u.id}/video#{k}"] = video_enc(normalise(crop, vcfg.mean, vcfg.std)).half().contiguous()
                     pbar.advance(task)
-                tmp = out / f".{name}.tmp-{os.getpid()}"
-                try:
+                with atomic_file(out / name) as tmp:  # disk full, interrupted: no half shard left behind
                     save_file(tensors, str(tmp), metadata={"ids": json.dumps([u.id for u in chunk]),
                                                            "augment": json.dumps(aug_settings),
                                                            "snrs": json.dumps(snrs)})
-                    os.replace(tmp, out / name)
-                except BaseException:  # disk full, interrupted: no half shard is left behind
-                    tmp.unlink(missing_ok=True)
-                    raise
         if shard is not None:
             log(f"extract-features {split}: shard {shard[0]}/{shard[1]} done ({len(todo)} shard files written); "
                 "run without --shard to merge")
