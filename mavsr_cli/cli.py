@@ -111,8 +111,8 @@ def tiny_models(
     llm_hidden: Annotated[int, typer.Option(help="Llama hidden size.")] = 192,
     llm_layers: Annotated[int, typer.Option(help="Llama layers.")] = 2,
     lm_epochs: Annotated[int, typer.Option(help="Language-model warm-up epochs on the train transcripts (0 = none).")] = 8,
-    encoder_epochs: Annotated[int, typer.Option(help="CTC pretraining epochs of each encoder (0 = keep random).")] = 6,
-    ctc_units: Annotated[str, typer.Option(help="Encoder CTC targets: char, or word (the LLM's word tokens).")] = "char",
+    encoder_epochs: Annotated[int, typer.Option(help="Pretraining epochs of each encoder (0 = keep random).")] = 6,
+    ctc_units: Annotated[str, typer.Option(help="Encoder pretraining targets: char or word (CTC over the transcript), or align (the word under each frame, from the Text: files' word timings).")] = "char",
     seed: Annotated[int, typer.Option(help="Random seed for the initial weights.")] = 0,
     force: ForceOpt = False,
 ) -> None:
@@ -132,6 +132,7 @@ def extract_features(
     split: Annotated[list[str], typer.Option("--split", "-s", help="Split(s) to extract; repeat the option for several.")] = ["train", "test"],
     shard: Annotated[str | None, typer.Option(help="i/N: compute only this worker's share of the shard files (N workers, one dump dir); run again without it to merge.")] = None,
     shard_size: Annotated[int, typer.Option(help="Utterances per shard file.")] = 256,
+    modality: Annotated[str | None, typer.Option(help="Overriding the config: av, a (audio encoder only) or v (video encoder only), as `train --modality` will read it.")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Run the frozen encoders once and cache native-rate features in dump/<encoders>/<split>/."""
@@ -139,7 +140,10 @@ def extract_features(
     from . import config as C
     from .stages import extract_features as stage
 
-    stage.run(_recipe(dir, "dump"), C.load(config), split, force, _log, stage.parse_shard(shard), shard_size)
+    cfg = C.load(config)
+    if modality is not None:
+        cfg = C.with_modality(cfg, modality)
+    stage.run(_recipe(dir, "dump"), cfg, split, force, _log, stage.parse_shard(shard), shard_size)
 
 
 @app.command()
@@ -149,6 +153,7 @@ def train(
     rates: Annotated[str, typer.Option(help="'all' = every configuration of the config's grid, or tags like a4v2,a16v5.")] = "all",
     lora: Annotated[str | None, typer.Option(help="LoRA strategy, overriding the config: ms (shared), ss (one per configuration), mss (both).")] = None,
     modality: Annotated[str | None, typer.Option(help="Overriding the config: av (AVSR), a (audio only, ASR), v (video only, VSR); needs a cache extracted for it.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs, overriding train.epochs of the config.")] = None,
     tag: Annotated[str | None, typer.Option(help="Experiment name under exp/ (default: <config>_<lora>_<rates>).")] = None,
     force: ForceOpt = False,
 ) -> None:
@@ -166,6 +171,8 @@ def train(
         cfg = C.with_lora_strategy(cfg, lora)
     if modality is not None:
         cfg = C.with_modality(cfg, modality)
+    if epochs is not None:
+        cfg = C.with_epochs(cfg, epochs)
     tag = tag or stage.default_tag(str(config) if config else None, cfg.model.lora.strategy, rates,
                                    None if modality is None else cfg.model.modality)
     stage.run(_recipe(dir, "exp"), cfg, rates, tag, force, _log)
@@ -244,6 +251,37 @@ def bench(
     if beam < 1:
         raise MavsrError("--beam must be at least 1")
     stage.run(_recipe(dir, *exp), exp, opt, out, _log)
+
+
+@app.command()
+def claims(
+    bench: Annotated[Path, typer.Option(help="bench.json (or its dir) of `mavsr bench` over the Matryoshka, audio-only and video-only experiments.")],
+    matryoshka: Annotated[list[Path], typer.Option(help="Matryoshka experiment(s): the first is the one in the bench; repeat for other LoRA strategies (checked from their decode dirs).")],
+    baseline: Annotated[list[Path] | None, typer.Option(help="Per-rate baseline experiment (one trained configuration each); repeat for each.")] = None,
+    rate1: Annotated[Path | None, typer.Option(help="Experiment trained at rate 1, decoded with --pool-rates at the Matryoshka grid's pairs.")] = None,
+    audio_only: Annotated[Path | None, typer.Option(help="Audio-only experiment (in the bench).")] = None,
+    video_only: Annotated[Path | None, typer.Option(help="Video-only experiment (in the bench).")] = None,
+    dir: DirOpt = Path("."),
+    split: Annotated[str, typer.Option(help="Split the decode dirs were made for.")] = "test",
+    margin: Annotated[float, typer.Option(help="Claim 1: Matryoshka WER at most this many points above the baseline.")] = 1.5,
+    target_best: Annotated[float, typer.Option(help="Target: clean WER below this at the least compressed pair.")] = 10.0,
+    target_worst: Annotated[float, typer.Option(help="Target: clean WER below this at the most compressed pair.")] = 20.0,
+    gentle: Annotated[float, typer.Option(help="Claim 2: WER rise from the least to the most compressed pair at most this.")] = 10.0,
+    collapse: Annotated[float, typer.Option(help="Claim 2: the pooled rate-1 model at least this many points worse at the most compressed pair.")] = 10.0,
+    video_max: Annotated[float, typer.Option(help="Claim 3: video-only WER below this.")] = 80.0,
+    linear_tol: Annotated[float, typer.Option(help="Claim 4: media tokens within this fraction of the rate-proportional count.")] = 0.1,
+    out: Annotated[Path | None, typer.Option(help="Where CLAIMS.md and claims.json go (default: beside bench.json).")] = None,
+    strict: Annotated[bool, typer.Option(help="Exit 1 when a claim or target fails.")] = False,
+) -> None:
+    """Check the paper's four claims (and the accuracy targets) on a finished study: a verdict per claim with the numbers behind it (CLAIMS.md, claims.json). Decodes nothing."""
+    from .stages import claims as stage
+
+    bounds = stage.Bounds(margin=margin, target_best=target_best, target_worst=target_worst, gentle=gentle,
+                          collapse=collapse, video_max=video_max, linear_tol=linear_tol)
+    res = stage.run(_recipe(dir), bench, matryoshka, baseline or [], rate1, audio_only, video_only, bounds, out,
+                    split, _log)
+    if strict and not all(c.holds for c in res):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -192,6 +192,13 @@ def with_modality(cfg: Config, modality: str) -> Config:
     return out
 
 
+def with_epochs(cfg: Config, epochs: int) -> Config:
+    """The same config trained for another number of epochs (`mavsr train --epochs`)."""
+    if epochs < 1:
+        raise MavsrError(f"--epochs must be at least 1, got {epochs}")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
+
+
 def snr_value(x, what: str) -> float | None:
     """One SNR condition: a number of dB, or None for 'clean'."""
     if str(x).strip().lower() == "clean":

@@ -27,8 +27,9 @@ import yaml
 
 from ..config import VideoEncoderConfig
 from ..datasets import synth
+from ..datasets.lrs_text import parse_text
 from ..errors import MavsrError
-from ..media import read_audio, read_video_gray
+from ..media import FPS, read_audio, read_video_gray
 from ..model import llm as llm_mod
 from ..model.audio_encoder import WhisperAudioEncoder
 from ..model.video_encoder import SmallVideoEncoder
@@ -50,7 +51,7 @@ class TinyOptions:
     encoder_epochs: int = 6  # character-CTC pretraining epochs of each encoder (0 = keep random)
     prompt: str = "Transcribe speech and video to text."  # the prompt the warm-up puts before the text
     seed: int = 0
-    ctc_units: str = "char"  # encoder CTC targets: "char" or "word" (the LLM's word tokens)
+    ctc_units: str = "char"  # encoder targets: "char" or "word" (CTC), or "align" (the word under each frame)
 
 
 def warmup_sequence(tok, text: str, prompt: str, rng: np.random.Generator,
@@ -131,6 +132,8 @@ CHARS = " abcdefghijklmnopqrstuvwxyz'"  # CTC targets; index 0 is the blank
 
 def ctc_targets(texts: list[str], units: str, words: list[str]) -> tuple[list[torch.Tensor], int]:
     """CTC target sequences (index 0 is the blank) and the number of classes, blank included."""
+    if units == "align":
+        raise MavsrError("align targets are framewise: use frame_targets")
     if units == "char":
         return [torch.tensor([CHARS.index(c) + 1 for c in t if c in CHARS]) for t in texts], len(CHARS) + 1
     if units == "word":
@@ -139,10 +142,24 @@ def ctc_targets(texts: list[str], units: str, words: list[str]) -> tuple[list[to
     raise MavsrError(f"unknown CTC unit {units!r}: use word or char")
 
 
+def frame_targets(timings: list[tuple[str, float, float]], hz: float, words: list[str]) -> torch.Tensor:
+    """The word under each frame at `hz` (index 0: no word), from a `Text:` file's word table,
+    as long as the last word's end. The encoder's output is cut or padded with 0 to match."""
+    index = {w: i + 1 for i, w in enumerate(words)}
+    n = max((int(round(e * hz)) for _, _, e in timings), default=0)
+    y = torch.zeros(n, dtype=torch.long)
+    for w, s, e in timings:
+        y[int(round(s * hz)):int(round(e * hz))] = index.get(w.lower(), 0)
+    return y
+
+
 def ctc_pretrain(name: str, encoder: torch.nn.Module, encode, inputs: list, targets: list[torch.Tensor],
                  classes: int, dim: int, epochs: int, seed: int, log=print, batch_size: int = 8,
-                 lr: float = 2e-3) -> float:
-    """Train `encoder` with a linear CTC head over `classes` units; `encode(x)` maps one input to (T, dim)."""
+                 lr: float = 2e-3, framewise: bool = False) -> float:
+    """Train `encoder` with a linear head over `classes` units; `encode(x)` maps one input to (T, dim).
+
+    The loss is CTC over target sequences, or, with `framewise`, cross-entropy against one target
+    per output frame (index 0 there is "no word", not a blank)."""
     g = torch.Generator().manual_seed(seed)
     head = torch.nn.Linear(dim, classes)
     params = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
@@ -163,7 +180,14 @@ def ctc_pretrain(name: str, encoder: torch.nn.Module, encode, inputs: list, targ
                 x = torch.nn.utils.rnn.pad_sequence(outs)  # (T, B, dim)
                 logp = head(x).log_softmax(-1)
                 tg = [targets[i] for i in idx]
-                loss = ctc(logp, torch.cat(tg), lens, torch.tensor([len(t) for t in tg]))
+                if framewise:
+                    y = torch.full(logp.shape[:2], -100, dtype=torch.long)  # (T, B)
+                    for k, (t, n) in enumerate(zip(tg, lens.tolist(), strict=True)):
+                        y[:n, k] = 0
+                        y[:min(n, len(t)), k] = t[:n]
+                    loss = torch.nn.functional.nll_loss(logp.flatten(0, 1), y.flatten())
+                else:
+                    loss = ctc(logp, torch.cat(tg), lens, torch.tensor([len(t) for t in tg]))
                 opt.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 5.0)
@@ -172,8 +196,19 @@ def ctc_pretrain(name: str, encoder: torch.nn.Module, encode, inputs: list, targ
                 loss_v = loss.item()
                 pbar.update(task, advance=1, info=f"loss {loss_v:.3f}")
     encoder.eval().requires_grad_(False)
-    log(f"tiny-models: {name} encoder CTC pretraining done, final loss {loss_v:.3f}")
+    log(f"tiny-models: {name} encoder {'framewise' if framewise else 'CTC'} pretraining done, final loss {loss_v:.3f}")
     return loss_v
+
+
+def word_timings(recipe: Recipe, utt) -> list[tuple[str, float, float]]:
+    """The word table of an utterance's `Text:` file (beside its video, as the corpus writes it)."""
+    path = recipe.resolve_media(utt.video).with_suffix(".txt")
+    if not path.is_file():
+        raise MavsrError(f"--ctc-units align needs word timings: {path} is missing")
+    _, words = parse_text(path)
+    if not words:
+        raise MavsrError(f"--ctc-units align needs word timings: {path} has no word table")
+    return words
 
 
 def run(recipe: Recipe, opt: TinyOptions, force: bool = False, log=print) -> Path:
@@ -187,18 +222,26 @@ def run(recipe: Recipe, opt: TinyOptions, force: bool = False, log=print) -> Pat
     words = synth.vocabulary() + sorted({w for t in texts for w in t.split()}) + prompts.split()
     with staged_dir(out) as tmp:
         n = opt.encoder_epochs
-        targets, classes = ctc_targets(texts, opt.ctc_units, sorted(set(words)))
+        vocab = sorted(set(words))
+        framewise = opt.ctc_units == "align"
+        if framewise:
+            timings = [word_timings(recipe, u) for u in utts]
+            classes = len(vocab) + 1
+            targets = {hz: [frame_targets(t, hz, vocab) for t in timings] for hz in (50, FPS)}
+        else:
+            tg, classes = ctc_targets(texts, opt.ctc_units, vocab)
+            targets = {50: tg, FPS: tg}
 
         def pretrain_audio(enc):
             mels = [enc.mel(read_audio(recipe.resolve_media(u.audio))) for u in progress(utts, "log-mel")]
-            ctc_pretrain("audio", enc.encoder, enc.encode_mel, mels, targets, classes, opt.audio_dim, n, opt.seed,
-                         log)
+            ctc_pretrain("audio", enc.encoder, enc.encode_mel, mels, targets[50], classes, opt.audio_dim, n, opt.seed,
+                         log, framewise=framewise)
 
         def pretrain_video(enc):
             vc = VideoEncoderConfig()
             crops = [video_crop(read_video_gray(recipe.resolve_media(u.video)), vc.crop) for u in progress(utts, "mouth crops")]
-            ctc_pretrain("video", enc, lambda c: enc(normalise(c, vc.mean, vc.std)), crops, targets, classes,
-                         opt.video_dim, n, opt.seed, log)
+            ctc_pretrain("video", enc, lambda c: enc(normalise(c, vc.mean, vc.std)), crops, targets[FPS], classes,
+                         opt.video_dim, n, opt.seed, log, framewise=framewise)
 
         WhisperAudioEncoder.tiny(tmp / "whisper", d_model=opt.audio_dim, layers=opt.audio_layers, seed=opt.seed,
                                  pretrain=pretrain_audio if n > 0 else None)

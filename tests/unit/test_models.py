@@ -395,3 +395,19 @@ def test_lm_warmup_examples_teach_reading_the_context(tmp_path):
         hit = sum(t in context for t in target) / len(target)
         assert hit >= 0.5 and len(context) >= 2 * len(target)
     assert all(v > 60 for v in kinds.values()), kinds
+
+
+def test_align_targets_give_the_word_under_each_frame(tmp_path):
+    from mavsr_cli.errors import MavsrError
+    from mavsr_cli.stages.tiny_models import ctc_targets, frame_targets
+
+    words = ["apple", "red", "the"]
+    timings = [("THE", 0.10, 0.20), ("RED", 0.20, 0.50), ("APPLE", 0.60, 1.00)]
+    y50 = frame_targets(timings, 50, words)
+    assert len(y50) == 50  # up to the last word's end
+    assert y50[:5].tolist() == [0] * 5 and y50[5:10].tolist() == [3] * 5  # 'the' over 0.10-0.20 s
+    assert y50[10:25].tolist() == [2] * 15 and y50[25:30].tolist() == [0] * 5 and y50[30:].tolist() == [1] * 20
+    y25 = frame_targets(timings, 25, words)
+    assert len(y25) == 25 and y25[15:].tolist() == [1] * 10  # the video rate halves every span
+    with pytest.raises(MavsrError, match="framewise"):
+        ctc_targets(["the red apple"], "align", words)

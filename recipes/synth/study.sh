@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The synthetic study (issue 7): every model the paper's claims compare, on one corpus, then the
+# elastic-inference report and a verdict per claim.
+#   bash study.sh [--small] [--stage N] [--stop-stage M]
+# --small is the reduced study CI runs (a few hundred utterances, short training, looser bounds).
+# Sizes can be set by environment: NUM_UTTS TEST_UTTS SPEAKERS HELDOUT ENC_EPOCHS LM_EPOCHS EPOCHS.
+# Stages (each skips work already done; rerun to resume):
+#   0 prepare synth      NUM_UTTS train / TEST_UTTS test utterances, SPEAKERS speakers of which HELDOUT
+#                        speak only in test
+#   1 tiny-models        encoders pretrained on the word under each frame (--ctc-units align), LLM warm-up
+#   2 extract-features   the audio-visual, audio-only and video-only caches
+#   3 train              exp/ms, exp/ss, exp/mss   Matryoshka, one per LoRA strategy, all four pairs
+#                        exp/base_a4v2 ...         one model per pair (the per-rate baselines)
+#                        exp/audio, exp/video      audio-only (a4, a16) and video-only (v2, v5) Matryoshka
+#                        exp/rate1                 trained at (1,1) (conf/synth_rate1.yaml)
+#   4 decode             ss, mss and the baselines at their pairs; rate1 pooled at each pair at inference
+#   5 score              wer.json and RESULTS.md per experiment
+#   6 bench              ms, audio and video under clean and babble at 10, 5, 0, -5 dB -> exp/bench/
+#   7 claims             exp/bench/CLAIMS.md: the accuracy targets and the paper's four claims, verdicts
+set -euo pipefail
+cd "$(dirname "$0")"
+
+stage=0
+stop_stage=100
+small=false
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --small) small=true; shift ;;
+    --stage) stage=$2; shift 2 ;;
+    --stop-stage) stop_stage=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+if $small; then
+  : "${NUM_UTTS:=240}" "${TEST_UTTS:=40}" "${SPEAKERS:=4}" "${HELDOUT:=1}" "${ENC_EPOCHS:=3}" "${LM_EPOCHS:=16}" "${EPOCHS:=6}"
+  tiny_sizes=(--audio-dim 64 --video-dim 64 --llm-hidden 128)
+  # looser bounds: a model of a few hundred utterances is far from the targets
+  bounds=(--margin "${MARGIN:-10}" --target-best 101 --target-worst 101 --gentle 25 --collapse 3 --video-max 100)
+else
+  : "${NUM_UTTS:=4000}" "${TEST_UTTS:=400}" "${SPEAKERS:=8}" "${HELDOUT:=2}" "${ENC_EPOCHS:=4}" "${LM_EPOCHS:=16}" "${EPOCHS:=10}"
+  tiny_sizes=()
+  bounds=()
+fi
+beam=${BEAM:-15}
+conf=conf/synth.yaml
+pairs="a4v2 a4v5 a16v2 a16v5"
+step() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
+SECONDS=0
+t() { echo "[${SECONDS}s]"; }
+
+if step 0; then
+  echo "== stage 0: prepare ($NUM_UTTS train, $TEST_UTTS test, $SPEAKERS speakers, $HELDOUT held out) $(t)"
+  mavsr prepare synth --num-utts "$NUM_UTTS" --test-utts "$TEST_UTTS" --speakers "$SPEAKERS" --heldout-speakers "$HELDOUT"
+fi
+if step 1; then
+  echo "== stage 1: tiny-models $(t)"
+  mavsr tiny-models --ctc-units align --encoder-epochs "$ENC_EPOCHS" --lm-epochs "$LM_EPOCHS" ${tiny_sizes[@]+"${tiny_sizes[@]}"}
+fi
+if step 2; then
+  echo "== stage 2: extract features (av, a, v) $(t)"
+  for m in av a v; do mavsr extract-features --config "$conf" --modality "$m"; done
+fi
+if step 3; then
+  echo "== stage 3: train $(t)"
+  for s in ms ss mss; do
+    echo "-- $s $(t)"; mavsr train --config "$conf" --rates all --lora "$s" --epochs "$EPOCHS" --tag "$s"
+  done
+  for p in $pairs; do
+    echo "-- base_$p $(t)"; mavsr train --config "$conf" --rates "$p" --epochs "$EPOCHS" --tag "base_$p"
+  done
+  echo "-- audio $(t)"; mavsr train --config "$conf" --modality a --epochs "$EPOCHS" --tag audio
+  echo "-- video $(t)"; mavsr train --config "$conf" --modality v --epochs "$EPOCHS" --tag video
+  echo "-- rate1 $(t)"; mavsr train --config conf/synth_rate1.yaml --epochs "$EPOCHS" --tag rate1
+fi
+if step 4; then
+  echo "== stage 4: decode $(t)"
+  for e in ss mss $(for p in $pairs; do echo "base_$p"; done); do
+    mavsr decode --exp "exp/$e" --sweep --beam "$beam"
+  done
+  for p in $pairs; do
+    mavsr decode --exp exp/rate1 --audio-rate 1 --video-rate 1 --pool-rates "$p" --beam "$beam"
+  done
+fi
+if step 5; then
+  echo "== stage 5: score $(t)"
+  for e in ss mss $(for p in $pairs; do echo "base_$p"; done) rate1; do mavsr score --exp "exp/$e"; done
+fi
+if step 6; then
+  echo "== stage 6: bench $(t)"
+  mavsr bench --exp exp/ms --exp exp/audio --exp exp/video --snr clean,10,5,0,-5 --beam "$beam" --out exp/bench
+  for e in ms audio video; do mavsr score --exp "exp/$e"; done
+fi
+if step 7; then
+  echo "== stage 7: claims $(t)"
+  mavsr claims --bench exp/bench --matryoshka exp/ms --matryoshka exp/ss --matryoshka exp/mss \
+    $(for p in $pairs; do echo "--baseline exp/base_$p"; done) --rate1 exp/rate1 \
+    --audio-only exp/audio --video-only exp/video ${bounds[@]+"${bounds[@]}"}
+fi
+echo "== study done in ${SECONDS}s"
