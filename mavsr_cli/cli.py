@@ -268,6 +268,7 @@ def claims(
     target_worst: Annotated[float, typer.Option(help="Target: clean WER below this at the most compressed pair.")] = 20.0,
     gentle: Annotated[float, typer.Option(help="Claim 2: WER rise from the least to the most compressed pair at most this.")] = 10.0,
     collapse: Annotated[float, typer.Option(help="Claim 2: the pooled rate-1 model at least this many points worse at the most compressed pair.")] = 10.0,
+    av_slack: Annotated[float, typer.Option(help="Claim 3: AV WER must be below audio-only's plus this (0: strictly lower).")] = 0.0,
     video_max: Annotated[float, typer.Option(help="Claim 3: video-only WER below this.")] = 80.0,
     linear_tol: Annotated[float, typer.Option(help="Claim 4: media tokens within this fraction of the rate-proportional count.")] = 0.1,
     out: Annotated[Path | None, typer.Option(help="Where CLAIMS.md and claims.json go (default: beside bench.json).")] = None,
@@ -277,7 +278,7 @@ def claims(
     from .stages import claims as stage
 
     bounds = stage.Bounds(margin=margin, target_best=target_best, target_worst=target_worst, gentle=gentle,
-                          collapse=collapse, video_max=video_max, linear_tol=linear_tol)
+                          collapse=collapse, av_slack=av_slack, video_max=video_max, linear_tol=linear_tol)
     res = stage.run(_recipe(dir), bench, matryoshka, baseline or [], rate1, audio_only, video_only, bounds, out,
                     split, _log)
     if strict and not all(c.holds for c in res):

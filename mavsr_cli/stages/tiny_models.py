@@ -34,7 +34,7 @@ from ..model import llm as llm_mod
 from ..model.audio_encoder import WhisperAudioEncoder
 from ..model.video_encoder import SmallVideoEncoder
 from ..progress import bar, progress
-from ..recipe import Recipe, is_done, staged_dir, write_provenance
+from ..recipe import Recipe, inside, is_done, staged_dir, write_provenance
 from ..train_loop import lr_lambda
 from .extract_features import normalise, video_crop
 
@@ -200,9 +200,15 @@ def ctc_pretrain(name: str, encoder: torch.nn.Module, encode, inputs: list, targ
     return loss_v
 
 
-def word_timings(recipe: Recipe, utt) -> list[tuple[str, float, float]]:
-    """The word table of an utterance's `Text:` file (beside its video, as the corpus writes it)."""
-    path = recipe.resolve_media(utt.video).with_suffix(".txt")
+def word_timings(recipe: Recipe, utt, source: Path | None) -> list[tuple[str, float, float]]:
+    """The word table of an utterance's `Text:` file: beside its video, or, for media that
+    `prepare` wrote under corpus/<name>/, at the same place under the source tree it read
+    (`source`, the `root` recorded in data/<split>/config.yaml)."""
+    video = recipe.resolve_media(utt.video)
+    path = video.with_suffix(".txt")
+    if not path.is_file() and source is not None and inside(video, recipe.root / "corpus"):
+        rel = video.relative_to(recipe.root / "corpus")
+        path = source.joinpath(*rel.parts[1:]).with_suffix(".txt")
     if not path.is_file():
         raise MavsrError(f"--ctc-units align needs word timings: {path} is missing")
     _, words = parse_text(path)
@@ -225,7 +231,10 @@ def run(recipe: Recipe, opt: TinyOptions, force: bool = False, log=print) -> Pat
         vocab = sorted(set(words))
         framewise = opt.ctc_units == "align"
         if framewise:
-            timings = [word_timings(recipe, u) for u in utts]
+            settings = yaml.safe_load((recipe.data("train") / "config.yaml").read_text()) \
+                if (recipe.data("train") / "config.yaml").is_file() else {}
+            source = Path(settings["root"]) if isinstance(settings, dict) and settings.get("root") else None
+            timings = [word_timings(recipe, u, source) for u in utts]
             classes = len(vocab) + 1
             targets = {hz: [frame_targets(t, hz, vocab) for t in timings] for hz in (50, FPS)}
         else:
