@@ -2,7 +2,7 @@
 # The synthetic study (issue 7): every model the paper's claims compare, on one corpus, then the
 # elastic-inference report and a verdict per claim.
 #   bash study.sh [--small] [--stage N] [--stop-stage M]
-# --small is the reduced study CI runs (a few hundred utterances, short training, looser bounds).
+# --small is the reduced study CI runs: the same stages and models at a size that takes minutes.
 # Sizes can be set by environment: NUM_UTTS TEST_UTTS SPEAKERS HELDOUT ENC_EPOCHS LM_EPOCHS EPOCHS.
 # Stages (each skips work already done; rerun to resume):
 #   0 prepare synth      NUM_UTTS train / TEST_UTTS test utterances, SPEAKERS speakers of which HELDOUT
@@ -15,7 +15,8 @@
 #                        exp/rate1                 trained at (1,1) (conf/synth_rate1.yaml)
 #   4 decode             ss, mss and the baselines at their pairs; rate1 pooled at each pair at inference
 #   5 score              wer.json and RESULTS.md per experiment
-#   6 bench              ms, audio and video under clean and babble at 10, 5, 0, -5 dB -> exp/bench/
+#   6 bench              ms, audio and video under clean and babble at 10, 5, 0, -5 dB (--small: 0, -5)
+#                        -> exp/bench/
 #   7 claims             exp/bench/CLAIMS.md: the accuracy targets and the paper's four claims, verdicts
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -32,14 +33,16 @@ while [ $# -gt 0 ]; do
   esac
 done
 if $small; then
-  : "${NUM_UTTS:=240}" "${TEST_UTTS:=40}" "${SPEAKERS:=4}" "${HELDOUT:=1}" "${ENC_EPOCHS:=3}" "${LM_EPOCHS:=16}" "${EPOCHS:=6}"
-  tiny_sizes=(--audio-dim 64 --video-dim 64 --llm-hidden 128)
-  # looser bounds: a model of a few hundred utterances is far from the targets
-  bounds=(--margin "${MARGIN:-10}" --target-best 101 --target-worst 101 --gentle 25 --collapse 3 --video-max 100)
+  # The reduced study CI runs: every stage and every model, sized to run in minutes on 2 cores.
+  # Models this small are at chance (measured: WER 88-110%), so it checks the machinery (every
+  # comparison made, every number reported) and claim 4 (token counts), not accuracy.
+  : "${NUM_UTTS:=120}" "${TEST_UTTS:=24}" "${SPEAKERS:=3}" "${HELDOUT:=1}" "${ENC_EPOCHS:=2}" "${LM_EPOCHS:=8}" "${EPOCHS:=3}"
+  tiny_sizes=(--audio-dim 32 --video-dim 32 --llm-hidden 64 --audio-layers 1 --video-layers 1)
+  snrs=clean,0,-5
 else
   : "${NUM_UTTS:=4000}" "${TEST_UTTS:=400}" "${SPEAKERS:=8}" "${HELDOUT:=2}" "${ENC_EPOCHS:=4}" "${LM_EPOCHS:=16}" "${EPOCHS:=10}"
   tiny_sizes=()
-  bounds=()
+  snrs=clean,10,5,0,-5
 fi
 beam=${BEAM:-15}
 conf=conf/synth.yaml
@@ -87,13 +90,13 @@ if step 5; then
 fi
 if step 6; then
   echo "== stage 6: bench $(t)"
-  mavsr bench --exp exp/ms --exp exp/audio --exp exp/video --snr clean,10,5,0,-5 --beam "$beam" --out exp/bench
+  mavsr bench --exp exp/ms --exp exp/audio --exp exp/video --snr "$snrs" --beam "$beam" --out exp/bench
   for e in ms audio video; do mavsr score --exp "exp/$e"; done
 fi
 if step 7; then
   echo "== stage 7: claims $(t)"
   mavsr claims --bench exp/bench --matryoshka exp/ms --matryoshka exp/ss --matryoshka exp/mss \
     $(for p in $pairs; do echo "--baseline exp/base_$p"; done) --rate1 exp/rate1 \
-    --audio-only exp/audio --video-only exp/video ${bounds[@]+"${bounds[@]}"}
+    --audio-only exp/audio --video-only exp/video
 fi
 echo "== study done in ${SECONDS}s"
