@@ -98,7 +98,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    noisy_copies: int = 0  # augmented copies of each train utterance cached at extract time; one is drawn per epoch
+    noisy_copies: int = 0  # augmented copies of each train utterance cached at extract time; each epoch reads one of them or the original
     snrs: tuple[str, ...] = ("-5", "0", "5", "10", "15", "20", "clean")  # babble SNRs (dB) a copy draws from
     babble_utts: int = 6  # training utterances of other speakers mixed into one babble (test data never used)
     noise_file: str = ""  # use this audio file as the noise instead of babble (a random segment per copy)

@@ -94,13 +94,15 @@ def plan_epoch(store: FeatureStore, ids: list[str], batch_size: int, max_frames:
     return merged
 
 
-def draw_copies(store: FeatureStore, ids: list[str], seed: int, epoch: int) -> dict[str, int | None]:
-    """Per utterance, the augmented copy used this epoch (None where the cache holds none)."""
+def draw_copies(counts: dict[str, int], seed: int, epoch: int) -> dict[str, int | None]:
+    """Per utterance, what training reads this epoch: one of its K augmented copies (0..K-1) or
+    the original (None), drawn uniformly from the K+1, so clean speech stays in the mix.
+    `counts` maps each utterance to K (0: only the original is cached)."""
     g = torch.Generator().manual_seed(seed * 7919 + epoch)
-    out = {}
-    for uid in ids:
-        k = store.copies(uid)
-        out[uid] = int(torch.randint(0, k, (1,), generator=g)) if k else None
+    out: dict[str, int | None] = {}
+    for uid, k in counts.items():
+        i = int(torch.randint(0, k + 1, (1,), generator=g)) if k else k
+        out[uid] = None if i == k else i
     return out
 
 
@@ -225,7 +227,7 @@ def train(model, store: FeatureStore, texts: dict[str, str], cfg: Config, rates:
         while step < total:
             epoch, first = divmod(step, steps_per_epoch)
             plan = plan_epoch(store, ids, t.batch_size, t.max_frames, t.seed, epoch, min_batch)
-            copies = draw_copies(store, ids, cfg.augment.seed + t.seed, epoch)
+            copies = draw_copies({i: store.copies(i) for i in ids}, cfg.augment.seed + t.seed, epoch)
             for bid in plan[first:]:
                 t_step = time.perf_counter()
                 torch.manual_seed(_step_seed(t.seed, step, rank))

@@ -10,7 +10,7 @@ GPUs or nodes split a corpus into the same dump dir; a run without --shard then 
 reuses every finished shard, computes any missing one, and writes the index and `.done`).
 Augmentation (augment.noisy_copies K > 0): the train split also holds K seeded copies of every
 utterance, babble-noised at a drawn SNR and with a random mouth crop, encoded like the original;
-training draws one per utterance per epoch (augment.py).
+training reads, per utterance and epoch, the original or one copy, drawn uniformly (train_loop.py).
 """
 
 from __future__ import annotations

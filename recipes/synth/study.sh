@@ -12,8 +12,9 @@
 #   3 train              exp/ms, exp/ss, exp/mss   Matryoshka, one per LoRA strategy, all four pairs
 #                        exp/base_a4v2 ...         one model per pair (the per-rate baselines)
 #                        exp/audio, exp/video      audio-only (a4, a16) and video-only (v2, v5) Matryoshka
-#                        exp/rate1                 trained at (1,1) (conf/synth_rate1.yaml)
-#   4 decode             ss, mss and the baselines at their pairs; rate1 pooled at each pair at inference
+#                        exp/rate1                 trained at (1,1) (conf/study_rate1.yaml)
+#   4 decode             ss, mss and the baselines at their pairs; rate1 at (1,1) and pooled at each
+#                        pair at inference only
 #   5 score              wer.json and RESULTS.md per experiment
 #   6 bench              ms, audio and video under clean and babble at 10, 5, 0, -5 dB (--small: 0, -5)
 #                        -> exp/bench/
@@ -40,12 +41,13 @@ if $small; then
   tiny_sizes=(--audio-dim 32 --video-dim 32 --llm-hidden 64 --audio-layers 1 --video-layers 1)
   snrs=clean,0,-5
 else
-  : "${NUM_UTTS:=4000}" "${TEST_UTTS:=400}" "${SPEAKERS:=8}" "${HELDOUT:=2}" "${ENC_EPOCHS:=4}" "${LM_EPOCHS:=16}" "${EPOCHS:=10}"
+  : "${NUM_UTTS:=4000}" "${TEST_UTTS:=400}" "${SPEAKERS:=16}" "${HELDOUT:=2}" "${ENC_EPOCHS:=4}" "${LM_EPOCHS:=16}" "${EPOCHS:=10}"
   tiny_sizes=()
   snrs=clean,10,5,0,-5
 fi
 beam=${BEAM:-15}
-conf=conf/synth.yaml
+conf=conf/study.yaml  # conf/synth.yaml plus noise-augmented training
+conf1=conf/study_rate1.yaml
 pairs="a4v2 a4v5 a16v2 a16v5"
 step() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
 SECONDS=0
@@ -65,21 +67,23 @@ if step 2; then
 fi
 if step 3; then
   echo "== stage 3: train $(t)"
-  for s in ms ss mss; do
-    echo "-- $s $(t)"; mavsr train --config "$conf" --rates all --lora "$s" --epochs "$EPOCHS" --tag "$s"
-  done
+  echo "-- ms $(t)"; mavsr train --config "$conf" --rates all --lora ms --epochs "$EPOCHS" --tag ms
   for p in $pairs; do
     echo "-- base_$p $(t)"; mavsr train --config "$conf" --rates "$p" --epochs "$EPOCHS" --tag "base_$p"
   done
   echo "-- audio $(t)"; mavsr train --config "$conf" --modality a --epochs "$EPOCHS" --tag audio
   echo "-- video $(t)"; mavsr train --config "$conf" --modality v --epochs "$EPOCHS" --tag video
-  echo "-- rate1 $(t)"; mavsr train --config conf/synth_rate1.yaml --epochs "$EPOCHS" --tag rate1
+  echo "-- rate1 $(t)"; mavsr train --config "$conf1" --epochs "$EPOCHS" --tag rate1
+  for s in ss mss; do
+    echo "-- $s $(t)"; mavsr train --config "$conf" --rates all --lora "$s" --epochs "$EPOCHS" --tag "$s"
+  done
 fi
 if step 4; then
   echo "== stage 4: decode $(t)"
   for e in ss mss $(for p in $pairs; do echo "base_$p"; done); do
     mavsr decode --exp "exp/$e" --sweep --beam "$beam"
   done
+  mavsr decode --exp exp/rate1 --audio-rate 1 --video-rate 1 --beam "$beam"
   for p in $pairs; do
     mavsr decode --exp exp/rate1 --audio-rate 1 --video-rate 1 --pool-rates "$p" --beam "$beam"
   done

@@ -52,3 +52,14 @@ def test_snr_settings_are_validated():
     assert C.snr_values(C.AugmentConfig(snrs=("-5", 10, "clean"))) == [-5.0, 10.0, None]
     with pytest.raises(MavsrError, match="neither .clean. nor a number"):
         C.validate(C.from_dict({"augment": {"snrs": ["loud"]}}))
+
+
+def test_training_draws_the_original_as_well_as_the_copies():
+    from mavsr_cli.train_loop import draw_copies
+
+    counts = {"a": 1, "b": 3, "c": 0}
+    draws = [draw_copies(counts, seed=5, epoch=e) for e in range(40)]
+    assert draws[3] == draw_copies(counts, seed=5, epoch=3)  # a function of (seed, epoch)
+    assert {d["a"] for d in draws} == {0, None}  # one copy: the copy or the original
+    assert {d["b"] for d in draws} == {0, 1, 2, None}
+    assert {d["c"] for d in draws} == {None}  # no copies: always the original
