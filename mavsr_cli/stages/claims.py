@@ -52,22 +52,22 @@ def _wer(exp: Path, name: str, split: str) -> float:
     return float(json.loads(f.read_text())["wer"])
 
 
-def _rows(bench: Path) -> list[dict]:
+def load_bench(bench: Path) -> dict:
+    """bench.json (given as the file or its directory): {"rows": [...], "environment": {...}}."""
     f = bench / "bench.json" if bench.is_dir() else bench
     if not f.is_file():
         raise MavsrError(f"claims: {f} is missing (run mavsr bench first)")
-    return json.loads(f.read_text())["rows"]
+    return json.loads(f.read_text())
 
 
-def check(recipe: Recipe, bench: Path, matryoshka: list[Path], baselines: list[Path], rate1: Path | None,
+def check(recipe: Recipe, bench: dict, matryoshka: list[Path], baselines: list[Path], rate1: Path | None,
           audio_only: str | None, video_only: str | None, bounds: Bounds, split: str = "test") -> list[Claim]:
-    rows = _rows(bench)
-    env_beam = json.loads(((bench / "bench.json") if bench.is_dir() else bench).read_text())["environment"]["beam"]
-    beam = int(env_beam)
+    rows = bench["rows"]
+    beam = int(bench["environment"]["beam"])
     main = matryoshka[0].name
     clean = {r["rates"]: r for r in rows if r["exp"] == main and r["snr"] is None}
     if not clean:
-        raise MavsrError(f"claims: {bench} has no clean rows of {main}")
+        raise MavsrError(f"claims: the bench has no clean rows of {main}")
     pairs = sorted((Rates.parse(t) for t in clean), key=lambda r: -r.tokens_per_second())
     best, worst = pairs[0], pairs[-1]
 
@@ -103,6 +103,10 @@ def check(recipe: Recipe, bench: Path, matryoshka: list[Path], baselines: list[P
         c2.check("rate-1 model given", False, "none", "a model trained at (1,1)")
     else:
         r1 = (rate1 / "rates.txt").read_text().split()[0] if (rate1 / "rates.txt").is_file() else "a1v1"
+        own = rate1 / f"decode_{r1}_beam{beam}" / split / "wer.json"
+        if own.is_file():  # context: how good the rate-1 model is at the rate it was trained for
+            c2.check(f"{rate1.name} at its own {Rates.parse(r1).pair}", True, f"{_wer(rate1, own.parent.parent.name, split):.2f}",
+                     "reported")
         for p in (best, worst):
             pw = _wer(rate1, f"decode_{r1}_pool{p.tag}_beam{beam}", split)
             gap = pw - clean[p.tag]["wer"]
@@ -175,10 +179,11 @@ def run(recipe: Recipe, bench: Path, matryoshka: list[Path], baselines: list[Pat
     if not matryoshka:
         raise MavsrError("claims: give the Matryoshka experiment with --matryoshka")
     bench = at(bench)
-    claims = check(recipe, bench, [at(m) for m in matryoshka], [at(b) for b in baselines], at(rate1),
+    data = load_bench(bench)
+    claims = check(recipe, data, [at(m) for m in matryoshka], [at(b) for b in baselines], at(rate1),
                    None if audio_only is None else Path(audio_only).name,
                    None if video_only is None else Path(video_only).name, bounds, split)
-    env = json.loads(((bench / "bench.json") if bench.is_dir() else bench).read_text())["environment"]
+    env = data["environment"]
     out = at(out) if out is not None else (bench if bench.is_dir() else bench.parent)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "claims.json", {"bounds": asdict(bounds), "environment": env,

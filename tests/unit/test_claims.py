@@ -72,6 +72,11 @@ def test_a_study_that_bears_the_claims_out(tmp_path):
     # claim 4 reads the media tokens (prompt removed) against 50/a + 25/v
     c4 = {x["what"]: x for x in res[4].checks}
     assert c4["media tokens/s at (16,5)"]["value"] == "8.1 vs 8.1 ideal"
+    # the rate-1 model at its own rates is reported next to the pooled checks when it was decoded
+    assert not any("own" in x["what"] for x in res[2].checks)
+    _wer(tmp_path, "rate1", "decode_a1v1_beam15", 6.5)
+    own = [x for x in run(tmp_path)[2].checks if "own" in x["what"]]
+    assert [(x["what"], x["value"], x["bound"]) for x in own] == [("rate1 at its own (1,1)", "6.50", "reported")]
 
 
 @pytest.mark.parametrize("change, failing", [
