@@ -101,8 +101,8 @@ def draw_copies(counts: dict[str, int], seed: int, epoch: int) -> dict[str, int 
     g = torch.Generator().manual_seed(seed * 7919 + epoch)
     out: dict[str, int | None] = {}
     for uid, k in counts.items():
-        i = int(torch.randint(0, k + 1, (1,), generator=g)) if k else k
-        out[uid] = None if i == k else i
+        i = int(torch.randint(0, k + 1, (1,), generator=g)) if k else 0
+        out[uid] = None if i == k else i  # i == k: the original
     return out
 
 

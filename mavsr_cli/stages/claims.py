@@ -103,10 +103,9 @@ def check(recipe: Recipe, bench: dict, matryoshka: list[Path], baselines: list[P
         c2.check("rate-1 model given", False, "none", "a model trained at (1,1)")
     else:
         r1 = (rate1 / "rates.txt").read_text().split()[0] if (rate1 / "rates.txt").is_file() else "a1v1"
-        own = rate1 / f"decode_{r1}_beam{beam}" / split / "wer.json"
-        if own.is_file():  # context: how good the rate-1 model is at the rate it was trained for
-            c2.check(f"{rate1.name} at its own {Rates.parse(r1).pair}", True, f"{_wer(rate1, own.parent.parent.name, split):.2f}",
-                     "reported")
+        own = f"decode_{r1}_beam{beam}"
+        if (rate1 / own / split / "wer.json").is_file():  # context: the rate-1 model at the rate it was trained for
+            c2.check(f"{rate1.name} at its own {Rates.parse(r1).pair}", True, f"{_wer(rate1, own, split):.2f}", "reported")
         for p in (best, worst):
             pw = _wer(rate1, f"decode_{r1}_pool{p.tag}_beam{beam}", split)
             gap = pw - clean[p.tag]["wer"]
