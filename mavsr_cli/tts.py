@@ -3,7 +3,7 @@
 The shared library and its data come from the `espeakng-loader` wheel, so no system package is
 needed. Only the documented C API of `speak_lib.h` is used: espeak_Initialize (synchronous mode,
 phoneme events on), espeak_SetVoiceByName, espeak_SetParameter, espeak_SetSynthCallback and
-espeak_Synth. WORD and PHONEME events carry their position in the audio (milliseconds), which is
+espeak_Synth, plus espeak_ng_SetRandSeed from `espeak_ng.h`. WORD and PHONEME events carry their position in the audio (milliseconds), which is
 what the synthetic lip renderer needs.
 
 espeak-ng keeps global state; calls are serialised inside one process by a lock.
@@ -90,6 +90,12 @@ class Espeak:
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.espeak_SetSynthCallback.argtypes = [_CALLBACK]
+        # espeak_ng.h: the seed of the engine's own random numbers (some voice variants add random
+        # breath and jitter); espeak_Initialize seeds it from the clock, so it is reset before each
+        # utterance. Older libraries without it are used as they are.
+        self._seed = getattr(lib, "espeak_ng_SetRandSeed", None)
+        if self._seed is not None:
+            self._seed.argtypes, self._seed.restype = [ctypes.c_long], None
         lib.espeak_Synth.argtypes = [
             ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
             ctypes.c_uint, ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p,
@@ -140,6 +146,8 @@ class Espeak:
             lib.espeak_SetParameter(_PARAM_RATE, int(rate), 0)
             lib.espeak_SetParameter(_PARAM_PITCH, int(pitch), 0)
             lib.espeak_SetParameter(_PARAM_RANGE, int(pitch_range), 0)
+            if self._seed is not None:
+                self._seed(0)
             self._chunks, self._events = [], []
             buf = ctypes.create_string_buffer(text.encode("utf-8"))
             err = lib.espeak_Synth(buf, len(buf), 0, 0, 0, _CHARS_UTF8 | _ENDPAUSE, None, None)
@@ -154,7 +162,8 @@ class Espeak:
 
     def say_isolated(self, text: str, **kw) -> Speech:
         """Synthesize in a forked child, so the engine's state is the same pristine one every time:
-        the same arguments always give the same samples, whatever was synthesized before."""
+        the same arguments always give the same samples, whatever was synthesized before with
+        `say_isolated` (a `say` in this process does change the state its children start from)."""
         import os
         import pickle
 

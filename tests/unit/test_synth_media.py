@@ -19,6 +19,26 @@ def test_espeak_gives_audio_words_and_phonemes():
         Espeak.get().say("hi", voice="xx-nonexistent")
 
 
+def test_synthesis_is_the_same_in_every_process():
+    """espeak-ng seeds its own random numbers (used by voice variants such as +f2) from the clock
+    at start-up; the corpus must not depend on when a worker process started."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import hashlib, sys; from mavsr_cli.tts import Espeak; e = Espeak.get(); "
+            "[e.say_isolated(t, voice='en-us') for t in sys.argv[1:]]; "
+            "s = e.say_isolated('anna found the big apple', voice='en-gb-x-rp+f2'); "
+            "print(hashlib.md5(s.audio.tobytes()).hexdigest())")
+    runs = []
+    for before in ([], ["please open the window"]):  # and whatever the process synthesized before
+        if runs:
+            time.sleep(1.1)  # another second on the clock
+        runs.append(subprocess.run([sys.executable, "-c", code, *before], capture_output=True, text=True,
+                                   check=True).stdout)
+    assert runs[0] == runs[1]
+
+
 def test_grammar_is_seeded_and_in_vocabulary():
     a = [synth.sentence(np.random.default_rng(5)) for _ in range(3)]
     assert len(set(a)) == 1
