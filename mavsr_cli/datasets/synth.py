@@ -222,9 +222,9 @@ def render(track: np.ndarray, spk: Speaker, rng: np.random.Generator, size: int 
 FACE_SIZE = 224  # full-frame video size, as LRS3's
 
 
-def _face_canvas(spk: Speaker, roi: np.ndarray) -> np.ndarray:
-    """One reference-frame (256x256) face: head, eyes, brows, nose, with the mouth ROI pasted
-    centred on the template's mouth. float32 in 0..255."""
+def _face_canvas(spk: Speaker) -> np.ndarray:
+    """The speaker's reference-frame (256x256) face without a mouth: head, eyes, brows, nose.
+    float32 in 0..255; each frame pastes its mouth ROI at the template's mouth (FACE_MOUTH)."""
     from ..roi import REF_SIZE
 
     yy, xx = np.mgrid[0:REF_SIZE, 0:REF_SIZE].astype(np.float32)
@@ -235,8 +235,10 @@ def _face_canvas(spk: Speaker, roi: np.ndarray) -> np.ndarray:
         img[((xx - ex) / 13) ** 2 + ((yy - 107) / 5) ** 2 <= 1] = 30
         img[((xx - ex) / 20) ** 2 + ((yy - 86) / 3) ** 2 <= 1] = 255 * spk.skin * 0.5
     img[((xx - 128) / 9) ** 2 + ((yy - 135) / 22) ** 2 <= 1] = 255 * spk.skin * 0.85
-    img[138:234, 80:176] = roi
     return img
+
+
+FACE_MOUTH = (slice(138, 234), slice(80, 176))  # where the 96x96 mouth ROI sits in the reference face
 
 
 def face_video(rois: np.ndarray, spk: Speaker, rng: np.random.Generator, size: int = FACE_SIZE):
@@ -247,9 +249,10 @@ def face_video(rois: np.ndarray, spk: Speaker, rng: np.random.Generator, size: i
     t_n = len(rois)
     ref = default_mean_face()
     phase = rng.uniform(0, 2 * np.pi, 3)
-    canvases = torch.from_numpy(np.stack([_face_canvas(spk, r.astype(np.float32)) for r in rois]))[:, None]
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
-    grids, lms = [], []
+    canvases = np.repeat(_face_canvas(spk)[None], t_n, 0)
+    canvases[(slice(None), *FACE_MOUTH)] = rois
+    # per frame: a small rotation and drift of the head; the landmarks follow it (with detector jitter)
+    invs, ts, lms = np.empty((t_n, 2, 2)), np.empty((t_n, 2)), []
     for i in range(t_n):
         ang = np.deg2rad(spk.face_angle + 1.5 * np.sin(2 * np.pi * i / 53 + phase[0]))
         sc = spk.face_scale * 0.78
@@ -258,11 +261,17 @@ def face_video(rois: np.ndarray, spk: Speaker, rng: np.random.Generator, size: i
                       size / 2 + spk.face_dy + spk.motion * np.sin(2 * np.pi * i / 59 + phase[2])]) - r @ [128, 140]
         lm = ref @ r.T + t + rng.normal(0, 0.3, ref.shape)
         lms.append(None if rng.random() < 0.02 else lm.astype(np.float32))
-        inv = np.linalg.inv(r)
-        q = (np.stack([xs, ys], -1) - t) @ inv.T  # output pixel -> reference-frame pixel
-        grids.append(np.stack([(q[..., 0] + 0.5) / 128 - 1, (q[..., 1] + 0.5) / 128 - 1], -1))
-    grid = torch.from_numpy(np.stack(grids)).float()
-    out = torch.nn.functional.grid_sample(canvases, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        invs[i], ts[i] = np.linalg.inv(r), t
+    # output pixel -> reference-frame pixel, then to grid_sample's -1..1
+    # (computed in float64, stored as float32)
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+    grid = np.empty((t_n, size, size, 2), np.float32)
+    for i in range(t_n):
+        dx, dy = xs - ts[i, 0], ys - ts[i, 1]
+        grid[i, ..., 0] = (dx * invs[i, 0, 0] + dy * invs[i, 0, 1] + 0.5) / 128 - 1
+        grid[i, ..., 1] = (dx * invs[i, 1, 0] + dy * invs[i, 1, 1] + 0.5) / 128 - 1
+    out = torch.nn.functional.grid_sample(torch.from_numpy(canvases)[:, None], torch.from_numpy(grid), mode="bilinear",
+                                          padding_mode="border", align_corners=False)
     frames = out[:, 0].numpy() + rng.normal(0, 1.5, (t_n, size, size))
     return frames.clip(0, 255).astype(np.uint8), lms
 
