@@ -43,6 +43,19 @@ def generate_synth(root: Path, opt: SynthOptions, log=print) -> None:
         raise MavsrError("synth corpus needs at least 1 speaker, 1 train and 1 test utterance")
     if opt.heldout_speakers >= opt.speakers:
         raise MavsrError("--heldout-speakers must leave at least one training speaker")
+    # utterances on disk are kept on a rerun, so a rerun must ask for the same corpus (another count
+    # is fine: utterance i of a split is drawn the same way); anything else would mix two corpora
+    shape = {k: getattr(opt, k) for k in ("seed", "speakers", "heldout_speakers")}
+    stamp = root / "generator.yaml"
+    if stamp.is_file():
+        old = yaml.safe_load(stamp.read_text()) or {}
+        diff = {k: (old.get(k), v) for k, v in shape.items() if old.get(k) != v}
+        if diff:
+            said = ", ".join(f"--{k.replace('_', '-')} {v} (was {o})" for k, (o, v) in diff.items())
+            raise MavsrError(f"{root} was generated with other settings: {said}; remove it or use another --dir")
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(stamp, yaml.safe_dump(shape, sort_keys=False))
     speakers = [synth.make_speaker(opt.seed, i) for i in range(opt.speakers)]
     train_spk = speakers[: opt.speakers - opt.heldout_speakers]
     test_spk = speakers[opt.speakers - opt.heldout_speakers:] if opt.heldout_speakers else speakers

@@ -49,3 +49,19 @@ def test_bad_media_are_counted_and_skipped_not_fatal(tmp_path):
 def test_bad_options_are_user_errors(tmp_path):
     with pytest.raises(MavsrError):
         run_synth(Recipe(tmp_path), SynthOptions(num_utts=2, test_utts=1, speakers=2, heldout_speakers=2))
+
+
+
+def test_a_rerun_must_ask_for_the_same_corpus(tmp_path):
+    r = Recipe(tmp_path)
+    run_synth(r, OPT, log=lambda m: None)
+    spk = tmp_path / "corpus/synth/trainval/spk00"
+    before = {p.name: p.stat().st_mtime_ns for p in spk.iterdir()}
+    # another seed in the same tree would keep the old utterances beside new ones: a clear error instead
+    with pytest.raises(MavsrError, match="--seed 4 \\(was 3\\)"):
+        run_synth(r, SynthOptions(num_utts=6, test_utts=3, speakers=2, seed=4, nj=1), force=True, log=lambda m: None)
+    assert {p.name: p.stat().st_mtime_ns for p in spk.iterdir()} == before
+    # more utterances of the same corpus are fine (the old ones are kept, the new ones added)
+    more = SynthOptions(num_utts=8, test_utts=3, speakers=2, seed=3, nj=1)
+    assert run_synth(r, more, force=True, log=lambda m: None)["train"] == (8, 0)
+    assert all(spk.joinpath(n).stat().st_mtime_ns == t for n, t in before.items())
