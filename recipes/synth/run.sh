@@ -4,7 +4,8 @@
 # Stages (each skips work already done; rerun to resume):
 #   0 prepare synth      corpus/synth/ (LRS3 tree: face video, text, landmarks) -> corpus/lrs3/ (mouth
 #                        ROIs, through prepare lrs3's code) -> data/{train,test}/manifest.jsonl
-#   1 tiny-models        models/{whisper,video,llm} (+ LM warm-up on the train text)
+#   1 tiny-models        models/{whisper,video,llm}: encoders pretrained on the word under each frame
+#                        (the corpus's word timings), then frozen; LM warm-up on the train text
 #   2 extract-features   dump/<encoders>/{train,test}/
 #   3 train --rates all  exp/<tag>/ (one Matryoshka checkpoint for every rate pair)
 #   4 decode --sweep     exp/<tag>/decode_<rates>_beam<B>/test/ for each trained pair
@@ -40,7 +41,7 @@ if step 0; then
 fi
 if step 1; then
   echo "== stage 1: small encoders and LLM from configs [${SECONDS}s]"
-  mavsr tiny-models --encoder-epochs 4 --lm-epochs 64
+  mavsr tiny-models --ctc-units align --encoder-epochs 12 --lm-epochs 32
 fi
 if step 2; then
   echo "== stage 2: extract features [${SECONDS}s]"
