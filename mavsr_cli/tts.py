@@ -3,8 +3,8 @@
 The shared library and its data come from the `espeakng-loader` wheel, so no system package is
 needed. Only the documented C API of `speak_lib.h` is used: espeak_Initialize (synchronous mode,
 phoneme events on), espeak_SetVoiceByName, espeak_SetParameter, espeak_SetSynthCallback and
-espeak_Synth, plus espeak_ng_SetRandSeed from `espeak_ng.h`. WORD and PHONEME events carry their position in the audio (milliseconds), which is
-what the synthetic lip renderer needs.
+espeak_Synth, plus espeak_ng_SetRandSeed from `espeak_ng.h`. WORD and PHONEME events carry their
+position in the audio (milliseconds), which is what the synthetic lip renderer needs.
 
 espeak-ng keeps global state; calls are serialised inside one process by a lock.
 """

@@ -51,7 +51,6 @@ def test_bad_options_are_user_errors(tmp_path):
         run_synth(Recipe(tmp_path), SynthOptions(num_utts=2, test_utts=1, speakers=2, heldout_speakers=2))
 
 
-
 def test_a_rerun_must_ask_for_the_same_corpus(tmp_path):
     r = Recipe(tmp_path)
     run_synth(r, OPT, log=lambda m: None)
