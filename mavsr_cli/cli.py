@@ -76,6 +76,7 @@ def prepare(
     speakers: Annotated[int, typer.Option(help="synth: number of speakers (voice + face).")] = 4,
     heldout_speakers: Annotated[int, typer.Option(help="synth: speakers used only in test (0 = test uses all).")] = 0,
     seed: Annotated[int, typer.Option(help="synth: random seed; the corpus is a function of it.")] = 0,
+    words_per_slot: Annotated[int, typer.Option(help="synth: draw each grammar slot (name, noun, ...) from its first N words only, a smaller vocabulary (0 = all, about 300 words).")] = 0,
     nj: Annotated[int, typer.Option(help="Worker processes for synthesis and media checks.")] = min(4, os.cpu_count() or 1),
     force: ForceOpt = False,
 ) -> None:
@@ -98,7 +99,7 @@ def prepare(
         return
     if corpus != "synth":
         raise MavsrError(f"unknown corpus {corpus!r} (available: synth, lrs3, lrs2, dir, csv)")
-    stage.run_synth(recipe, stage.SynthOptions(num_utts, test_utts, speakers, heldout_speakers, seed, nj), force, _log)
+    stage.run_synth(recipe, stage.SynthOptions(num_utts, test_utts, speakers, heldout_speakers, seed, words_per_slot, nj), force, _log)
 
 
 @app.command("tiny-models")

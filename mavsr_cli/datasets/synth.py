@@ -53,7 +53,9 @@ TEMPLATES = [
 ]
 
 
-def sentence(rng: np.random.Generator) -> str:
+def sentence(rng: np.random.Generator, words_per_slot: int = 0) -> str:
+    """One sentence of the grammar; `words_per_slot` > 0 draws each slot from its first that many
+    words only (a smaller vocabulary: the reduced study's corpus)."""
     tmpl = TEMPLATES[rng.integers(len(TEMPLATES))]
     out, i = [], 0
     while i < len(tmpl):
@@ -64,6 +66,8 @@ def sentence(rng: np.random.Generator) -> str:
         out.append(tmpl[i:j])
         k = tmpl.index("}", j)
         words = WORDS[tmpl[j + 1:k]]
+        if words_per_slot > 0:
+            words = words[:words_per_slot]
         out.append(words[rng.integers(len(words))])
         i = k + 1
     return " ".join("".join(out).split())

@@ -34,6 +34,7 @@ class SynthOptions:
     speakers: int = 4  # number of synthetic speakers (voices + faces)
     heldout_speakers: int = 0  # speakers kept out of train and used only in test
     seed: int = 0  # everything is a function of this seed
+    words_per_slot: int = 0  # > 0: each grammar slot draws from its first that many words only
     nj: int = 2  # worker processes for synthesis and media checks
 
 
@@ -45,11 +46,13 @@ def generate_synth(root: Path, opt: SynthOptions, log=print) -> None:
         raise MavsrError("--heldout-speakers must leave at least one training speaker")
     # utterances on disk are kept on a rerun, so a rerun must ask for the same corpus (another count
     # is fine: utterance i of a split is drawn the same way); anything else would mix two corpora
-    shape = {k: getattr(opt, k) for k in ("seed", "speakers", "heldout_speakers")}
+    shape = {k: getattr(opt, k) for k in ("seed", "speakers", "heldout_speakers", "words_per_slot")}
     stamp = root / "generator.yaml"
     if stamp.is_file():
         old = yaml.safe_load(stamp.read_text()) or {}
-        diff = {k: (old.get(k), v) for k, v in shape.items() if old.get(k) != v}
+        # a tree from before an option existed was generated with its default
+        old = {k: old.get(k, SynthOptions.__dataclass_fields__[k].default) for k in shape}
+        diff = {k: (old[k], v) for k, v in shape.items() if old[k] != v}
         if diff:
             said = ", ".join(f"--{k.replace('_', '-')} {v} (was {o})" for k, (o, v) in diff.items())
             raise MavsrError(f"{root} was generated with other settings: {said}; remove it or use another --dir")
@@ -70,7 +73,7 @@ def generate_synth(root: Path, opt: SynthOptions, log=print) -> None:
         rng = np.random.default_rng([opt.seed, 7 if split == "train" else 11])
         for job in [j for j in jobs if j[0] == split]:
             for _ in range(1000):
-                s = synth.sentence(rng)
+                s = synth.sentence(rng, opt.words_per_slot)
                 if split == "train" or s not in seen:
                     break
             seen.add(s)

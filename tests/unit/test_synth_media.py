@@ -49,6 +49,21 @@ def test_grammar_is_seeded_and_in_vocabulary():
         assert set(synth.sentence(rng).split()) <= vocab
 
 
+def test_a_smaller_grammar_draws_each_slot_from_its_first_words():
+    assert synth.sentence(np.random.default_rng(5)) == synth.sentence(np.random.default_rng(5), 0)
+    allowed = set()
+    for tmpl in synth.TEMPLATES:
+        allowed.update(w for w in tmpl.replace("{", " {").split() if not w.startswith("{"))
+    for k, ws in synth.WORDS.items():
+        for w in ws[:2]:
+            allowed.update(w.split())
+            allowed.update([w + "s"] if k == "noun" else [])
+    rng, full = np.random.default_rng(0), np.random.default_rng(0)
+    small = {w for _ in range(300) for w in synth.sentence(rng, 2).split()}
+    assert small <= allowed and len(small) >= 0.9 * len(allowed)
+    assert len({w for _ in range(300) for w in synth.sentence(full).split()}) > 2 * len(small)
+
+
 def test_synthesis_is_deterministic_and_lips_move():
     spk = synth.make_speaker(0, 2)
     u1 = synth.synthesize("please open the window", spk, np.random.default_rng([1, 2]))
