@@ -2,19 +2,21 @@
 # The synthetic study (issue 7): every model the paper's claims compare, on one corpus, then the
 # elastic-inference report and a verdict per claim.
 #   bash study.sh [--small] [--stage N] [--stop-stage M]
-# --small is the reduced study CI runs: the same stages and models at a size that takes minutes.
-# Sizes can be set by environment: NUM_UTTS TEST_UTTS SPEAKERS HELDOUT ENC_EPOCHS LM_EPOCHS EPOCHS.
+# --small is the reduced study CI runs: the same stages and claims on a smaller task, about 8 minutes
+# on 2 cores, checked at looser bounds (below).
+# Sizes can be set by environment: NUM_UTTS TEST_UTTS SPEAKERS HELDOUT WORDS_PER_SLOT ENC_EPOCHS
+# LM_EPOCHS EPOCHS BEAM.
 # Stages (each skips work already done; rerun to resume):
 #   0 prepare synth      NUM_UTTS train / TEST_UTTS test utterances, SPEAKERS speakers of which HELDOUT
 #                        speak only in test
 #   1 tiny-models        encoders pretrained on the word under each frame (--ctc-units align), LLM warm-up
 #   2 extract-features   the audio-visual, audio-only and video-only caches
-#   3 train              exp/ms, exp/ss, exp/mss   Matryoshka, one per LoRA strategy, all four pairs
+#   3 train              exp/ms, exp/ss, exp/mss   Matryoshka, one per LoRA strategy (--small: ms)
 #                        exp/base_a4v2 ...         one model per pair (the per-rate baselines)
 #                        exp/audio, exp/video      audio-only (a4, a16) and video-only (v2, v5) Matryoshka
 #                        exp/rate1                 trained at (1,1) (conf/study_rate1.yaml)
 #   4 decode             ss, mss and the baselines at their pairs; rate1 at (1,1) and pooled at each
-#                        pair at inference only
+#                        pair at inference only (--small: at (4,2) and (16,5))
 #   5 score              wer.json and RESULTS.md per experiment
 #   6 bench              ms, audio and video under clean and babble at 10, 5, 0, -5 dB (--small: 0, -5)
 #                        -> exp/bench/
@@ -34,16 +36,29 @@ while [ $# -gt 0 ]; do
   esac
 done
 if $small; then
-  # The reduced study CI runs: every stage and every model, sized to run in minutes on 2 cores.
-  # Models this small are at chance (measured: WER 88-110%), so it checks the machinery (every
-  # comparison made, every number reported) and claim 4 (token counts), not accuracy.
-  : "${NUM_UTTS:=120}" "${TEST_UTTS:=24}" "${SPEAKERS:=3}" "${HELDOUT:=1}" "${ENC_EPOCHS:=2}" "${LM_EPOCHS:=8}" "${EPOCHS:=3}"
-  tiny_sizes=(--audio-dim 32 --video-dim 32 --llm-hidden 64 --audio-layers 1 --video-layers 1)
+  # The reduced study CI runs: the same stages and comparisons, sized to take minutes on 2 cores.
+  # A smaller task (each grammar slot draws from 5 words, about 65 in all; the test speakers are
+  # the training speakers), small encoders and LLM, and the shared parts that make a model learn
+  # fast given more of the time: encoder pretraining and the LLM warm-up. SS and MSS are left out
+  # (claim 1 is checked on MS). The claims are checked at looser bounds (claims_bounds).
+  : "${NUM_UTTS:=300}" "${TEST_UTTS:=40}" "${SPEAKERS:=3}" "${HELDOUT:=0}" "${WORDS_PER_SLOT:=5}"
+  : "${ENC_EPOCHS:=12}" "${LM_EPOCHS:=100}" "${EPOCHS:=12}" "${BEAM:=4}"
+  tiny_sizes=(--audio-dim 64 --video-dim 64 --llm-hidden 96 --audio-layers 1 --video-layers 1)
   snrs=clean,0,-5
+  strategies=""
+  pool_pairs="a4v2 a16v5"  # the claims read the pooled rate-1 model at the two ends only
+  # Looser bounds: a 40-utterance test (311 words) after 12 epochs. One model's WER there has a
+  # bootstrap standard error of about 4 points, a paired difference of two models about 2.5; the
+  # claim-1 margin is about 3 of those. Chance is near 100%.
+  claims_bounds=(--target-best 40 --target-worst 50 --margin 8 --video-max 90)
 else
-  : "${NUM_UTTS:=4000}" "${TEST_UTTS:=400}" "${SPEAKERS:=16}" "${HELDOUT:=2}" "${ENC_EPOCHS:=4}" "${LM_EPOCHS:=16}" "${EPOCHS:=10}"
+  : "${NUM_UTTS:=4000}" "${TEST_UTTS:=400}" "${SPEAKERS:=16}" "${HELDOUT:=2}" "${WORDS_PER_SLOT:=0}"
+  : "${ENC_EPOCHS:=4}" "${LM_EPOCHS:=16}" "${EPOCHS:=10}"
   tiny_sizes=()
   snrs=clean,10,5,0,-5
+  strategies="ss mss"
+  pool_pairs="a4v2 a4v5 a16v2 a16v5"
+  claims_bounds=()
 fi
 beam=${BEAM:-15}
 conf=conf/study.yaml  # conf/synth.yaml plus noise-augmented training
@@ -55,7 +70,8 @@ t() { echo "[${SECONDS}s]"; }
 
 if step 0; then
   echo "== stage 0: prepare ($NUM_UTTS train, $TEST_UTTS test, $SPEAKERS speakers, $HELDOUT held out) $(t)"
-  mavsr prepare synth --num-utts "$NUM_UTTS" --test-utts "$TEST_UTTS" --speakers "$SPEAKERS" --heldout-speakers "$HELDOUT"
+  mavsr prepare synth --num-utts "$NUM_UTTS" --test-utts "$TEST_UTTS" --speakers "$SPEAKERS" --heldout-speakers "$HELDOUT" \
+    --words-per-slot "$WORDS_PER_SLOT"
 fi
 if step 1; then
   echo "== stage 1: tiny-models $(t)"
@@ -74,23 +90,23 @@ if step 3; then
   echo "-- audio $(t)"; mavsr train --config "$conf" --modality a --epochs "$EPOCHS" --tag audio
   echo "-- video $(t)"; mavsr train --config "$conf" --modality v --epochs "$EPOCHS" --tag video
   echo "-- rate1 $(t)"; mavsr train --config "$conf1" --epochs "$EPOCHS" --tag rate1
-  for s in ss mss; do
+  for s in $strategies; do
     echo "-- $s $(t)"; mavsr train --config "$conf" --rates all --lora "$s" --epochs "$EPOCHS" --tag "$s"
   done
 fi
 if step 4; then
   echo "== stage 4: decode $(t)"
-  for e in ss mss $(for p in $pairs; do echo "base_$p"; done); do
+  for e in $strategies $(for p in $pairs; do echo "base_$p"; done); do
     mavsr decode --exp "exp/$e" --sweep --beam "$beam"
   done
   mavsr decode --exp exp/rate1 --audio-rate 1 --video-rate 1 --beam "$beam"
-  for p in $pairs; do
+  for p in $pool_pairs; do
     mavsr decode --exp exp/rate1 --audio-rate 1 --video-rate 1 --pool-rates "$p" --beam "$beam"
   done
 fi
 if step 5; then
   echo "== stage 5: score $(t)"
-  for e in ss mss $(for p in $pairs; do echo "base_$p"; done) rate1; do mavsr score --exp "exp/$e"; done
+  for e in $strategies $(for p in $pairs; do echo "base_$p"; done) rate1; do mavsr score --exp "exp/$e"; done
 fi
 if step 6; then
   echo "== stage 6: bench $(t)"
@@ -99,8 +115,8 @@ if step 6; then
 fi
 if step 7; then
   echo "== stage 7: claims $(t)"
-  mavsr claims --bench exp/bench --matryoshka exp/ms --matryoshka exp/ss --matryoshka exp/mss \
+  mavsr claims --bench exp/bench --matryoshka exp/ms $(for s in $strategies; do echo "--matryoshka exp/$s"; done) \
     $(for p in $pairs; do echo "--baseline exp/base_$p"; done) --rate1 exp/rate1 \
-    --audio-only exp/audio --video-only exp/video
+    --audio-only exp/audio --video-only exp/video ${claims_bounds[@]+"${claims_bounds[@]}"}
 fi
 echo "== study done in ${SECONDS}s"
