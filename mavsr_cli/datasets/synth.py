@@ -73,13 +73,14 @@ def sentence(rng: np.random.Generator, words_per_slot: int = 0) -> str:
     return " ".join("".join(out).split())
 
 
-def vocabulary() -> list[str]:
-    """Every word the grammar can produce (including plural nouns)."""
+def vocabulary(words_per_slot: int = 0) -> list[str]:
+    """Every word the grammar can produce (including plural nouns); with `words_per_slot` > 0,
+    every word `sentence(rng, words_per_slot)` can produce."""
     words = set()
     for tmpl in TEMPLATES:
         words.update(w for w in tmpl.replace("{", " {").split() if not w.startswith("{"))
     for k, ws in WORDS.items():
-        for w in ws:
+        for w in ws[:words_per_slot] if words_per_slot > 0 else ws:
             words.update(w.split())
             if k == "noun":
                 words.add(w + "s")

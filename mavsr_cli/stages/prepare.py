@@ -44,6 +44,8 @@ def generate_synth(root: Path, opt: SynthOptions, log=print) -> None:
         raise MavsrError("synth corpus needs at least 1 speaker, 1 train and 1 test utterance")
     if opt.heldout_speakers >= opt.speakers:
         raise MavsrError("--heldout-speakers must leave at least one training speaker")
+    if opt.words_per_slot < 0:
+        raise MavsrError("--words-per-slot must be 0 (all words) or more")
     # utterances on disk are kept on a rerun, so a rerun must ask for the same corpus (another count
     # is fine: utterance i of a split is drawn the same way); anything else would mix two corpora
     shape = {k: getattr(opt, k) for k in ("seed", "speakers", "heldout_speakers", "words_per_slot")}

@@ -49,6 +49,9 @@ def test_bad_media_are_counted_and_skipped_not_fatal(tmp_path):
 def test_bad_options_are_user_errors(tmp_path):
     with pytest.raises(MavsrError):
         run_synth(Recipe(tmp_path), SynthOptions(num_utts=2, test_utts=1, speakers=2, heldout_speakers=2))
+    with pytest.raises(MavsrError, match="--words-per-slot"):
+        run_synth(Recipe(tmp_path), SynthOptions(num_utts=2, test_utts=1, speakers=2, words_per_slot=-1))
+    assert not (tmp_path / "corpus").exists()
 
 
 def test_a_rerun_must_ask_for_the_same_corpus(tmp_path):

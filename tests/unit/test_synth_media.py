@@ -51,13 +51,8 @@ def test_grammar_is_seeded_and_in_vocabulary():
 
 def test_a_smaller_grammar_draws_each_slot_from_its_first_words():
     assert synth.sentence(np.random.default_rng(5)) == synth.sentence(np.random.default_rng(5), 0)
-    allowed = set()
-    for tmpl in synth.TEMPLATES:
-        allowed.update(w for w in tmpl.replace("{", " {").split() if not w.startswith("{"))
-    for k, ws in synth.WORDS.items():
-        for w in ws[:2]:
-            allowed.update(w.split())
-            allowed.update([w + "s"] if k == "noun" else [])
+    allowed = set(synth.vocabulary(2))
+    assert "anna" in allowed and "ben" in allowed and "carla" not in allowed and "apples" in allowed
     rng, full = np.random.default_rng(0), np.random.default_rng(0)
     small = {w for _ in range(300) for w in synth.sentence(rng, 2).split()}
     assert small <= allowed and len(small) >= 0.9 * len(allowed)
