@@ -35,8 +35,9 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
+pairs="a4v2 a4v5 a16v2 a16v5"
 if $small; then
-  # The reduced study CI runs: the same stages and comparisons, sized to take minutes on 2 cores.
+  # The reduced study CI runs: the same stages and comparisons, sized to take minutes.
   # A smaller task (each grammar slot draws from 5 words, about 65 in all; the test speakers are
   # the training speakers), small encoders and LLM, and the shared parts that make a model learn
   # fast given more of the time: encoder pretraining and the LLM warm-up. SS and MSS are left out
@@ -57,13 +58,12 @@ else
   tiny_sizes=()
   snrs=clean,10,5,0,-5
   strategies="ss mss"
-  pool_pairs="a4v2 a4v5 a16v2 a16v5"
+  pool_pairs=$pairs
   claims_bounds=()
 fi
 beam=${BEAM:-15}
 conf=conf/study.yaml  # conf/synth.yaml plus noise-augmented training
 conf1=conf/study_rate1.yaml
-pairs="a4v2 a4v5 a16v2 a16v5"
 step() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
 SECONDS=0
 t() { echo "[${SECONDS}s]"; }
