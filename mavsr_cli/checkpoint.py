@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import MavsrError
-from .recipe import atomic_write_json, clean_stale, sha256_file, verify_checksum
+from .fsutil import atomic_write_json, clean_stale, sha256_file, verify_checksum
 
 
 def save(ckpt_root: Path, step: int, state: dict, meta: dict, trainer: dict | None, keep: int) -> Path:

@@ -50,7 +50,8 @@ def _quiet_libraries() -> None:
 def _recipe(d: Path, *writes: str | Path):
     """The recipe dir; `writes` (relative to it, or absolute) are output dirs checked for being
     writable before any work starts, so a read-only or full disk fails at once, in one line."""
-    from .recipe import Recipe, check_writable
+    from .fsutil import check_writable
+    from .recipe import Recipe
 
     if not d.is_dir():
         raise MavsrError(f"recipe directory not found: {d}")

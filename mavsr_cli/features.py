@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import MavsrError
-from .recipe import verify_checksum
+from .fsutil import verify_checksum
 
 
 def file_digest(path: Path, limit: int = 64 << 20) -> str:

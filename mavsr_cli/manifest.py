@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import MavsrError
-from .recipe import atomic_write_text
+from .fsutil import atomic_write_text
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import av
 import numpy as np
 
 from .errors import MavsrError
-from .recipe import atomic_file
+from .fsutil import atomic_file
 
 SAMPLE_RATE = 16000
 FPS = 25

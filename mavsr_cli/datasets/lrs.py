@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MavsrError
+from ..fsutil import inside
 from ..media import FPS, SAMPLE_RATE, crop_resize, read_audio, read_video_at, write_av, write_wav
-from ..recipe import inside
 from .lrs_text import clean_transcript, parse_text
 
 LRS3_SPLITS = ("pretrain", "trainval", "test")

@@ -28,7 +28,8 @@ import torch
 
 from ..config import snr_value
 from ..errors import MavsrError
-from ..recipe import Recipe, atomic_write_json, atomic_write_text
+from ..fsutil import atomic_write_json, atomic_write_text
+from ..recipe import Recipe
 from .decode import DecodeOptions, Decoder
 from .score import score_dir
 

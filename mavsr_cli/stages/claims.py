@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import MavsrError
+from ..fsutil import atomic_write_json, atomic_write_text
 from ..rates import Rates
-from ..recipe import Recipe, atomic_write_json, atomic_write_text
+from ..recipe import Recipe
 
 
 @dataclass(frozen=True)

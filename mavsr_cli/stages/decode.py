@@ -26,10 +26,11 @@ from .. import checkpoint, faults
 from .. import config as config_mod
 from ..errors import MavsrError
 from ..features import FeatureStore
+from ..fsutil import atomic_write_text, clean_stale, staged_dir
 from ..model.build import build_model
 from ..progress import bar
 from ..rates import Rates, require
-from ..recipe import Recipe, atomic_write_text, clean_stale, is_done, resolve_model, staged_dir, write_provenance
+from ..recipe import Recipe, is_done, resolve_model, write_provenance
 from ..train_loop import batch_features
 from . import extract_features as ef
 

@@ -29,22 +29,12 @@ from ..augment import babble, fit_length, mix_at_snr, pick_babble_sources
 from ..config import Config, snr_values
 from ..errors import MavsrError
 from ..features import model_digest
+from ..fsutil import atomic_file, atomic_write_json, atomic_write_text, clean_stale, sha256_file
 from ..media import read_audio, read_video_gray
 from ..model.audio_encoder import WhisperAudioEncoder
 from ..model.video_encoder import load_video_encoder
 from ..progress import bar
-from ..recipe import (
-    Recipe,
-    atomic_file,
-    atomic_write_json,
-    atomic_write_text,
-    clean_stale,
-    is_done,
-    mark_done,
-    resolve_model,
-    sha256_file,
-    write_provenance,
-)
+from ..recipe import Recipe, is_done, mark_done, resolve_model, write_provenance
 
 SHARD_SIZE = 256  # utterances per shard file
 

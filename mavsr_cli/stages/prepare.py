@@ -22,9 +22,10 @@ from .. import manifest as mf
 from ..datasets import synth
 from ..datasets.lrs_text import format_text
 from ..errors import MavsrError
+from ..fsutil import atomic_write_text, clean_stale, inside
 from ..media import FPS, write_av
 from ..progress import bar, progress
-from ..recipe import Recipe, atomic_write_text, clean_stale, inside, is_done, mark_done, write_provenance
+from ..recipe import Recipe, is_done, mark_done, write_provenance
 
 
 @dataclass(frozen=True)

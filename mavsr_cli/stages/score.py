@@ -16,8 +16,9 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import MavsrError
+from ..fsutil import atomic_write_json, atomic_write_text
 from ..rates import Rates
-from ..recipe import Recipe, atomic_write_json, atomic_write_text, is_done
+from ..recipe import Recipe, is_done
 from ..scoring import score as score_texts
 
 

@@ -29,12 +29,13 @@ from ..config import VideoEncoderConfig
 from ..datasets import synth
 from ..datasets.lrs_text import parse_text
 from ..errors import MavsrError
+from ..fsutil import inside, staged_dir
 from ..media import FPS, read_audio, read_video_gray
 from ..model import llm as llm_mod
 from ..model.audio_encoder import WhisperAudioEncoder
 from ..model.video_encoder import SmallVideoEncoder
 from ..progress import bar, progress
-from ..recipe import Recipe, inside, is_done, staged_dir, write_provenance
+from ..recipe import Recipe, is_done, write_provenance
 from ..train_loop import lr_lambda
 from .extract_features import normalise, video_crop
 

@@ -21,9 +21,10 @@ from .. import __version__
 from ..config import Config
 from ..errors import MavsrError
 from ..features import FeatureStore
+from ..fsutil import atomic_write_text
 from ..model.build import build_model
 from ..rates import select
-from ..recipe import Recipe, atomic_write_text, is_done, mark_done, resolve_model, write_provenance
+from ..recipe import Recipe, is_done, mark_done, resolve_model, write_provenance
 from ..train_loop import train
 from .extract_features import cache_split, encoders_tag, provenance
 

@@ -2,7 +2,8 @@ import pytest
 
 from mavsr_cli import manifest as mf
 from mavsr_cli.errors import MavsrError
-from mavsr_cli.recipe import atomic_write_text, is_done, staged_dir
+from mavsr_cli.fsutil import atomic_write_text, staged_dir
+from mavsr_cli.recipe import is_done
 
 
 def utt(i):
