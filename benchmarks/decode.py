@@ -24,10 +24,10 @@ import torch
 from _common import emit
 
 import mavsr_cli  # noqa: F401  (torchaudio guard before transformers)
+from mavsr_cli.decoding import Decoder, auto_max_new_tokens, generate
+from mavsr_cli.features import batch_features
 from mavsr_cli.rates import Rates
 from mavsr_cli.recipe import Recipe
-from mavsr_cli.stages.decode import DecodeOptions, Decoder, auto_max_new_tokens
-from mavsr_cli.train_loop import batch_features
 
 # paper.md, Table 4: LLM input tokens for a 10 s clip (Llama 3.1-8B setting)
 PAPER_T4 = {"a1v1": 757, "a4v2": 257, "a4v5": 182, "a16v2": 163, "a16v5": 88}
@@ -47,7 +47,7 @@ def main() -> None:
     if not (recipe.root / args.exp / "meta.json").is_file():
         sys.exit(f"no trained experiment at {recipe.root / args.exp}: run `make demo` first")
     dec = Decoder(recipe, args.exp, "test", log=lambda m: None)
-    store = dec.store(DecodeOptions())
+    store = dec.store(dec.options())
     model = dec.model
     ids = [i for i in store.ids() if i in dec.utts][: args.utts]
     modality = dec.cfg.model.modality
@@ -69,7 +69,7 @@ def main() -> None:
                 bid = ids[b:b + bs]
                 mnt = auto_max_new_tokens([dec.utts[i].duration for i in bid])
                 feats = batch_features(store, bid, modality)
-                hyps += hf_generate(feats, rates, mnt) if hf else model.generate(feats, rates, mnt, beam=args.beam)[0]
+                hyps += hf_generate(feats, rates, mnt) if hf else generate(model, feats, rates, mnt, beam=args.beam)[0]
         return hyps, time.perf_counter() - t0
 
     r0 = Rates(16, 5) if Rates(16, 5) in dec.trained else dec.trained[-1]

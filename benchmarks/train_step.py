@@ -32,8 +32,8 @@ import mavsr_cli  # noqa: F401  (torchaudio guard before transformers)
 from mavsr_cli import config as C
 from mavsr_cli import manifest as mf
 from mavsr_cli.datasets import synth
-from mavsr_cli.features import FeatureStore, pad_batch
-from mavsr_cli.media import read_audio, read_video_gray
+from mavsr_cli.features import FeatureStore, batch_features, encoders_tag, pad_batch, provenance
+from mavsr_cli.media import normalise, read_audio, read_video_gray, video_crop
 from mavsr_cli.model import llm as llm_mod
 from mavsr_cli.model.audio_encoder import WhisperAudioEncoder
 from mavsr_cli.model.avhubert import AVHubertConfig, AVHubertVideoEncoder
@@ -42,7 +42,7 @@ from mavsr_cli.model.video_encoder import load_video_encoder
 from mavsr_cli.recipe import Recipe
 from mavsr_cli.stages import extract_features as ef
 from mavsr_cli.stages import prepare
-from mavsr_cli.train_loop import MatryoshkaLoss, batch_features
+from mavsr_cli.train_loop import MatryoshkaLoss
 
 VIDEO = AVHubertConfig(encoder_layers=6, encoder_embed_dim=512, encoder_ffn_embed_dim=2048,
                        encoder_attention_heads=8, resnet_channels=32)
@@ -79,7 +79,7 @@ def main() -> None:
     quiet = lambda m: None  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         recipe, cfg = setup(Path(tmp), args.utts, quiet)
-        tag = ef.encoders_tag(ef.provenance(recipe, cfg))
+        tag = encoders_tag(provenance(recipe, cfg))
         store = FeatureStore(recipe.dump(tag, "train"))
         utts = {u.id: u for u in mf.read(recipe.require_manifest("train"))}
         audio_enc = WhisperAudioEncoder.load(cfg.audio_encoder.path, cfg.audio_encoder.mode)
@@ -100,7 +100,7 @@ def main() -> None:
             vc = cfg.video_encoder
             with torch.inference_mode():
                 a = [audio_enc(read_audio(recipe.resolve_media(utts[i].audio))) for i in ids]
-                v = [video_enc(ef.normalise(ef.video_crop(read_video_gray(recipe.resolve_media(utts[i].video)), vc.crop),
+                v = [video_enc(normalise(video_crop(read_video_gray(recipe.resolve_media(utts[i].video)), vc.crop),
                                             vc.mean, vc.std)) for i in ids]
             return {"audio": pad_batch([x.clone() for x in a]), "video": pad_batch([x.clone() for x in v])}
 

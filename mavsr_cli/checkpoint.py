@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from .errors import MavsrError
 from .fsutil import atomic_write_json, clean_stale, sha256_file, verify_checksum
+from .rates import Rates
 
 
 def save(ckpt_root: Path, step: int, state: dict, meta: dict, trainer: dict | None, keep: int) -> Path:
@@ -126,3 +127,17 @@ def load_trainer(ckpt: Path) -> dict:
     except Exception as e:
         raise MavsrError(f"unreadable trainer state in {ckpt} ({type(e).__name__}); remove that checkpoint "
                          "to resume from the one before it") from None
+
+
+def grid_of(meta: dict) -> list[Rates]:
+    """The rate configurations a checkpoint was trained on (its meta's `rates`)."""
+    return [Rates.parse(t) for t in meta["rates"]]
+
+
+def trained_grid(exp_dir: Path) -> list[Rates]:
+    """The rate configurations an experiment trains: exp/<tag>/meta.json, the one record of them
+    (written when training starts), else the meta of its checkpoint."""
+    meta = exp_dir / "meta.json"
+    if meta.is_file():
+        return grid_of(json.loads(meta.read_text()))
+    return grid_of(read_meta(for_decoding(exp_dir)))

@@ -1,7 +1,9 @@
 """Configuration: frozen dataclasses (one comment per field), loaded from and dumped to YAML.
 
-A recipe's `conf/*.yaml` overrides the defaults below; unknown keys are an error that names the
-nearest valid key. The resolved config is written beside every output (`config.yaml`).
+A recipe's `conf/*.yaml` overrides the defaults below and holds only what differs from them; a
+`base: other.yaml` key (relative to the file) takes that file first, so a variant states only its
+difference. Unknown keys are an error that names the nearest valid key. The resolved config is
+written beside every output (`config.yaml`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,17 @@ import yaml
 from .errors import MavsrError
 from .rates import Rates, grid
 
+PROMPTS = {  # the paper's instruction after the media tokens, per modality
+    "av": "Transcribe speech and video to text.",
+    "a": "Transcribe speech to text.",
+    "v": "Transcribe video to text.",
+}
+
 
 @dataclass(frozen=True)
 class AudioEncoderConfig:
     path: str = "openai/whisper-small"  # Whisper model: hub id or local dir (from_pretrained)
     mode: str = "faithful"  # faithful: pad to 30 s as Whisper was trained; fast: encoder layers on the true length only (benchmarks/whisper_modes.md)
-    sample_rate: int = 16000  # input sample rate expected by the feature extractor
 
 
 @dataclass(frozen=True)
@@ -62,13 +69,7 @@ class ModelConfig:
         return grid(a, v)
 
     def resolved_prompt(self) -> str:
-        if self.prompt:
-            return self.prompt
-        return {
-            "av": "Transcribe speech and video to text.",
-            "a": "Transcribe speech to text.",
-            "v": "Transcribe video to text.",
-        }[self.modality]
+        return self.prompt or PROMPTS[self.modality]
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,14 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    batch_size: int = 16  # utterances decoded together
-    max_new_tokens: int = 32  # longest transcript generated (paper: 32)
+    """How a split is decoded; `mavsr decode` options override each field for one call."""
+
+    beam: int = 15  # beam width (1 = greedy); never sampling, so every run gives the same hypotheses
+    batch_size: int = 16  # utterances decoded together (the hypotheses do not depend on it)
+    max_new_tokens: int = 0  # longest transcript generated; 0 = auto: 8 per second of the longest utterance, at least 32
+    snr: float | None = None  # noisy condition: noise added to the audio at this SNR in dB (None = clean)
+    noise: str = "babble"  # noise of the condition: babble (other training speakers), white, or an audio file
+    pool: str = ""  # inference-only pooling at these rates (a tag, e.g. a16v5) through the decoded pair's projectors
 
 
 @dataclass(frozen=True)
@@ -136,6 +143,11 @@ def _to_plain(x):
     return x
 
 
+# keys of earlier releases that no longer mean anything: read (an old experiment's config.yaml
+# still loads) and dropped
+_RETIRED = {"audio_encoder.sample_rate"}
+
+
 def _build(cls, data: dict, where: str):
     if not isinstance(data, dict):
         raise MavsrError(f"config section {where or 'top level'} must be a mapping")
@@ -143,6 +155,8 @@ def _build(cls, data: dict, where: str):
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
+        if where + key in _RETIRED:
+            continue
         if key not in names:
             near = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else f" (valid: {', '.join(names)})"
@@ -162,19 +176,37 @@ def from_dict(data: dict) -> Config:
 
 
 def load(path: str | Path | None) -> Config:
-    """Load a YAML config over the defaults; None gives the defaults."""
+    """Load a YAML config (and its `base:` chain) over the defaults; None gives the defaults."""
     if path is None:
         return Config()
-    p = Path(path)
-    if not p.is_file():
-        raise MavsrError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise MavsrError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    cfg = from_dict(data or {})
+    cfg = from_dict(_read_chain(Path(path), []))
     validate(cfg)
     return cfg
+
+
+def _read_chain(p: Path, seen: list[Path]) -> dict:
+    """The file's mapping merged over its `base:` file's, section by section."""
+    if not p.is_file():
+        raise MavsrError(f"config file not found: {p}" + (f" (the base of {seen[-1]})" if seen else ""))
+    if p.resolve() in seen:
+        raise MavsrError(f"config {p}: its `base:` chain comes back to itself")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MavsrError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise MavsrError(f"config file {p} must hold a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_read_chain(p.parent / str(base), seen + [p.resolve()]), data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def with_lora_strategy(cfg: Config, strategy: str) -> Config:

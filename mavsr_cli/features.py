@@ -7,20 +7,25 @@ dump/<encoders-tag>/<split>/
                               (k < K), the features of the k-th seeded augmented copy
     index.jsonl               {"id", "shard", "audio_len", "video_len"[, "copies": [{"snr": dB|null}, ...]]}
     provenance.json           encoders, their config and weights hashes, dims
-One cache serves every rate configuration: compression happens at load time.
+One cache serves every rate configuration: compression happens at load time. The cache's names
+(`<encoders-tag>`, the split dir of augmented and noisy copies) are made here and nowhere else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from .config import Config
 from .errors import MavsrError
 from .fsutil import verify_checksum
+from .recipe import Recipe, resolve_model
 
 
 def file_digest(path: Path, limit: int = 64 << 20) -> str:
@@ -105,3 +110,46 @@ def pad_batch(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     for i, t in enumerate(tensors):
         out[i, : t.shape[0]] = t
     return out, lengths
+
+
+def batch_features(store: FeatureStore, ids: list[str], modality: str, copies: list[int | None] | None = None) -> dict:
+    """The padded features of a batch: {"audio": ((B, T, D), (B,)), "video": ...} for the modality's streams."""
+    feats = {}
+    copies = copies or [None] * len(ids)
+    for m in ("audio", "video"):
+        if (m == "audio" and modality in ("av", "a")) or (m == "video" and modality in ("av", "v")):
+            feats[m] = pad_batch([store.get(i, m, c) for i, c in zip(ids, copies, strict=True)])  # (B, T, D), (B,)
+    return feats
+
+
+def provenance(recipe: Recipe, cfg: Config) -> dict:
+    """Everything that shapes the features: each encoder used, its settings and a hash of its weights."""
+    a, v = cfg.audio_encoder, cfg.video_encoder
+    use_a = cfg.model.modality in ("av", "a")
+    use_v = cfg.model.modality in ("av", "v")
+    audio = video = None
+    if use_a:
+        audio = {"path": a.path, "mode": a.mode, "digest": model_digest(resolve_model(recipe, a.path))}
+    if use_v:
+        video = {"path": v.path, "crop": v.crop, "mean": v.mean, "std": v.std,
+                 "digest": model_digest(resolve_model(recipe, v.path))}
+    return {"audio": audio, "video": video}
+
+
+def encoders_tag(prov: dict) -> str:
+    """dump/<tag>: readable names plus a short hash of everything that shapes the features."""
+    names = [os.path.basename(str(prov[m]["path"]).rstrip("/")) for m in ("audio", "video") if prov[m]]
+    h = hashlib.sha256(json.dumps(prov, sort_keys=True).encode()).hexdigest()[:8]
+    return "_".join(names + [h])
+
+
+def cache_split(cfg: Config, split: str, condition: str = "") -> str:
+    """The dump subdir of a split: the train split with augmented copies gets its own, named by a
+    hash of the augment settings (train-aug<hash>); a noisy condition (rates.condition_name) gets
+    <split>-<condition> (e.g. test-snr0), so clean, augmented and noisy caches coexist."""
+    if condition:
+        return f"{split}-{condition}"
+    if split != "train" or not cfg.augment.noisy_copies:
+        return split
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg.augment), sort_keys=True).encode()).hexdigest()[:8]
+    return f"train-aug{h}"

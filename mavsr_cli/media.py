@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
 
+from .clocks import FPS, SAMPLE_RATE
 from .errors import MavsrError
 from .fsutil import atomic_file
 
-SAMPLE_RATE = 16000
-FPS = 25
+if TYPE_CHECKING:  # torch is imported where it is used: reading media needs none of it
+    import torch
 
 
 class MediaError(MavsrError):
@@ -159,3 +161,32 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> 
         f.setsampwidth(2)
         f.setframerate(sample_rate)
         f.writeframes(pcm.tobytes())
+
+
+# ---- the video front end's last steps: mouth ROI (T, 96, 96) uint8 -> encoder input -------------
+def video_crop(frames: np.ndarray, crop: int) -> torch.Tensor:
+    """(T, H, W) uint8 mouth ROI -> its centre crop (T, crop, crop), uint8 (test-time crop)."""
+    t, h, w = frames.shape
+    return _window(frames, crop, (h - crop) // 2, (w - crop) // 2)
+
+
+def random_crop(frames: np.ndarray, crop: int, rng: np.random.Generator) -> torch.Tensor:
+    """(T, H, W) -> one random (crop, crop) window for the whole clip (train-time crop)."""
+    t, h, w = frames.shape
+    if h < crop or w < crop:
+        raise MavsrError(f"mouth ROI of {h}x{w} is smaller than the {crop}x{crop} crop")
+    return _window(frames, crop, int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1)))
+
+
+def _window(frames: np.ndarray, crop: int, y0: int, x0: int) -> torch.Tensor:
+    import torch
+
+    t, h, w = frames.shape
+    if h < crop or w < crop:
+        raise MavsrError(f"mouth ROI of {h}x{w} is smaller than the {crop}x{crop} crop")
+    return torch.from_numpy(np.ascontiguousarray(frames[:, y0:y0 + crop, x0:x0 + crop]))
+
+
+def normalise(crop: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 pixels -> [0, 1] -> (x - mean) / std, float32 (paper.md, Pipeline 2)."""
+    return (crop.float() / 255.0 - mean) / std

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .clocks import AUDIO_HZ, FPS
 from .errors import MavsrError
 
 _TAG = re.compile(r"^(?:a(\d+))?(?:v(\d+))?$")
@@ -39,7 +40,7 @@ class Rates:
         v = "-" if self.video is None else str(self.video)
         return f"({a},{v})"
 
-    def tokens_per_second(self, audio_hz: float = 50.0, video_hz: float = 25.0) -> float:
+    def tokens_per_second(self, audio_hz: float = AUDIO_HZ, video_hz: float = FPS) -> float:
         """LLM input tokens per second of speech this configuration produces."""
         t = 0.0
         if self.audio:
@@ -88,3 +89,53 @@ def require(r: Rates, trained: list[Rates]) -> None:
         raise MavsrError(
             f"rates {r.tag} {r.pair} are not in the trained grid: {', '.join(x.tag for x in trained)}"
         )
+
+
+def condition_name(noise: str, snr: float) -> str:
+    """A noisy test condition: 'snr0' for babble (the paper's), 'white_snr5', '<file stem>_snr-5'."""
+    from pathlib import Path
+
+    kind = "" if noise == "babble" else ("white" if noise == "white" else Path(noise).stem) + "_"
+    return f"{kind}snr{snr:g}"
+
+
+def condition_snr(condition: str) -> float | None:
+    """The SNR (dB) of a condition name; None for clean ('')."""
+    return float(condition.rsplit("snr", 1)[1]) if condition else None
+
+
+@dataclass(frozen=True)
+class DecodeTag:
+    """What a decode dir holds, and its name: `decode_<rates>[_pool<rates>]_beam<B>[_<condition>]`.
+
+    The only place that builds or reads these names (decode writes them; score, claims and bench
+    read them back)."""
+
+    rates: Rates  # the configuration decoded (its projectors and adapters)
+    beam: int = 15  # beam width (1 = greedy)
+    pool: Rates | None = None  # inference-only pooling at these rates (the paper's baseline)
+    condition: str = ""  # noisy condition (condition_name), '' = clean
+
+    @property
+    def name(self) -> str:
+        pool = "" if self.pool is None else f"_pool{self.pool.tag}"
+        cond = f"_{self.condition}" if self.condition else ""
+        return f"decode_{self.rates.tag}{pool}_beam{self.beam}{cond}"
+
+    @classmethod
+    def parse(cls, name: str) -> DecodeTag:
+        """decode_a16v5_beam15_snr0 -> DecodeTag(Rates(16, 5), 15, None, 'snr0'); the dirs of
+        mavsr 0.1.0 said `greedy` for beam 1."""
+        parts = name.split("_")
+        if len(parts) < 3 or parts[0] != "decode":
+            raise MavsrError(f"{name!r} is not a decode dir name (decode_<rates>[_pool<rates>]_beam<B>[_<noise>])")
+        rates, rest, pool = Rates.parse(parts[1]), parts[2:], None
+        if rest[0].startswith("pool"):
+            pool, rest = Rates.parse(rest[0][4:]), rest[1:]
+        if rest and rest[0] == "greedy":
+            beam = 1
+        elif rest and rest[0].startswith("beam") and rest[0][4:].isdigit():
+            beam = int(rest[0][4:])
+        else:
+            raise MavsrError(f"{name!r}: no beam width in the decode dir name")
+        return cls(rates, beam, pool, "_".join(rest[1:]))

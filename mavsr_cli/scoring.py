@@ -4,16 +4,20 @@ Normalisers (applied to reference and hypothesis alike):
   default  lower-case, strip punctuation except apostrophes, collapse whitespace (paper.md: corpus
            WER on lower-cased, whitespace-split text)
   none     collapse whitespace only
+`score_dir` scores one decode dir: hyp.jsonl -> wer.json, result.txt, errors.txt, ref.trn, hyp.trn.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import jiwer
 
 from .errors import MavsrError
+from .fsutil import atomic_write_json, atomic_write_text
 
 _PUNCT = re.compile(r"[^\w\s']", re.UNICODE)
 
@@ -96,7 +100,36 @@ def score(refs: list[str], hyps: list[str], ids: list[str] | None = None, normal
     }
 
 
-def wer(refs: list[str], hyps: list[str]) -> dict:
-    """Corpus WER over utterance pairs; empty hypotheses count as deletions."""
-    out = score(refs, hyps)
-    return {k: out[k] for k in ("wer", "sub", "del", "ins", "ref_words", "utterances")}
+def score_dir(d: Path, force: bool = False, normaliser: str = "default") -> dict:
+    if (d / "wer.json").is_file() and not force:
+        old = json.loads((d / "wer.json").read_text())
+        if old.get("normaliser", "default") == normaliser and "cer" in old:
+            return old
+    recs = [json.loads(line) for line in (d / "hyp.jsonl").read_text().splitlines() if line.strip()]
+    full = score([r["ref"] for r in recs], [r["hyp"] for r in recs], [r["id"] for r in recs], normaliser)
+    details = full.pop("details")
+    res = dict(full)
+    dur = sum(r["duration"] for r in recs)
+    res["decode_time_per_utt"] = sum(r["time"] for r in recs) / max(1, len(recs))
+    res["llm_tokens_in_per_utt"] = sum(r["tokens_in"] for r in recs) / max(1, len(recs))
+    res["speech_seconds"] = round(dur, 3)
+    atomic_write_json(d / "wer.json", res)
+    atomic_write_text(d / "result.txt",
+                      f"%WER {res['wer']:.2f} [ {res['sub'] + res['del'] + res['ins']} / {res['ref_words']}, "
+                      f"{res['sub']} sub, {res['del']} del, {res['ins']} ins ] over {res['utterances']} utterances\n"
+                      f"%CER {res['cer']:.2f} [ {res['char_sub'] + res['char_del'] + res['char_ins']} / "
+                      f"{res['ref_chars']} ]  normaliser: {normaliser}\n")
+    # sclite-style transcripts and per-utterance alignments
+    atomic_write_text(d / "ref.trn", "".join(f"{x['ref']} ({x['id']})\n" for x in details))
+    atomic_write_text(d / "hyp.trn", "".join(f"{x['hyp']} ({x['id']})\n" for x in details))
+    blocks = []
+    for x in details:
+        if not (x["sub"] or x["del"] or x["ins"]):
+            continue
+        ref, hyp, marks = x["lines"]
+        blocks.append(f"id: {x['id']}  S {x['sub']} D {x['del']} I {x['ins']} / {x['words']}\n"
+                      f"REF:  {ref}\nHYP:  {hyp}\n      {marks}\n")
+    head = (f"# {len(blocks)} of {len(details)} utterances with errors; errors upper-case, *** = gap, "
+            f"S/D/I under each error\n\n")
+    atomic_write_text(d / "errors.txt", head + "\n".join(blocks))
+    return res

@@ -29,23 +29,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import augment, checkpoint, faults
+from . import augment, checkpoint, faults, seeds
 from .config import Config
 from .errors import MavsrError
-from .features import FeatureStore, pad_batch
+from .features import FeatureStore, batch_features
 from .progress import bar
 from .rates import Rates
 
 FAULT_ENV = faults.KILL_AT_STEP  # testing aid: SIGKILL the run right after this step's checkpoint
-
-
-def batch_features(store: FeatureStore, ids: list[str], modality: str, copies: list[int | None] | None = None) -> dict:
-    feats = {}
-    copies = copies or [None] * len(ids)
-    for m in ("audio", "video"):
-        if (m == "audio" and modality in ("av", "a")) or (m == "video" and modality in ("av", "v")):
-            feats[m] = pad_batch([store.get(i, m, c) for i, c in zip(ids, copies, strict=True)])  # (B, T, D), (B,)
-    return feats
 
 
 def lr_lambda(total: int, warmup: int):
@@ -66,7 +57,7 @@ def plan_epoch(store: FeatureStore, ids: list[str], batch_size: int, max_frames:
     shuffled order cut into batch_size. Batches smaller than `min_batch` (processes x accumulation
     steps) are merged into a neighbour, so every process always has work.
     """
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    g = torch.Generator().manual_seed(seeds.epoch(seed, epoch, "batches"))
     if max_frames > 0:
         batches, cur, frames = [], [], 0
         for uid in sorted(ids, key=lambda u: (store.frames(u), u)):
@@ -98,7 +89,7 @@ def draw_copies(counts: dict[str, int], seed: int, epoch: int) -> dict[str, int 
     """Per utterance, what training reads this epoch: one of its K augmented copies (0..K-1) or
     the original (None), drawn uniformly from the K+1, so clean speech stays in the mix.
     `counts` maps each utterance to K (0: only the original is cached)."""
-    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    g = torch.Generator().manual_seed(seeds.epoch(seed, epoch, "copies"))
     out: dict[str, int | None] = {}
     for uid, k in counts.items():
         i = int(torch.randint(0, k + 1, (1,), generator=g)) if k else 0
@@ -142,10 +133,6 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return rank, world, device
-
-
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step) * 64 + rank
 
 
 def wrap(loss_mod: MatryoshkaLoss, cfg: Config, device: torch.device, world: int):
@@ -230,7 +217,7 @@ def train(model, store: FeatureStore, texts: dict[str, str], cfg: Config, rates:
             copies = draw_copies({i: store.copies(i) for i in ids}, cfg.augment.seed + t.seed, epoch)
             for bid in plan[first:]:
                 t_step = time.perf_counter()
-                torch.manual_seed(_step_seed(t.seed, step, rank))
+                torch.manual_seed(seeds.step(t.seed, step, rank))
                 n_tok = sum(len(targets[i]) + 1 for i in bid)  # the global batch's target tokens
                 mine = bid[rank::world]
                 micro = [mine[k::t.accum_steps] for k in range(t.accum_steps)]
@@ -239,7 +226,7 @@ def train(model, store: FeatureStore, texts: dict[str, str], cfg: Config, rates:
                 for k, chunk in enumerate(micro):
                     feats = batch_features(store, chunk, cfg.model.modality, [copies[i] for i in chunk])
                     if t.time_mask:  # per-utterance seeds: the same masks whatever the process split
-                        feats = augment.mask_features(feats, [_step_seed(t.seed, step, 0) * 4099 + bid.index(i)
+                        feats = augment.mask_features(feats, [seeds.time_mask(t.seed, step, bid.index(i))
                                                               for i in chunk])
                     feats = {m: (x.to(device), n.to(device)) for m, (x, n) in feats.items()}
                     sync = contextlib.nullcontext()

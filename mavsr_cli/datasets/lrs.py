@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..clocks import FPS, SAMPLE_RATE
 from ..errors import MavsrError
 from ..fsutil import inside
-from ..media import FPS, SAMPLE_RATE, crop_resize, read_audio, read_video_at, write_av, write_wav
+from ..media import crop_resize, read_audio, read_video_at, write_av, write_wav
 from .lrs_text import clean_transcript, parse_text
 
 LRS3_SPLITS = ("pretrain", "trainval", "test")

@@ -17,14 +17,13 @@ ROI exactly as it does for real data.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .. import compat
-from ..media import FPS, SAMPLE_RATE
+from ..clocks import FPS, SAMPLE_RATE
 
 # --------------------------------------------------------------------------------------------
 # Grammar: every sentence is a path through one of the templates; slots draw from word lists.
@@ -287,11 +286,6 @@ class SynthUtterance:
     audio: np.ndarray  # (T * 640,) float32, 16 kHz
     text: str
     words: list[tuple[str, float, float]]  # (word, start s, end s)
-
-
-def utterance_seed(seed: int, split: str, speaker: str, index: int) -> list[int]:
-    h = hashlib.sha256(f"{split}/{speaker}/{index}".encode()).digest()
-    return [seed, int.from_bytes(h[:4], "little")]
 
 
 def synthesize(text: str, spk: Speaker, rng: np.random.Generator) -> SynthUtterance:

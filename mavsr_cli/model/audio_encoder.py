@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..clocks import SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME
 from ..errors import MavsrError
 
 
@@ -73,19 +74,19 @@ class WhisperAudioEncoder(nn.Module):
 
     def forward(self, wav: np.ndarray) -> torch.Tensor:
         """One utterance of 16 kHz mono float audio -> (T, d_model) at 50 Hz."""
-        n_tokens = max(1, len(wav) // 320)  # 10 ms mel hop, then stride-2 conv: 20 ms per token
+        n_tokens = max(1, len(wav) // SAMPLES_PER_AUDIO_FRAME)  # 10 ms mel hop, then stride-2 conv: 20 ms per token
         enc = self.encoder
         dev = enc.conv1.weight.device
         if self.mode == "faithful":
-            mel = self.extractor(wav, sampling_rate=16000, return_tensors="pt").input_features
+            mel = self.extractor(wav, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
             out = enc(mel.to(dev, enc.conv1.weight.dtype)).last_hidden_state[0]
             return out[:n_tokens]
         return self.encode_mel(self.mel(wav))
 
     def mel(self, wav: np.ndarray) -> torch.Tensor:
         """Whisper log-mel of the true length, (80, 2 * tokens)."""
-        n_tokens = max(1, len(wav) // 320)
-        mel = self.extractor(wav, sampling_rate=16000, return_tensors="pt", padding="longest",
+        n_tokens = max(1, len(wav) // SAMPLES_PER_AUDIO_FRAME)
+        mel = self.extractor(wav, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="longest",
                              truncation=False).input_features  # (1, 80, frames)
         return mel[0, :, : 2 * n_tokens]
 

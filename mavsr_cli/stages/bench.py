@@ -21,29 +21,21 @@ import os
 import platform
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..config import snr_value
+from ..decoding import Decoder
 from ..errors import MavsrError
 from ..fsutil import atomic_write_json, atomic_write_text
+from ..options import BenchOptions
 from ..recipe import Recipe
-from .decode import DecodeOptions, Decoder
-from .score import score_dir
+from ..scoring import score_dir
 
 COLUMNS = ["exp", "modality", "rates", "audio_rate", "video_rate", "snr", "wer", "cer", "tokens_per_s",
            "latency_s", "rtf", "peak_mem_mb", "utterances", "pareto"]
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    split: str = "test"
-    snrs: tuple[float | None, ...] = (None, 10.0, 5.0, 0.0, -5.0)  # None = clean
-    noise: str = "babble"
-    beam: int = 15
-    batch_size: int | None = None
 
 
 def parse_snrs(spec: str) -> tuple[float | None, ...]:
@@ -124,7 +116,7 @@ def measure(recipe: Recipe, exp: Path, opt: BenchOptions, log=print) -> list[dic
             if modality == "v" and snr is not None:
                 rows.append({**clean_row, "snr": snr, "note": "video only: audio noise does not reach it"})
                 continue
-            dopt = DecodeOptions(beam=opt.beam, batch_size=opt.batch_size, snr=snr, noise=opt.noise)
+            dopt = replace(dec.options(beam=opt.beam, batch_size=opt.batch_size), snr=snr, noise=opt.noise)
             if snr is not None:
                 dec.store(dopt)  # the noisy features are encoded before the timed block
             with PeakMemory() as mem:

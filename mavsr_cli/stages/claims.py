@@ -3,6 +3,7 @@
 Reads what earlier stages wrote, decodes nothing:
     <bench>/bench.json                  rows of `mavsr bench` over the Matryoshka, audio-only and
                                         video-only experiments (clean and babble conditions)
+    <exp>/meta.json                     the rate grid each experiment trained
     <exp>/decode_<pair>_beam<B>/<split>/wer.json          per-rate baselines, other strategies
     <rate1>/decode_<pair>_pool<pair>_beam<B>/<split>/wer.json  the rate-1 model pooled at inference
 writes <out>/CLAIMS.md and <out>/claims.json: each claim with its verdict (holds / fails) and the
@@ -15,23 +16,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..checkpoint import trained_grid
 from ..errors import MavsrError
 from ..fsutil import atomic_write_json, atomic_write_text
-from ..rates import Rates
+from ..options import Bounds
+from ..rates import DecodeTag, Rates
 from ..recipe import Recipe
-
-
-@dataclass(frozen=True)
-class Bounds:
-    margin: float = 1.5  # claim 1: Matryoshka WER at most this many points above the per-rate baseline
-    target_best: float = 10.0  # clean WER bound at the least compressed pair, e.g. (4,2)
-    target_worst: float = 20.0  # clean WER bound at the most compressed pair, e.g. (16,5)
-    gentle: float = 10.0  # claim 2: WER rise from least to most compressed pair at most this
-    collapse: float = 10.0  # claim 2: pooled rate-1 model at least this many points worse at the most compressed pair
-    video_max: float = 80.0  # claim 3: video-only WER below this
-    noisy_snrs: tuple[float, ...] = (0.0, -5.0)  # claim 3: AV must beat audio-only at these SNRs
-    av_slack: float = 0.0  # claim 3: ... by more than -av_slack points (0: AV strictly lower)
-    linear_tol: float = 0.1  # claim 4: media tokens within this fraction of the rate-proportional count
 
 
 @dataclass
@@ -61,100 +51,134 @@ def load_bench(bench: Path) -> dict:
     return json.loads(f.read_text())
 
 
+@dataclass(frozen=True)
+class Study:
+    """What the claims read: the bench rows, the main Matryoshka experiment's clean rows by rate
+    tag, and its pairs from the least to the most compressed."""
+
+    rows: list[dict]
+    beam: int
+    split: str
+    main: str
+    clean: dict[str, dict]
+    pairs: list[Rates]
+
+    @property
+    def best(self) -> Rates:
+        return self.pairs[0]
+
+    @property
+    def worst(self) -> Rates:
+        return self.pairs[-1]
+
+    def wer(self, exp: Path, rates: Rates, pool: Rates | None = None) -> float:
+        """A decode dir's clean WER at the study's beam (DecodeTag names it)."""
+        return _wer(exp, DecodeTag(rates, self.beam, pool).name, self.split)
+
+
 def check(recipe: Recipe, bench: dict, matryoshka: list[Path], baselines: list[Path], rate1: Path | None,
           audio_only: str | None, video_only: str | None, bounds: Bounds, split: str = "test") -> list[Claim]:
     rows = bench["rows"]
-    beam = int(bench["environment"]["beam"])
     main = matryoshka[0].name
     clean = {r["rates"]: r for r in rows if r["exp"] == main and r["snr"] is None}
     if not clean:
         raise MavsrError(f"claims: the bench has no clean rows of {main}")
     pairs = sorted((Rates.parse(t) for t in clean), key=lambda r: -r.tokens_per_second())
-    best, worst = pairs[0], pairs[-1]
+    s = Study(rows, int(bench["environment"]["beam"]), split, main, clean, pairs)
+    return [targets(s, bounds), claim1(s, matryoshka, baselines, bounds), claim2(s, rate1, bounds),
+            claim3(s, audio_only, video_only, bounds), claim4(s, bounds)]
 
-    c0 = Claim(0, "The model is accurate enough for the comparisons to mean something (the study's targets).")
-    c0.check(f"{main} clean WER at {best.pair}", clean[best.tag]["wer"] < bounds.target_best,
-             f"{clean[best.tag]['wer']:.2f}", f"< {bounds.target_best:g}")
-    c0.check(f"{main} clean WER at {worst.pair}", clean[worst.tag]["wer"] < bounds.target_worst,
-             f"{clean[worst.tag]['wer']:.2f}", f"< {bounds.target_worst:g}")
 
-    c1 = Claim(1, "One Matryoshka checkpoint decodes at every trained configuration, each within a small "
-                  "margin of (or better than) a model trained for that configuration alone.")
-    base = {}
-    for b in baselines:
-        trained = [line.strip() for line in (b / "rates.txt").read_text().split()] if (b / "rates.txt").is_file() else []
-        for t in trained:
-            base[t] = (b.name, _wer(b, f"decode_{t}_beam{beam}", split))
+def targets(s: Study, bounds: Bounds) -> Claim:
+    c = Claim(0, "The model is accurate enough for the comparisons to mean something (the study's targets).")
+    for p, bound in ((s.best, bounds.target_best), (s.worst, bounds.target_worst)):
+        w = s.clean[p.tag]["wer"]
+        c.check(f"{s.main} clean WER at {p.pair}", w < bound, f"{w:.2f}", f"< {bound:g}")
+    return c
+
+
+def claim1(s: Study, matryoshka: list[Path], baselines: list[Path], bounds: Bounds) -> Claim:
+    c = Claim(1, "One Matryoshka checkpoint decodes at every trained configuration, each within a small "
+                 "margin of (or better than) a model trained for that configuration alone.")
+    base = {r.tag: (b.name, s.wer(b, r)) for b in baselines for r in trained_grid(b)}
     if not base:
-        c1.check("per-rate baselines given", False, "none", "one per configuration")
+        c.check("per-rate baselines given", False, "none", "one per configuration")
     for m in matryoshka:
-        for p in pairs:
+        for p in s.pairs:
             if p.tag not in base:
-                c1.check(f"{m.name} {p.pair}: a baseline trained at {p.pair}", False, "missing", "present")
+                c.check(f"{m.name} {p.pair}: a baseline trained at {p.pair}", False, "missing", "present")
                 continue
-            w = clean[p.tag]["wer"] if m.name == main else _wer(m, f"decode_{p.tag}_beam{beam}", split)
+            w = s.clean[p.tag]["wer"] if m.name == s.main else s.wer(m, p)
             bw = base[p.tag][1]
-            c1.check(f"{m.name} {p.pair} vs {base[p.tag][0]}", w - bw <= bounds.margin,
-                     f"{w:.2f} vs {bw:.2f} ({w - bw:+.2f})", f"<= +{bounds.margin:g}")
+            c.check(f"{m.name} {p.pair} vs {base[p.tag][0]}", w - bw <= bounds.margin,
+                    f"{w:.2f} vs {bw:.2f} ({w - bw:+.2f})", f"<= +{bounds.margin:g}")
+    return c
 
-    c2 = Claim(2, "WER rises gently with compression; pooling a model trained at rate 1 collapses.")
-    rise = clean[worst.tag]["wer"] - clean[best.tag]["wer"]
-    c2.check(f"{main} WER rise {best.pair} -> {worst.pair}", rise <= bounds.gentle, f"{rise:+.2f}", f"<= +{bounds.gentle:g}")
+
+def claim2(s: Study, rate1: Path | None, bounds: Bounds) -> Claim:
+    c = Claim(2, "WER rises gently with compression; pooling a model trained at rate 1 collapses.")
+    rise = s.clean[s.worst.tag]["wer"] - s.clean[s.best.tag]["wer"]
+    c.check(f"{s.main} WER rise {s.best.pair} -> {s.worst.pair}", rise <= bounds.gentle, f"{rise:+.2f}",
+            f"<= +{bounds.gentle:g}")
     if rate1 is None:
-        c2.check("rate-1 model given", False, "none", "a model trained at (1,1)")
-    else:
-        r1 = (rate1 / "rates.txt").read_text().split()[0] if (rate1 / "rates.txt").is_file() else "a1v1"
-        own = f"decode_{r1}_beam{beam}"
-        if (rate1 / own / split / "wer.json").is_file():  # context: the rate-1 model at the rate it was trained for
-            c2.check(f"{rate1.name} at its own {Rates.parse(r1).pair}", True, f"{_wer(rate1, own, split):.2f}", "reported")
-        for p in (best, worst):
-            pw = _wer(rate1, f"decode_{r1}_pool{p.tag}_beam{beam}", split)
-            gap = pw - clean[p.tag]["wer"]
-            bound = bounds.collapse if p == worst else None
-            c2.check(f"{rate1.name} pooled at {p.pair} vs {main}", True if bound is None else gap >= bound,
-                     f"{pw:.2f} vs {clean[p.tag]['wer']:.2f} ({gap:+.2f})",
-                     "reported" if bound is None else f">= +{bound:g}")
+        c.check("rate-1 model given", False, "none", "a model trained at (1,1)")
+        return c
+    r1 = trained_grid(rate1)[0]
+    if (rate1 / DecodeTag(r1, s.beam).name / s.split / "wer.json").is_file():  # context: at its own rates
+        c.check(f"{rate1.name} at its own {r1.pair}", True, f"{s.wer(rate1, r1):.2f}", "reported")
+    for p in (s.best, s.worst):
+        pw = s.wer(rate1, r1, pool=p)
+        gap = pw - s.clean[p.tag]["wer"]
+        bound = bounds.collapse if p == s.worst else None
+        c.check(f"{rate1.name} pooled at {p.pair} vs {s.main}", True if bound is None else gap >= bound,
+                f"{pw:.2f} vs {s.clean[p.tag]['wer']:.2f} ({gap:+.2f})",
+                "reported" if bound is None else f">= +{bound:g}")
+    return c
 
-    c3 = Claim(3, "Audio+video beats audio alone under heavy babble noise; video alone is far better than chance.")
+
+def claim3(s: Study, audio_only: str | None, video_only: str | None, bounds: Bounds) -> Claim:
+    c = Claim(3, "Audio+video beats audio alone under heavy babble noise; video alone is far better than chance.")
     if audio_only is None:
-        c3.check("audio-only model given", False, "none", "present")
-    else:
-        for snr in bounds.noisy_snrs:
-            for p in pairs:
-                av = next((r for r in rows if r["exp"] == main and r["rates"] == p.tag and r["snr"] == snr), None)
-                a = next((r for r in rows if r["exp"] == audio_only and r["audio_rate"] == p.audio
-                          and r["snr"] == snr), None)
-                if av is None or a is None:
-                    c3.check(f"{p.pair} at {snr:g} dB", False, "not in the bench", "AV and audio-only rows")
-                    continue
-                c3.check(f"{main} {p.pair} vs {audio_only} (a{p.audio}) at {snr:g} dB",
-                         av["wer"] < a["wer"] + bounds.av_slack, f"{av['wer']:.2f} vs {a['wer']:.2f}",
-                         "AV lower" if not bounds.av_slack else f"AV < audio-only + {bounds.av_slack:g}")
+        c.check("audio-only model given", False, "none", "present")
+    for snr in bounds.noisy_snrs if audio_only is not None else ():
+        for p in s.pairs:
+            av = next((r for r in s.rows if r["exp"] == s.main and r["rates"] == p.tag and r["snr"] == snr), None)
+            a = next((r for r in s.rows if r["exp"] == audio_only and r["audio_rate"] == p.audio
+                      and r["snr"] == snr), None)
+            if av is None or a is None:
+                c.check(f"{p.pair} at {snr:g} dB", False, "not in the bench", "AV and audio-only rows")
+                continue
+            c.check(f"{s.main} {p.pair} vs {audio_only} (a{p.audio}) at {snr:g} dB",
+                    av["wer"] < a["wer"] + bounds.av_slack, f"{av['wer']:.2f} vs {a['wer']:.2f}",
+                    "AV lower" if not bounds.av_slack else f"AV < audio-only + {bounds.av_slack:g}")
     if video_only is None:
-        c3.check("video-only model given", False, "none", "present")
-    else:
-        v = [r for r in rows if r["exp"] == video_only and r["snr"] is None]
-        if not v:
-            c3.check("video-only rows", False, "not in the bench", "present")
-        for r in v:
-            c3.check(f"{video_only} v{r['video_rate']} clean WER", r["wer"] < bounds.video_max,
-                     f"{r['wer']:.2f}", f"< {bounds.video_max:g}")
+        c.check("video-only model given", False, "none", "present")
+        return c
+    v = [r for r in s.rows if r["exp"] == video_only and r["snr"] is None]
+    if not v:
+        c.check("video-only rows", False, "not in the bench", "present")
+    for r in v:
+        c.check(f"{video_only} v{r['video_rate']} clean WER", r["wer"] < bounds.video_max,
+                f"{r['wer']:.2f}", f"< {bounds.video_max:g}")
+    return c
 
-    c4 = Claim(4, "LLM input tokens and decode time fall with the rates, close to linearly.")
+
+def claim4(s: Study, bounds: Bounds) -> Claim:
+    c = Claim(4, "LLM input tokens and decode time fall with the rates, close to linearly.")
     # the LLM input = prompt tokens (a constant per utterance) + media tokens (proportional to 1/rate)
-    prompt = clean[best.tag]["tokens_per_s"] - best.tokens_per_second()
-    for p in pairs:
-        media = clean[p.tag]["tokens_per_s"] - prompt
+    prompt = s.clean[s.best.tag]["tokens_per_s"] - s.best.tokens_per_second()
+    for p in s.pairs:
+        media = s.clean[p.tag]["tokens_per_s"] - prompt
         ideal = p.tokens_per_second()
-        c4.check(f"media tokens/s at {p.pair}", abs(media / ideal - 1) <= bounds.linear_tol,
-                 f"{media:.1f} vs {ideal:.1f} ideal", f"within {bounds.linear_tol:.0%}")
-    tb, tw = clean[best.tag], clean[worst.tag]
+        c.check(f"media tokens/s at {p.pair}", abs(media / ideal - 1) <= bounds.linear_tol,
+                f"{media:.1f} vs {ideal:.1f} ideal", f"within {bounds.linear_tol:.0%}")
+    tb, tw = s.clean[s.best.tag], s.clean[s.worst.tag]
     ratio_tok = tw["tokens_per_s"] / tb["tokens_per_s"]
     ratio_time = tw["latency_s"] / max(1e-12, tb["latency_s"])
-    c4.check(f"decode time {worst.pair} / {best.pair}", ratio_time < 1.0,
-             f"{ratio_time:.2f} (tokens {ratio_tok:.2f})", "< 1 (falls); the gap to the token ratio is "
-             "the cost that does not scale with the input: generation, the prompt")
-    return [c0, c1, c2, c3, c4]
+    c.check(f"decode time {s.worst.pair} / {s.best.pair}", ratio_time < 1.0,
+            f"{ratio_time:.2f} (tokens {ratio_tok:.2f})", "< 1 (falls); the gap to the token ratio is "
+            "the cost that does not scale with the input: generation, the prompt")
+    return c
 
 
 def render(claims: list[Claim], bounds: Bounds, env: dict) -> str:

@@ -12,31 +12,22 @@ and skipped (counted in the summary), never a crash with a half-written manifest
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from .. import manifest as mf
+from .. import seeds
+from ..clocks import FPS
 from ..datasets import synth
 from ..datasets.lrs_text import format_text
 from ..errors import MavsrError
 from ..fsutil import atomic_write_text, clean_stale, inside
-from ..media import FPS, write_av
+from ..media import write_av
+from ..options import LrsOptions, SynthOptions
 from ..progress import bar, progress
 from ..recipe import Recipe, is_done, mark_done, write_provenance
-
-
-@dataclass(frozen=True)
-class SynthOptions:
-    num_utts: int = 400  # utterances in the train split (the test split gets test_utts)
-    test_utts: int = 60  # utterances in the test split
-    speakers: int = 4  # number of synthetic speakers (voices + faces)
-    heldout_speakers: int = 0  # speakers kept out of train and used only in test
-    seed: int = 0  # everything is a function of this seed
-    words_per_slot: int = 0  # > 0: each grammar slot draws from its first that many words only
-    nj: int = 2  # worker processes for synthesis and media checks
 
 
 def generate_synth(root: Path, opt: SynthOptions, log=print) -> None:
@@ -88,7 +79,7 @@ def generate_synth(root: Path, opt: SynthOptions, log=print) -> None:
             todo.append((split, spk, i, stem))
     if not todo:
         return
-    args = [(texts[split, i], spk, synth.utterance_seed(opt.seed, split, spk.id, i), stem)
+    args = [(texts[split, i], spk, seeds.utterance(opt.seed, split, spk.id, i), stem)
             for split, spk, i, stem in todo]
     for _ in parallel_map(_synth_one, args, opt.nj, f"synthesize {len(todo)} utterances"):
         pass
@@ -162,17 +153,6 @@ def write_split(recipe: Recipe, split: str, utts: list, skipped: list[str], sett
     for s in skipped[:5]:
         log(f"  skipped {s}")
     return len(utts), len(skipped)
-
-
-@dataclass(frozen=True)
-class LrsOptions:
-    root: Path  # the corpus as distributed (formats.md)
-    landmarks: Path | None = None  # landmark pickles at the videos' relative paths (default: beside the videos)
-    mean_face: Path | None = None  # reference face for the alignment (default: mavsr's template)
-    max_seconds: float = 16.0  # pretrain utterances are cut into segments of at most this long
-    nj: int = 2  # worker processes
-    shard: tuple[int, int] | None = None  # (i, N): process only every N-th utterance; rerun without to merge
-    split: str = "train"  # prepare dir: the manifest split the folder becomes
 
 
 # corpus split -> manifest split

@@ -9,69 +9,16 @@ wer.json records the normaliser; a decode dir scored with another normaliser is 
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 import subprocess
 from pathlib import Path
 
 from .. import __version__
 from ..errors import MavsrError
-from ..fsutil import atomic_write_json, atomic_write_text
-from ..rates import Rates
+from ..fsutil import atomic_write_text
+from ..rates import DecodeTag, condition_snr
 from ..recipe import Recipe, is_done
-from ..scoring import score as score_texts
-
-
-def score_dir(d: Path, force: bool = False, normaliser: str = "default") -> dict:
-    if (d / "wer.json").is_file() and not force:
-        old = json.loads((d / "wer.json").read_text())
-        if old.get("normaliser", "default") == normaliser and "cer" in old:
-            return old
-    recs = [json.loads(line) for line in (d / "hyp.jsonl").read_text().splitlines() if line.strip()]
-    full = score_texts([r["ref"] for r in recs], [r["hyp"] for r in recs], [r["id"] for r in recs], normaliser)
-    details = full.pop("details")
-    res = dict(full)
-    dur = sum(r["duration"] for r in recs)
-    res["decode_time_per_utt"] = sum(r["time"] for r in recs) / max(1, len(recs))
-    res["llm_tokens_in_per_utt"] = sum(r["tokens_in"] for r in recs) / max(1, len(recs))
-    res["speech_seconds"] = round(dur, 3)
-    atomic_write_json(d / "wer.json", res)
-    atomic_write_text(d / "result.txt",
-                      f"%WER {res['wer']:.2f} [ {res['sub'] + res['del'] + res['ins']} / {res['ref_words']}, "
-                      f"{res['sub']} sub, {res['del']} del, {res['ins']} ins ] over {res['utterances']} utterances\n"
-                      f"%CER {res['cer']:.2f} [ {res['char_sub'] + res['char_del'] + res['char_ins']} / "
-                      f"{res['ref_chars']} ]  normaliser: {normaliser}\n")
-    # sclite-style transcripts and per-utterance alignments
-    atomic_write_text(d / "ref.trn", "".join(f"{x['ref']} ({x['id']})\n" for x in details))
-    atomic_write_text(d / "hyp.trn", "".join(f"{x['hyp']} ({x['id']})\n" for x in details))
-    blocks = []
-    for x in details:
-        if not (x["sub"] or x["del"] or x["ins"]):
-            continue
-        ref, hyp, marks = x["lines"]
-        blocks.append(f"id: {x['id']}  S {x['sub']} D {x['del']} I {x['ins']} / {x['words']}\n"
-                      f"REF:  {ref}\nHYP:  {hyp}\n      {marks}\n")
-    head = (f"# {len(blocks)} of {len(details)} utterances with errors; errors upper-case, *** = gap, "
-            f"S/D/I under each error\n\n")
-    atomic_write_text(d / "errors.txt", head + "\n".join(blocks))
-    return res
-
-
-def parse_decode_name(name: str) -> tuple[Rates, int | None, str, Rates | None]:
-    """decode_a16v5_beam15_snr0 -> (Rates(16, 5), 15, 'snr0', None); '' condition = clean;
-    decode_a1v1_poola16v5_beam15 -> (Rates(1, 1), 15, '', Rates(16, 5)) (inference-only pooling)."""
-    parts = name.split("_")
-    rates = Rates.parse(parts[1])
-    beam = pool = None
-    rest = parts[2:]
-    if rest and rest[0].startswith("pool"):
-        pool, rest = Rates.parse(rest[0][4:]), rest[1:]
-    if rest and rest[0].startswith("beam"):
-        beam = int(rest[0][4:])
-        rest = rest[1:]
-    elif rest and rest[0] == "greedy":  # decode dirs of mavsr 0.1.0
-        beam, rest = 1, rest[1:]
-    return rates, beam, "_".join(rest), pool
+from ..scoring import score_dir
 
 
 def _git_commit() -> str:
@@ -99,12 +46,12 @@ def run(recipe: Recipe, exp: Path, force: bool = False, log=print, normaliser: s
     rows = []
     for d in dirs:
         res = score_dir(d, force, normaliser)
-        rates, beam, cond, pool = parse_decode_name(d.parent.name)
-        rows.append({"decode": d.parent.name, "split": d.name, "rates": rates, "beam": beam,
-                     "condition": cond or "clean", "pool": pool, **res})
+        tag = DecodeTag.parse(d.parent.name)
+        rows.append({"decode": d.parent.name, "split": d.name, "rates": tag.rates, "beam": tag.beam,
+                     "condition": tag.condition or "clean", "pool": tag.pool, **res})
 
     def snr_key(c: str) -> float:
-        return float("inf") if c == "clean" else float(c.rsplit("snr", 1)[1])
+        return float("inf") if c == "clean" else condition_snr(c)
 
     rows.sort(key=lambda r: (r["split"], r["condition"] != "clean", r["condition"].rsplit("snr", 1)[0],
                              -snr_key(r["condition"]),

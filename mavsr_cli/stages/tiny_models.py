@@ -18,41 +18,26 @@ The Matryoshka training afterwards keeps this LLM frozen and trains projectors +
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 
+from ..clocks import FPS
 from ..config import VideoEncoderConfig
 from ..datasets import synth
 from ..datasets.lrs_text import parse_text
 from ..errors import MavsrError
 from ..fsutil import inside, staged_dir
-from ..media import FPS, read_audio, read_video_gray
+from ..media import normalise, read_audio, read_video_gray, video_crop
 from ..model import llm as llm_mod
 from ..model.audio_encoder import WhisperAudioEncoder
 from ..model.video_encoder import SmallVideoEncoder
+from ..options import TinyOptions
 from ..progress import bar, progress
 from ..recipe import Recipe, is_done, write_provenance
 from ..train_loop import lr_lambda
-from .extract_features import normalise, video_crop
-
-
-@dataclass(frozen=True)
-class TinyOptions:
-    audio_dim: int = 128  # Whisper d_model
-    audio_layers: int = 2  # Whisper encoder layers
-    video_dim: int = 128  # lip encoder width
-    video_layers: int = 2  # lip encoder transformer layers
-    llm_hidden: int = 192  # Llama hidden size
-    llm_layers: int = 2  # Llama layers
-    lm_epochs: int = 8  # language-model warm-up epochs over the training transcripts
-    encoder_epochs: int = 6  # character-CTC pretraining epochs of each encoder (0 = keep random)
-    prompt: str = "Transcribe speech and video to text."  # the prompt the warm-up puts before the text
-    seed: int = 0
-    ctc_units: str = "char"  # encoder targets: "char" or "word" (CTC), or "align" (the word under each frame)
 
 
 def warmup_sequence(tok, text: str, prompt: str, rng: np.random.Generator,

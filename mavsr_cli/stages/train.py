@@ -1,7 +1,9 @@
 """Stage `train`: cached features + transcripts -> a Matryoshka checkpoint.
 
     reads  dump/<encoders-tag>/train/ (features), data/train/manifest.jsonl (transcripts)
-    writes exp/<tag>/{config.yaml, cmd.txt, train.log, metrics.jsonl, ckpt/step-NNNNNN/, .done}
+    writes exp/<tag>/{config.yaml, cmd.txt, meta.json, train.log, metrics.jsonl, ckpt/step-NNNNNN/, .done}
+meta.json is the experiment's one record of what it trains (rate grid, strategy, modality, models,
+feature dims); written when training starts and completed with the checkpoint to decode at the end.
 `--rates all` trains every configuration of the config's grid together (one checkpoint decodes
 at each); `--rates a16v5` trains a single-configuration baseline with the same code. A rerun of a
 finished experiment is skipped; an interrupted one resumes from its last checkpoint, exactly.
@@ -20,13 +22,12 @@ import torch
 from .. import __version__
 from ..config import Config
 from ..errors import MavsrError
-from ..features import FeatureStore
+from ..features import FeatureStore, cache_split, encoders_tag, provenance
 from ..fsutil import atomic_write_text
 from ..model.build import build_model
 from ..rates import select
 from ..recipe import Recipe, is_done, mark_done, resolve_model, write_provenance
 from ..train_loop import train
-from .extract_features import cache_split, encoders_tag, provenance
 
 
 class Logger:
@@ -91,8 +92,8 @@ def run(recipe: Recipe, cfg: Config, rates_spec: str, tag: str, force: bool = Fa
         "encoders_tag": enc_tag,
         "trained_parameters": n_train,
     }
-    if main:
-        atomic_write_text(exp / "rates.txt", "".join(r.tag + "\n" for r in rates))
+    if main:  # the experiment's record (its trained grid above all), completed with the checkpoint at the end
+        atomic_write_text(exp / "meta.json", json.dumps(meta, indent=2) + "\n")
     ckpt = train(model, store, texts, cfg, rates, exp, meta, logger)
     if not main:
         return exp

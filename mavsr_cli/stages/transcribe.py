@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 
+from ..clocks import SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME
+from ..decoding import Decoder, generate, known_scores, max_new_tokens, pick_by_budget
 from ..errors import MavsrError
 from ..features import pad_batch
-from ..media import MediaError, crop_resize, read_audio, read_video_at
+from ..media import MediaError, crop_resize, normalise, read_audio, read_video_at, video_crop
 from ..model.audio_encoder import WhisperAudioEncoder
 from ..model.video_encoder import load_video_encoder
 from ..rates import Rates, require
 from ..recipe import Recipe, resolve_model
-from .decode import Decoder, auto_max_new_tokens, known_scores, pick_by_budget
-from .extract_features import normalise, video_crop
 
 
 def parse_roi(spec: str | None) -> tuple[int, int, int, int] | None:
@@ -35,13 +35,14 @@ def parse_roi(spec: str | None) -> tuple[int, int, int, int] | None:
 
 
 def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, video_rate: int | None = None,
-        budget: float | None = None, roi: str | None = None, modality: str | None = None, beam: int = 15,
-        max_new_tokens: int | None = None) -> dict:
+        budget: float | None = None, roi: str | None = None, modality: str | None = None, beam: int | None = None,
+        max_tokens: int | None = None) -> dict:
+    """Decode one media file; beam and max_tokens default to the experiment's `decode:` config."""
     media = Path(media)
     if not media.is_file():
         raise MavsrError(f"media file not found: {media}")
     dec = Decoder(recipe, exp, None, log=lambda m: None)
-    cfg = dec.cfg
+    cfg, opts = dec.cfg, dec.options(beam=beam, max_new_tokens=max_tokens)
     trained_mod = cfg.model.modality
     modality = modality or trained_mod
     if modality != trained_mod:
@@ -58,9 +59,9 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
     with torch.inference_mode():
         if modality in ("av", "a"):
             wav = read_audio(media)
-            if len(wav) < 320:
-                raise MediaError(f"{media}: audio shorter than 20 ms")
-            duration = len(wav) / 16000
+            if len(wav) < SAMPLES_PER_AUDIO_FRAME:
+                raise MediaError(f"{media}: audio shorter than one encoder frame (20 ms)")
+            duration = len(wav) / SAMPLE_RATE
             enc = WhisperAudioEncoder.load(resolve_model(recipe, cfg.audio_encoder.path), cfg.audio_encoder.mode)
             feats["audio"] = pad_batch([enc(wav).float()])
         if modality in ("av", "v"):
@@ -70,10 +71,10 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
             venc = load_video_encoder(resolve_model(recipe, vc.path)).eval()
             feats["video"] = pad_batch([venc(normalise(video_crop(frames, vc.crop), vc.mean, vc.std)).float()])
     t1 = time.perf_counter()
-    mnt = max_new_tokens or auto_max_new_tokens([duration])
+    mnt = max_new_tokens(opts, [duration])
     with torch.inference_mode():
-        hyps, n_in = dec.model.generate(feats, rates, mnt, beam=beam)
+        hyps, n_in = generate(dec.model, feats, rates, mnt, beam=opts.beam)
     t2 = time.perf_counter()
-    return {"text": hyps[0], "media": str(media), "rates": rates.tag, "pair": rates.pair, "beam": beam,
+    return {"text": hyps[0], "media": str(media), "rates": rates.tag, "pair": rates.pair, "beam": opts.beam,
             "duration": round(duration, 3), "tokens_in": int(n_in[0]),
             "time": {"encode": round(t1 - t0, 3), "decode": round(t2 - t1, 3)}, "checkpoint": dec.ckpt.name}

@@ -35,7 +35,9 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-pairs="a4v2 a4v5 a16v2 a16v5"
+conf=conf/study.yaml  # conf/synth.yaml plus noise-augmented training
+conf1=conf/study_rate1.yaml
+pairs=$(mavsr info --grid "$conf")  # the Matryoshka grid's rate tags, audio rates x video rates
 if $small; then
   # The reduced study CI runs: the same stages and comparisons, sized to take minutes.
   # A smaller task (each grammar slot draws from 5 words, about 65 in all; the test speakers are
@@ -47,7 +49,7 @@ if $small; then
   tiny_sizes=(--audio-dim 64 --video-dim 64 --llm-hidden 96 --audio-layers 1 --video-layers 1)
   snrs=clean,0,-5
   strategies=""
-  pool_pairs="a4v2 a16v5"  # the claims read the pooled rate-1 model at the two ends only
+  pool_pairs="$(head -n 1 <<<"$pairs") $(tail -n 1 <<<"$pairs")"  # the grid's two ends: the claims read the pooled rate-1 model there only
   # Looser bounds: a 40-utterance test (311 words) after 18 epochs. One model's WER there has a
   # bootstrap standard error of about 4 points, a paired difference of two models about 2.5; the
   # claim-1 margin is about 3 of those. Chance is near 100%.
@@ -62,8 +64,6 @@ else
   claims_bounds=()
 fi
 beam=${BEAM:-15}
-conf=conf/study.yaml  # conf/synth.yaml plus noise-augmented training
-conf1=conf/study_rate1.yaml
 step() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
 SECONDS=0
 t() { echo "[${SECONDS}s]"; }

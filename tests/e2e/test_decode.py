@@ -41,8 +41,8 @@ def test_sweep_decodes_the_whole_grid_and_budget_picks_within_it(recipe):
 
 
 def test_budget_prefers_the_lowest_known_wer_then_the_least_compression():
+    from mavsr_cli.decoding import pick_by_budget
     from mavsr_cli.rates import Rates
-    from mavsr_cli.stages.decode import pick_by_budget
 
     grid = [Rates(4, 2), Rates(4, 5), Rates(16, 2), Rates(16, 5)]
     assert pick_by_budget(grid, 100) == Rates(4, 2)
@@ -228,7 +228,7 @@ def test_inference_only_pooling_feeds_one_pairs_projectors_other_rates(recipe):
     assert "pool: a16v5" in (d / "exp/t/decode_a4v2_poola16v5_beam15/test/config.yaml").read_text()
     mavsr(d, "score", "--exp", "exp/t")
     assert "| test | (4,2) pooled at (16,5) | clean | 15 |" in (d / "exp/t/RESULTS.md").read_text()
-    from mavsr_cli.stages.decode import known_scores
+    from mavsr_cli.decoding import known_scores
 
     own_wers = [json.loads(w.read_text())["wer"] for w in (d / "exp/t").glob("decode_a4v2_beam*/test/wer.json")
                 if "_snr" not in w.parent.parent.name]

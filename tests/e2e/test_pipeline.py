@@ -156,6 +156,7 @@ def test_sharded_extraction_merges_into_the_same_cache(recipe, tmp_path):
     from mavsr_cli import config as C
     from mavsr_cli.errors import MavsrError
     from mavsr_cli.recipe import Recipe
+    from mavsr_cli.sharding import parse_shard
     from mavsr_cli.stages import extract_features as ef
 
     d = tmp_path / "r"
@@ -179,9 +180,9 @@ def test_sharded_extraction_merges_into_the_same_cache(recipe, tmp_path):
     got = {k: v for f in files for k, v in load_file(f).items()}
     assert set(got) == set(ref) and all(torch_equal(got[k], ref[k]) for k in ref)
     with pytest.raises(MavsrError, match="i/N"):
-        ef.parse_shard("2of4")
+        parse_shard("2of4")
     with pytest.raises(MavsrError, match="0 <= i < N"):
-        ef.parse_shard("4/4")
+        parse_shard("4/4")
 
 
 def torch_equal(a, b):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mavsr_cli import checkpoint
+from mavsr_cli import checkpoint, features
 from mavsr_cli import config as C
 from mavsr_cli.errors import MavsrError
 from mavsr_cli.features import FeatureStore, model_digest, pad_batch
@@ -42,8 +42,8 @@ def test_a_cache_of_other_encoders_is_refused(tmp_path):
     (tmp_path / "models" / "whisper").mkdir(parents=True)
     (tmp_path / "models" / "video").mkdir(parents=True)
     cfg = C.from_dict({"audio_encoder": {"path": "models/whisper"}, "video_encoder": {"path": "models/video"}})
-    prov = extract_features.provenance(r, cfg)
-    out = r.dump(extract_features.encoders_tag(prov), "train")
+    prov = features.provenance(r, cfg)
+    out = r.dump(features.encoders_tag(prov), "train")
     out.mkdir(parents=True)
     (out / "provenance.json").write_text(json.dumps({"encoders": {**prov, "audio": {"path": "other"}}}))
     (tmp_path / "data" / "train").mkdir(parents=True)

@@ -45,11 +45,11 @@ def study(d, ms=None, base=None, pooled=None, av_noisy=40.0, a_noisy=60.0, video
     (d / "exp/bench/bench.json").write_text(json.dumps({"environment": {"beam": 15, "machine": "test"}, "rows": rows}))
     for p in PAIRS:
         (d / "exp" / f"base_{p}").mkdir(parents=True, exist_ok=True)
-        (d / "exp" / f"base_{p}" / "rates.txt").write_text(p + "\n")
+        (d / "exp" / f"base_{p}" / "meta.json").write_text(json.dumps({"rates": [p]}))  # the trained grid
         _wer(d, f"base_{p}", f"decode_{p}_beam15", base[p])
         _wer(d, "ss", f"decode_{p}_beam15", ms[p] + 1.0)
         _wer(d, "rate1", f"decode_a1v1_pool{p}_beam15", pooled[p])
-    (d / "exp/rate1/rates.txt").write_text("a1v1\n")
+    (d / "exp/rate1/meta.json").write_text(json.dumps({"rates": ["a1v1"]}))
 
 
 def run(d, bounds=claims.Bounds(), **kw):

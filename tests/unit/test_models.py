@@ -11,12 +11,18 @@ import torch
 
 from mavsr_cli import config as C
 from mavsr_cli.datasets import synth
+from mavsr_cli.decoding import beam_search, generate
 from mavsr_cli.errors import MavsrError
 from mavsr_cli.model import llm as llm_mod
 from mavsr_cli.model.audio_encoder import WhisperAudioEncoder
 from mavsr_cli.model.build import build_model
 from mavsr_cli.model.video_encoder import SmallVideoEncoder
 from mavsr_cli.rates import Rates
+
+
+def _loss(m, feats, rates, targets):
+    """Mean next-token cross-entropy of one configuration over the transcript + EOS tokens."""
+    return m.ce_sums(feats, [rates], targets)[0] / sum(len(t) + 1 for t in targets)
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +127,11 @@ def test_trained_state_round_trips_into_a_fresh_model(parts, tmp_path):
 def test_generation_is_deterministic_and_batch_independent(parts):
     m = _model(parts).eval()
     f = _feats()
-    a, n_in = m.generate(f, Rates(4, 5), 6)
-    b, _ = m.generate(f, Rates(4, 5), 6)
+    a, n_in = generate(m, f, Rates(4, 5), 6)
+    b, _ = generate(m, f, Rates(4, 5), 6)
     assert a == b and len(a) == 2 and n_in[0] > n_in[1]
     single = {k: (x[:1], n[:1]) for k, (x, n) in f.items()}
-    assert m.generate(single, Rates(4, 5), 6)[0][0] == a[0]
+    assert generate(m, single, Rates(4, 5), 6)[0][0] == a[0]
 
 
 def test_mavsr_imports_before_and_after_transformers_in_a_fresh_process():
@@ -147,9 +153,9 @@ def test_packed_configurations_give_the_same_losses_and_gradients(parts):
         torch.stack(losses).mean().backward()
         return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
 
-    unpacked = [m.loss(f, r, tg) for r in m.grid]
+    unpacked = [_loss(m, f, r, tg) for r in m.grid]
     g1 = grads(unpacked)
-    packed = m.losses_packed(f, m.grid, tg)
+    packed = [s / sum(len(x) + 1 for x in tg) for s in m.ce_sums(f, m.grid, tg, packed=True)]
     g2 = grads(packed)
     torch.testing.assert_close(torch.stack(packed), torch.stack(unpacked).detach(), rtol=1e-5, atol=1e-5)
     assert set(g1) == set(g2)
@@ -175,13 +181,13 @@ def test_ss_uses_each_configurations_own_adapter(parts):
     assert adapters == {"a4v2", "a4v5", "a16v2", "a16v5"}
     tg = [[5, 6, 7], [8]]
     f = _feats()
-    before = {r.tag: m.loss(f, r, tg).item() for r in m.grid}
+    before = {r.tag: _loss(m, f, r, tg).item() for r in m.grid}
     assert m.llm.base_model.active_adapters == ["a16v5"]  # the last one used
     with torch.no_grad():  # change only the a16v5 adapter
         for n, p in m.named_parameters():
             if ".lora_B.a16v5." in n:
                 p.mul_(3.0)
-    after = {r.tag: m.loss(f, r, tg).item() for r in m.grid}
+    after = {r.tag: _loss(m, f, r, tg).item() for r in m.grid}
     for tag in ("a4v2", "a4v5", "a16v2"):
         assert after[tag] == pytest.approx(before[tag], abs=1e-6)
     assert after["a16v5"] != pytest.approx(before["a16v5"], abs=1e-4)
@@ -207,7 +213,7 @@ def test_mss_adds_the_shared_and_the_specific_delta(parts):
 def test_packing_is_refused_for_per_configuration_adapters(parts):
     m = _strategy_model(parts, "ss")
     with pytest.raises(ValueError, match="ms"):
-        m.losses_packed(_feats(), m.grid, [[5], [6]])
+        m.ce_sums(_feats(), m.grid, [[5], [6]], packed=True)
     with pytest.raises(MavsrError, match="pack_rates"):
         C.validate(C.from_dict({"model": {"lora": {"strategy": "ss"}}, "train": {"pack_rates": True}}))
 
@@ -292,11 +298,11 @@ def test_a_qwen2_style_llm_works_through_the_same_code(tmp_path):
     assert type(m.llm.base_model.model).__name__ == "Qwen2ForCausalLM"
     assert isinstance(m.projectors["a4"][-1], torch.nn.LayerNorm)
     tg = [tok("anna found the apple", add_special_tokens=False).input_ids, [8]]
-    loss = m.loss(_feats(), Rates(16, 5), tg)
+    loss = _loss(m, _feats(), Rates(16, 5), tg)
     loss.backward()
     grads = {n for n, p in m.named_parameters() if p.grad is not None}
     assert grads and all("lora_" in n or n.startswith("projectors.") or n == "markers" for n in grads)
-    hyps, _ = m.eval().generate(_feats(), Rates(4, 2), 4)
+    hyps, _ = generate(m.eval(), _feats(), Rates(4, 2), 4)
     assert len(hyps) == 2 and all(isinstance(h, str) for h in hyps)
 
 
@@ -337,12 +343,12 @@ def test_beam_search_is_batch_independent_and_repeatable(parts, beam):
     lens = [100, 60, 80, 40]
     f = {"audio": (torch.randn(4, 100, 32, generator=g), torch.tensor(lens)),
          "video": (torch.randn(4, 50, 32, generator=g), torch.tensor([n // 2 for n in lens]))}
-    batched, n_in = m.generate(f, Rates(4, 2), 8, beam=beam)
+    batched, n_in = generate(m, f, Rates(4, 2), 8, beam=beam)
     assert len(set(batched)) > 1  # the comparison below can fail
-    single = [m.generate({k: (x[i:i + 1, : (lens[i] if k == "audio" else lens[i] // 2)], n[i:i + 1])
+    single = [generate(m, {k: (x[i:i + 1, : (lens[i] if k == "audio" else lens[i] // 2)], n[i:i + 1])
                           for k, (x, n) in f.items()}, Rates(4, 2), 8, beam=beam)[0][0] for i in range(4)]
     assert batched == single
-    assert m.generate(f, Rates(4, 2), 8, beam=beam)[0] == batched
+    assert generate(m, f, Rates(4, 2), 8, beam=beam)[0] == batched
 
 
 def test_beam_search_of_width_one_is_greedy_search(parts):
@@ -361,7 +367,7 @@ def test_beam_search_of_width_one_is_greedy_search(parts):
     ref = m.llm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=10, do_sample=False, num_beams=1,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     ref = [[t for t in row.tolist() if t not in (tok.eos_token_id, tok.pad_token_id)] for row in ref]
-    got = m.beam_search(emb, mask, 1, 10)
+    got = beam_search(m.llm, emb, mask, tok.eos_token_id, 1, 10)
     assert got == ref and any(len(x) > 3 for x in got)
 
 

@@ -1,0 +1,389 @@
+"""Decoding: the search algorithms, and a loaded experiment that decodes a split into a decode dir.
+
+Kept apart from the model (model/avsr.py builds the LLM input; this module searches over the
+LLM's outputs), as openai/whisper keeps decoding.py beside model.py. Deterministic throughout:
+greedy through transformers' `generate` or mavsr's batched beam search, never sampling, so a
+rerun and any batch size give the same hypotheses.
+
+`Decoder.run` reads  exp/<tag>/{config.yaml, meta.json, ckpt/*/}, dump/<encoders-tag>/<split>[-<condition>]/,
+                           data/<split>/manifest.jsonl
+              writes exp/<tag>/<DecodeTag.name>/<split>/{hyp.jsonl, config.yaml, cmd.txt, .done}
+A finished batch is journalled, so an interrupted decode resumes after it; `shard` (i, N) decodes
+every N-th batch into a part file, and a run without it merges the parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, faults
+from . import config as config_mod
+from .config import DecodeConfig
+from .errors import MavsrError
+from .extraction import extract
+from .features import FeatureStore, batch_features, cache_split
+from .fsutil import atomic_write_text, clean_stale, staged_dir
+from .model.build import build_model
+from .progress import bar
+from .rates import DecodeTag, Rates, condition_name, require
+from .recipe import Recipe, is_done, resolve_model, write_provenance
+from .sharding import Shard
+
+
+# ---- rules ---------------------------------------------------------------------------------
+def auto_max_new_tokens(durations: list[float]) -> int:
+    """Room for about 8 tokens per second of the longest utterance, never fewer than 32 (paper.md)."""
+    return max(32, math.ceil(8 * max(durations)))
+
+
+def max_new_tokens(opts: DecodeConfig, durations: list[float]) -> int:
+    return opts.max_new_tokens or auto_max_new_tokens(durations)
+
+
+def pick_by_budget(trained: list[Rates], budget: float, scores: dict[str, float] | None = None) -> Rates:
+    """The most accurate trained configuration whose LLM input rate (tokens per second of speech)
+    fits the budget: lowest known WER if scores are given, else the least compressed one."""
+    fits = [r for r in trained if r.tokens_per_second() <= budget + 1e-9]
+    if not fits:
+        cheapest = min(trained, key=lambda r: r.tokens_per_second())
+        raise MavsrError(f"no trained configuration fits {budget:g} tokens/s; the cheapest, {cheapest.tag}, "
+                         f"needs {cheapest.tokens_per_second():.2f}")
+    scored = [r for r in fits if scores and r.tag in scores]
+    if scored:
+        return min(scored, key=lambda r: (scores[r.tag], -r.tokens_per_second()))
+    return max(fits, key=lambda r: (r.tokens_per_second(), -(r.audio or 0), -(r.video or 0)))
+
+
+def known_scores(exp: Path, split: str) -> dict[str, float]:
+    """WER per rate tag from scored clean decode dirs of this split (the lowest over beams)."""
+    out: dict[str, float] = {}
+    for w in exp.glob(f"decode_*/{split}/wer.json"):
+        tag = DecodeTag.parse(w.parent.parent.name)
+        if tag.condition or tag.pool:  # noisy conditions and inference-only pooling do not rank configurations
+            continue
+        out[tag.rates.tag] = min(out.get(tag.rates.tag, 1e9), json.loads(w.read_text())["wer"])
+    return out
+
+
+def decode_tag(rates: Rates, opts: DecodeConfig) -> DecodeTag:
+    """The decode dir of `rates` decoded with these options."""
+    cond = "" if opts.snr is None else condition_name(opts.noise, float(opts.snr))
+    return DecodeTag(rates, opts.beam, Rates.parse(opts.pool) if opts.pool else None, cond)
+
+
+# ---- search --------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(model, feats: dict, rates: Rates, max_new_tokens: int, beam: int = 1,
+             pool: Rates | None = None) -> tuple[list[str], list[int]]:
+    """Texts and the LLM input length per utterance: greedy (`beam` 1, transformers' generate)
+    or mavsr's batched beam search."""
+    emb, mask, _ = model.build(feats, rates, None, left_pad=True, pool=pool)  # (B, L, D), (B, L)
+    tok = model.tokenizer
+    if beam > 1:
+        ids = beam_search(model.llm, emb, mask, tok.eos_token_id, beam, max_new_tokens)
+    else:
+        ids = model.llm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, num_beams=1, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+    texts = tok.batch_decode(ids, skip_special_tokens=True)
+    return [" ".join(t.split()) for t in texts], mask.sum(1).tolist()
+
+
+class _Beams:
+    """The bookkeeping of a batched beam search: per active utterance, `k` live hypotheses (rows
+    p*k .. p*k+k-1 of the KV cache belong to active[p]) and the finished ones of every utterance."""
+
+    def __init__(self, b: int, k: int, eos: int, length_penalty: float) -> None:
+        self.k, self.eos, self.lp = k, eos, length_penalty
+        self.active = list(range(b))
+        self.scores = torch.full((b, k), float("-inf"))
+        self.scores[:, 0] = 0.0  # one live beam at the start: the others must not duplicate it
+        self.seqs: list[list[list[int]]] = [[[] for _ in range(k)] for _ in range(b)]
+        self.finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
+        self.last_live: dict[int, list[tuple[float, list[int]]]] = {}
+
+    def step(self, logp: torch.Tensor, last: bool) -> tuple[list[int], list[int]]:
+        """Extend every live beam by the best tokens of logp (A*K, V); returns the cache rows to
+        keep (in order) and the token each kept row takes next. Empty when all are done."""
+        k, a, vocab = self.k, len(self.active), logp.shape[-1]
+        top_s, top_i = (self.scores.view(-1, 1) + logp).view(a, k * vocab).topk(2 * k, dim=-1)  # sorted
+        top_s, top_i = top_s.tolist(), top_i.tolist()  # the bookkeeping below is plain Python
+        keep, rows, toks, new_scores, new_seqs = [], [], [], [], []
+        for p, i in enumerate(self.active):
+            live = self._candidates(p, i, top_s[p], top_i[p], vocab)
+            if len(self.finished[i]) >= k:
+                continue  # done (early stopping): its rows leave the batch
+            live += [(float("-inf"), 0, self.eos)] * (k - len(live))
+            if last:
+                self.last_live[i] = [(sc, self.seqs[p][src] + [t]) for sc, src, t in live if sc > float("-inf")]
+                continue
+            keep.append(i)
+            rows += [p * k + src for _, src, _ in live]
+            toks += [t for _, _, t in live]
+            new_scores.append([sc for sc, _, _ in live])
+            new_seqs.append([self.seqs[p][src] + [t] for _, src, t in live])
+        if keep:
+            self.active, self.seqs, self.scores = keep, new_seqs, torch.tensor(new_scores)
+        return rows, toks
+
+    def _candidates(self, p: int, i: int, scores: list[float], ids: list[int], vocab: int) -> list:
+        """Of the 2k best candidates, the first k that do not end in EOS; an EOS among the first
+        k finishes its hypothesis with score sum(log p) / length**length_penalty."""
+        n, live = 0, []
+        for rank in range(2 * self.k):
+            sc = scores[rank]
+            if sc == float("-inf"):
+                break
+            src, t = divmod(ids[rank], vocab)
+            if t == self.eos:
+                if rank < self.k:
+                    hyp = self.seqs[p][src]
+                    self.finished[i].append((sc / (len(hyp) + 1) ** self.lp, hyp))
+                continue
+            live.append((sc, src, t))
+            n += 1
+            if n == self.k:
+                break
+        return live
+
+    def best(self, b: int) -> list[list[int]]:
+        out = []
+        for i in range(b):
+            cands = list(self.finished[i])
+            if len(cands) < self.k:  # ran out of steps: the live beams count too
+                cands += [(sc / max(1, len(h)) ** self.lp, h) for sc, h in self.last_live.get(i, [])]
+            out.append(max(cands, key=lambda c: c[0])[1] if cands else [])
+        return out
+
+
+@torch.no_grad()
+def beam_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, beam: int, max_new_tokens: int,
+                length_penalty: float = 1.0) -> list[list[int]]:
+    """Batched beam search with a KV cache; the prompt is run once per utterance, not per beam.
+
+    transformers' beam search copies every input `beam` times before the first forward pass,
+    so the (long) audio-visual prefix is computed beam-fold; here the prefix is run once and
+    its cache expanded. Per step, each utterance keeps the `beam` best live hypotheses from the
+    2*beam best candidates; a candidate ending in EOS among the first `beam` is finished with
+    score sum(log p) / length**length_penalty. An utterance is done when it holds `beam`
+    finished hypotheses (early stopping), and the best finished one is returned.
+    emb (B, L, D) left-padded, mask (B, L) -> token ids per utterance.
+    """
+    b, k = emb.shape[0], beam
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
+    cache = out.past_key_values
+    logp = torch.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(k, 0)  # (B*K, V)
+    cache.batch_repeat_interleave(k)
+    mask = mask.repeat_interleave(k, 0)
+    last_pos = pos[:, -1].repeat_interleave(k)
+    beams = _Beams(b, k, eos, length_penalty)
+    for step in range(max_new_tokens):
+        rows, toks = beams.step(logp, last=step == max_new_tokens - 1)
+        if not rows:
+            break
+        idx = torch.tensor(rows)
+        cache.reorder_cache(idx)  # reorders beams and drops the rows of finished utterances
+        mask = torch.cat([mask[idx], mask.new_ones(len(rows), 1)], dim=1)
+        last_pos = last_pos[idx] + 1
+        step_emb = llm.get_input_embeddings()(torch.tensor(toks)[:, None])
+        out = llm(inputs_embeds=step_emb, attention_mask=mask, position_ids=last_pos[:, None],
+                  cache=cache, use_cache=True)
+        logp = torch.log_softmax(out.logits[:, -1].float(), -1)
+    return beams.best(b)
+
+
+# ---- a loaded experiment -------------------------------------------------------------------
+def load_experiment(exp: Path):
+    """(config, checkpoint dir, checkpoint meta) of an experiment dir."""
+    if not (exp / "config.yaml").is_file():
+        raise MavsrError(f"{exp} is not an experiment dir (no config.yaml)")
+    cfg = config_mod.load(exp / "config.yaml")
+    ckpt = checkpoint.for_decoding(exp)
+    return cfg, ckpt, checkpoint.read_meta(ckpt)
+
+
+class Decoder:
+    """One loaded experiment, decoding any of its trained configurations (the model loads once)."""
+
+    def __init__(self, recipe: Recipe, exp: Path, split: str | None, log=print) -> None:
+        """`split` None: the experiment only (for `transcribe`), no manifest needed."""
+        self.recipe, self.split, self.log = recipe, split, log
+        self.exp = Path(exp) if Path(exp).is_absolute() else recipe.root / exp
+        self.cfg, self.ckpt, self.meta = load_experiment(self.exp)
+        self.trained = checkpoint.grid_of(self.meta)
+        self.utts = {u.id: u for u in recipe.utterances(split)} if split else {}
+        self._model = None
+        self._stores: dict[str, FeatureStore] = {}
+
+    def options(self, **overrides) -> DecodeConfig:
+        """The experiment's decode settings with the given fields replaced (None keeps the config's)."""
+        return dataclasses.replace(self.cfg.decode, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def model(self):
+        if self._model is None:
+            cfg, meta = self.cfg, self.meta
+            m = build_model(cfg, meta["dims"].get("audio"), meta["dims"].get("video"),
+                            llm_path=resolve_model(self.recipe, cfg.model.llm), rates=self.trained)
+            m.load_trainable(checkpoint.load_state(self.ckpt))
+            self._model = m.eval()
+        return self._model
+
+    def store(self, opts: DecodeConfig) -> FeatureStore:
+        """The features of the split under the options' condition (a noisy one is encoded once, then reused)."""
+        cond = None if opts.snr is None else (opts.noise, float(opts.snr))
+        key = cache_split(self.cfg, self.split, condition_name(*cond) if cond else "")
+        if key not in self._stores:
+            if cond is not None:
+                if self.cfg.model.modality == "v":
+                    raise MavsrError("--snr adds noise to the audio; this is a video-only model")
+                extract(self.recipe, self.cfg, [self.split], log=self.log, condition=cond)
+            self._stores[key] = FeatureStore(self.recipe.dump(self.meta["encoders_tag"], key))
+        return self._stores[key]
+
+    def run(self, rates: Rates, opts: DecodeConfig, force: bool = False, shard: Shard | None = None) -> Path:
+        """Decode the split at `rates` into exp/<tag>/<decode dir>/<split>/ (or one shard's part file)."""
+        require(rates, self.trained)
+        out = self.exp / decode_tag(rates, opts).name / self.split
+        rel = out.relative_to(self.recipe.root) if out.is_relative_to(self.recipe.root) else out
+        if is_done(out) and not force:
+            self.log(f"decode: {rel} is done (use --force to redo)")
+            return out
+        store = self.store(opts)
+        ids = [i for i in store.ids() if i in self.utts]
+        if not ids:
+            raise MavsrError(f"no utterances of split {self.split!r} in the feature cache")
+        batches = [ids[b:b + opts.batch_size] for b in range(0, len(ids), opts.batch_size)]
+        parts_dir = out.parent / f".{self.split}.parts"
+        n_parts = self._decode_parts(rates, opts, store, batches, parts_dir, force, shard)
+        if shard:
+            self.log(f"decode: part {shard[0]}/{shard[1]} of {rel} done; run without --shard to merge")
+            return out
+        lines = self._merge_parts(parts_dir, n_parts, ids)
+        self._write(out, rates, opts, lines)
+        shutil.rmtree(parts_dir, ignore_errors=True)
+        self.log(f"decode: {len(lines)} utterances at {rates.tag} beam {opts.beam} -> {rel}")
+        return out
+
+    def _decode_parts(self, rates: Rates, opts: DecodeConfig, store: FeatureStore, batches: list[list[str]],
+                      parts_dir: Path, force: bool, shard: Shard | None) -> int:
+        """Write the part files this call owns (all of them without `shard`); returns their count N."""
+        clean_stale(parts_dir)
+        n_parts = shard[1] if shard else _existing_parts(parts_dir)
+        for p in [shard[0]] if shard else range(n_parts):
+            part = parts_dir / f"part-{p:05d}-of-{n_parts:05d}.jsonl"
+            if part.is_file() and not force:
+                continue
+            parts_dir.mkdir(parents=True, exist_ok=True)
+            journal = part.with_name(part.name + ".journal")
+            if force:
+                journal.unlink(missing_ok=True)
+            what = f"{rates.tag} {self.split}" + (f" part {p}/{n_parts}" if n_parts > 1 else "")
+            lines = self._decode_batches(rates, opts, store, batches[p::n_parts], what, journal)
+            atomic_write_text(part, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+            journal.unlink(missing_ok=True)
+        return n_parts
+
+    @staticmethod
+    def _merge_parts(parts_dir: Path, n_parts: int, ids: list[str]) -> list[dict]:
+        lines = []
+        for p in range(n_parts):
+            part = parts_dir / f"part-{p:05d}-of-{n_parts:05d}.jsonl"
+            lines += [json.loads(x) for x in part.read_text().splitlines()]
+        order = {i: k for k, i in enumerate(ids)}
+        return sorted(lines, key=lambda x: order[x["id"]])
+
+    def _write(self, out: Path, rates: Rates, opts: DecodeConfig, lines: list[dict]) -> None:
+        with staged_dir(out) as tmp:
+            atomic_write_text(tmp / "hyp.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+            o = {"checkpoint": self.ckpt.name, "rates": rates.tag, "pool": opts.pool or None, "split": self.split,
+                 "beam": opts.beam, "batch_size": opts.batch_size, "max_new_tokens": opts.max_new_tokens or "auto",
+                 "snr": opts.snr, "noise": opts.noise if opts.snr is not None else None, "sampling": False}
+            options = "decode_options:\n" + "".join(f"  {k}: {v}\n" for k, v in o.items())
+            write_provenance(tmp, self.cfg.dump() + options)
+
+    def _decode_batches(self, rates: Rates, opts: DecodeConfig, store: FeatureStore, batches: list[list[str]],
+                        what: str, journal: Path) -> list[dict]:
+        """Decode `batches`; each finished batch is appended to `journal` (one JSON line, synced),
+        so an interrupted run resumes after the last whole batch and ends with the same output."""
+        _ = self.model  # load it before the progress bar starts
+        done = _read_journal(journal, batches)
+        out = [x for k in range(len(done)) for x in done[k]]
+        pool = Rates.parse(opts.pool) if opts.pool else None
+        with torch.inference_mode(), bar() as pbar, open(journal, "a", encoding="utf-8") as jf:
+            task = pbar.add_task(f"decode {what}", total=sum(len(b) for b in batches),
+                                 completed=sum(len(b) for b in batches[:len(done)]), info="")
+            if done:
+                self.log(f"decode: resuming {what} after {len(done)} of {len(batches)} batches")
+            for k, bid in enumerate(batches[len(done):], start=len(done)):
+                mnt = max_new_tokens(opts, [self.utts[i].duration for i in bid])
+                t0 = time.perf_counter()
+                hyps, n_in = self._generate(store, bid, rates, mnt, opts.beam, pool)
+                dt = (time.perf_counter() - t0) / len(bid)
+                mine = [{"id": i, "ref": self.utts[i].text, "hyp": h, "tokens_in": n,
+                         "duration": self.utts[i].duration, "time": round(dt, 5)}
+                        for i, h, n in zip(bid, hyps, n_in, strict=True)]
+                jf.write(json.dumps({"batch": k, "ids": bid, "lines": mine}, ensure_ascii=False) + "\n")
+                jf.flush()
+                os.fsync(jf.fileno())
+                out += mine
+                pbar.advance(task, len(bid))
+        return out
+
+    def _generate(self, store: FeatureStore, bid: list[str], rates: Rates, mnt: int, beam: int,
+                  pool: Rates | None = None):
+        """One batch; a batch that runs out of accelerator memory is decoded again in halves
+        (down to single utterances, which then fail in one line)."""
+        try:
+            faults.maybe_oom(len(bid))
+            feats = batch_features(store, bid, self.cfg.model.modality)
+            return generate(self.model, feats, rates, mnt, beam=beam, pool=pool)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(bid) == 1:
+                raise MavsrError(f"out of memory decoding {bid[0]} alone at {rates.tag} beam {beam}: "
+                                 "lower --beam or decode on a larger device") from None
+            half = len(bid) // 2
+            self.log(f"decode: out of memory on a batch of {len(bid)}; retrying as {half} + {len(bid) - half}")
+            a, na = self._generate(store, bid[:half], rates, mnt, beam, pool)
+            b, nb = self._generate(store, bid[half:], rates, mnt, beam, pool)
+            return a + b, na + nb
+
+
+def _read_journal(journal: Path, batches: list[list[str]]) -> list[list[dict]]:
+    """The leading batches a killed run finished, from its journal; a torn last line (the kill
+    came mid-write) or a journal of other batches counts for nothing from there on."""
+    done: list[list[dict]] = []
+    if not journal.is_file():
+        return done
+    lines = journal.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        k = len(done)
+        if rec.get("batch") != k or k >= len(batches) or rec.get("ids") != batches[k]:
+            break
+        done.append(rec["lines"])
+    if len(done) < len(lines) or (lines and not lines[-1].endswith("\n")):  # keep only what is valid
+        atomic_write_text(journal, "".join(lines[:len(done)]))
+    return done
+
+
+def _existing_parts(parts_dir: Path) -> int:
+    """N of the part files a sharded run left (1 when there are none)."""
+    ns = {int(p.stem.split("-of-")[1]) for p in parts_dir.glob("part-*-of-*.jsonl")} if parts_dir.is_dir() else set()
+    if len(ns) > 1:
+        raise MavsrError(f"{parts_dir} holds parts of different --shard N ({sorted(ns)}); remove it and decode again")
+    return ns.pop() if ns else 1

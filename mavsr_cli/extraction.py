@@ -1,0 +1,209 @@
+"""Encoding a split once: manifests -> native-rate encoder features in the cache (features.py).
+
+The engine behind `extract-features` and behind the noisy test conditions that `decode` and
+`bench` encode on demand. Per split:
+    reads  data/<split>/manifest.jsonl and its media; the encoders named in the config
+    writes dump/<encoders-tag>/<split>/{shard-*.safetensors, index.jsonl, provenance.json,
+           config.yaml, cmd.txt, .done}
+Shards are written atomically one by one; a rerun reuses finished shards (resume) and skips a
+finished split. A cache whose provenance names other encoders is refused, not reused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .augment import Augmenter, NoiseSource
+from .config import Config
+from .errors import MavsrError
+from .features import cache_split, encoders_tag, provenance
+from .fsutil import atomic_file, atomic_write_json, atomic_write_text, clean_stale, sha256_file
+from .media import normalise, read_audio, read_video_gray, video_crop
+from .model.audio_encoder import WhisperAudioEncoder
+from .model.video_encoder import load_video_encoder
+from .progress import bar
+from .rates import condition_name
+from .recipe import Recipe, is_done, mark_done, resolve_model, write_provenance
+from .sharding import Shard
+
+SHARD_SIZE = 256  # utterances per shard file
+Condition = tuple[str, float]  # a noisy copy of a split: (noise kind or file, SNR in dB)
+
+
+class Encoders:
+    """The frozen encoders a config names, loaded on first use; `encode` gives one utterance's
+    fp16 features (T, D) per stream, plus those of its augmented copies."""
+
+    def __init__(self, recipe: Recipe, cfg: Config, prov: dict) -> None:
+        self.recipe, self.cfg, self.prov = recipe, cfg, prov
+        self.audio = self.video = None
+
+    def load(self) -> None:
+        if self.audio is None and self.prov["audio"]:
+            a = self.cfg.audio_encoder
+            self.audio = WhisperAudioEncoder.load(resolve_model(self.recipe, a.path), a.mode)
+        if self.video is None and self.prov["video"]:
+            self.video = load_video_encoder(resolve_model(self.recipe, self.cfg.video_encoder.path))
+
+    def encode(self, u, noise: NoiseSource | None, snr: float | None, aug: Augmenter | None,
+               n_copies: int) -> tuple[dict[str, torch.Tensor], list]:
+        """-> ({"<id>/audio": (Ta, Da), "<id>/video": (Tv, Dv), "<id>/audio#k": ...}, SNRs of the copies)."""
+        vc = self.cfg.video_encoder
+        out, wav, frames = {}, None, None
+        if self.audio is not None:
+            wav = read_audio(self.recipe.resolve_media(u.audio))
+            if noise is not None:  # a noisy test condition, seeded by the utterance
+                wav = noise.add(wav, u.id, u.speaker, snr)
+            out[f"{u.id}/audio"] = self.audio(wav).half().contiguous()
+        if self.video is not None:
+            frames = read_video_gray(self.recipe.resolve_media(u.video))
+            out[f"{u.id}/video"] = self.video(normalise(video_crop(frames, vc.crop), vc.mean, vc.std)).half().contiguous()
+        snrs = []
+        for k in range(n_copies):  # seeded augmented copies (train split only)
+            copy_snr, noisy, crop = aug.copy(u, k, wav, frames)
+            snrs.append(copy_snr)
+            if noisy is not None:
+                out[f"{u.id}/audio#{k}"] = self.audio(noisy).half().contiguous()
+            if crop is not None:
+                out[f"{u.id}/video#{k}"] = self.video(crop).half().contiguous()
+        return out, snrs
+
+
+@dataclass
+class SplitJob:
+    """One split's extraction: where it goes and what varies its features."""
+
+    split: str
+    out: Path
+    n_copies: int  # augmented copies per utterance (train split only)
+    aug: Augmenter | None
+    noise: NoiseSource | None
+    snr: float | None
+    settings: dict | None  # augment settings, or the noisy condition, as recorded in the shards
+
+
+def extract(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log=print,
+            shard: Shard | None = None, shard_size: int = SHARD_SIZE, condition: Condition | None = None) -> str:
+    """Extract the splits; returns the encoders tag (dump/<tag>/). `condition` makes a noisy copy
+    of a split instead, each utterance's noise seeded by its id so every run gives the same input."""
+    prov = provenance(recipe, cfg)
+    tag = encoders_tag(prov)
+    encoders = Encoders(recipe, cfg, prov)
+    for split in splits:
+        job = _job(recipe, cfg, split, tag, prov, condition)
+        if _finished(recipe, job, prov, force, log):
+            continue
+        job.out.mkdir(parents=True, exist_ok=True)
+        clean_stale(job.out)
+        encoders.load()
+        atomic_write_json(job.out / "provenance.json", {"encoders": prov})
+        utts = recipe.utterances(split)
+        chunks = [utts[i:i + shard_size] for i in range(0, len(utts), shard_size)]
+        n_written = _write_shards(job, encoders, chunks, shard, force)
+        if shard is not None:
+            log(f"extract-features {split}: shard {shard[0]}/{shard[1]} done ({n_written} shard files written); "
+                "run without --shard to merge")
+            continue
+        n = _write_index(job, prov, chunks)
+        write_provenance(job.out, cfg.dump())
+        mark_done(job.out)
+        log(f"extract-features {split}: {n} utterances -> {job.out.relative_to(recipe.root)}")
+    return tag
+
+
+def _job(recipe: Recipe, cfg: Config, split: str, tag: str, prov: dict, condition: Condition | None) -> SplitJob:
+    if condition is not None:
+        noise = NoiseSource(recipe, condition[0]) if prov["audio"] else None
+        out = recipe.dump(tag, cache_split(cfg, split, condition_name(*condition)))
+        return SplitJob(split, out, 0, None, noise, condition[1], {"noise": condition[0], "snr": condition[1]})
+    n_copies = cfg.augment.noisy_copies if split == "train" else 0
+    aug = Augmenter(recipe, cfg) if n_copies else None
+    out = recipe.dump(tag, cache_split(cfg, split))
+    return SplitJob(split, out, n_copies, aug, None, None, aug.settings() if aug else None)
+
+
+def _finished(recipe: Recipe, job: SplitJob, prov: dict, force: bool, log) -> bool:
+    """True when the split is done with these settings; refuses a cache of other encoders or settings."""
+    out = job.out
+    if is_done(out) and not force:
+        old = json.loads((out / "provenance.json").read_text()).get("augment")
+        if old != job.settings:
+            raise MavsrError(f"{out.relative_to(recipe.root)} was extracted with other augment settings "
+                             f"({old} vs {job.settings}); use --force to re-extract")
+        log(f"extract-features: {out.relative_to(recipe.root)} is done (use --force to redo)")
+        return True
+    if out.exists():
+        old = out / "provenance.json"
+        if old.is_file() and json.loads(old.read_text()).get("encoders") != prov:
+            raise MavsrError(f"{out} holds features of other encoders; remove it or use another dump dir")
+        if force:
+            (out / ".done").unlink(missing_ok=True)
+    return False
+
+
+def _shard_name(n: int) -> str:
+    return f"shard-{n:05d}.safetensors"
+
+
+def _shard_ok(path: Path, ids: list[str], settings: dict | None) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata()
+            return json.loads(md.get("ids", "[]")) == ids and json.loads(md.get("augment", "null")) == settings
+    except Exception:
+        return False
+
+
+def _write_shards(job: SplitJob, encoders: Encoders, chunks: list[list], shard: Shard | None, force: bool) -> int:
+    """Encode and write the shard files this worker owns that are not finished yet; returns how many."""
+    todo = []
+    for n, chunk in enumerate(chunks):
+        if shard is not None and n % shard[1] != shard[0]:
+            continue  # another worker's shard
+        if force or not _shard_ok(job.out / _shard_name(n), [u.id for u in chunk], job.settings):
+            todo.append((_shard_name(n), chunk))
+    with torch.inference_mode(), bar() as pbar:
+        task = pbar.add_task(f"extract {job.split}", total=sum(len(c) for _, c in todo), info="")
+        for name, chunk in todo:
+            tensors, snrs = {}, {}
+            for u in chunk:
+                feats, copy_snrs = encoders.encode(u, job.noise, job.snr, job.aug, job.n_copies)
+                tensors.update(feats)
+                if copy_snrs:
+                    snrs[u.id] = copy_snrs
+                pbar.advance(task)
+            with atomic_file(job.out / name) as tmp:  # disk full, interrupted: no half shard left behind
+                save_file(tensors, str(tmp), metadata={"ids": json.dumps([u.id for u in chunk]),
+                                                       "augment": json.dumps(job.settings),
+                                                       "snrs": json.dumps(snrs)})
+    return len(todo)
+
+
+def _write_index(job: SplitJob, prov: dict, chunks: list[list]) -> int:
+    """index.jsonl and the final provenance.json (dims, shard checksums) over every shard file."""
+    index, dims, sums = [], {}, {}
+    for n, chunk in enumerate(chunks):
+        name = _shard_name(n)
+        sums[name] = sha256_file(job.out / name)
+        with safe_open(str(job.out / name), framework="pt") as f:
+            snrs = json.loads(f.metadata().get("snrs", "{}"))
+            for u in chunk:
+                e = {"id": u.id, "shard": name}
+                if u.id in snrs:
+                    e["copies"] = [{"snr": x} for x in snrs[u.id]]
+                for m in ("audio", "video"):
+                    if prov[m]:
+                        shape = f.get_slice(f"{u.id}/{m}").get_shape()
+                        e[f"{m}_len"] = shape[0]
+                        dims[m] = shape[1]
+                index.append(e)
+    atomic_write_text(job.out / "index.jsonl", "".join(json.dumps(e) + "\n" for e in index))
+    atomic_write_json(job.out / "provenance.json", {"encoders": prov, "dims": dims, "utterances": len(index),
+                                                     "augment": job.settings, "shards": sums})
+    return len(index)

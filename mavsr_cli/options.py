@@ -1,0 +1,111 @@
+"""The options of each stage, one frozen dataclass per stage, and the choices they take.
+
+The one place their defaults are written: the CLI's defaults and `--help` read them here (as
+openai/whisper's DecodingOptions do), the stages take them as they are. Nothing heavy is imported,
+so `mavsr --help` stays fast. A config file's sections are config.py's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from .config import PROMPTS, DecodeConfig
+from .sharding import Shard
+
+
+class Modality(str, Enum):
+    """The streams a model reads."""
+
+    av = "av"  # audio-visual (AVSR)
+    a = "a"  # audio only (ASR)
+    v = "v"  # video only (VSR)
+
+
+class Strategy(str, Enum):
+    """LoRA over the frozen LLM (paper.md, Llama-MTSK)."""
+
+    ms = "ms"  # one shared LoRA for every configuration
+    ss = "ss"  # one LoRA per configuration
+    mss = "mss"  # shared + one per configuration
+
+
+class CtcUnits(str, Enum):
+    """Targets of the small encoders' pretraining (`tiny-models`)."""
+
+    char = "char"  # CTC over the transcript's characters
+    word = "word"  # CTC over its words
+    align = "align"  # the word under each frame, from the `Text:` files' word timings
+
+
+class Normaliser(str, Enum):
+    """Text normalisation before scoring, the same for reference and hypothesis (scoring.py)."""
+
+    default = "default"  # lower-case, no punctuation but apostrophes, whitespace collapsed
+    none = "none"  # whitespace collapsed only
+
+
+def default_jobs() -> int:
+    """Worker processes by default: the cores, at most 4."""
+    return min(4, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    num_utts: int = 400  # utterances in the train split (the test split gets test_utts)
+    test_utts: int = 60  # utterances in the test split
+    speakers: int = 4  # number of synthetic speakers (voices + faces)
+    heldout_speakers: int = 0  # speakers kept out of train and used only in test
+    seed: int = 0  # everything is a function of this seed
+    words_per_slot: int = 0  # > 0: each grammar slot draws from its first that many words only
+    nj: int = 2  # worker processes for synthesis and media checks (the CLI: default_jobs())
+
+
+@dataclass(frozen=True)
+class LrsOptions:
+    root: Path  # the corpus as distributed (formats.md)
+    landmarks: Path | None = None  # landmark pickles at the videos' relative paths (default: beside the videos)
+    mean_face: Path | None = None  # reference face for the alignment (default: mavsr's template)
+    max_seconds: float = 16.0  # pretrain utterances are cut into segments of at most this many seconds
+    nj: int = 2  # worker processes
+    shard: Shard | None = None  # (i, N): process only every N-th utterance; rerun without to merge
+    split: str = "train"  # prepare dir: the manifest split the folder becomes
+
+
+@dataclass(frozen=True)
+class TinyOptions:
+    audio_dim: int = 128  # Whisper d_model
+    audio_layers: int = 2  # Whisper encoder layers
+    video_dim: int = 128  # lip encoder width
+    video_layers: int = 2  # lip encoder transformer layers
+    llm_hidden: int = 192  # Llama hidden size
+    llm_layers: int = 2  # Llama layers
+    lm_epochs: int = 8  # language-model warm-up epochs over the training transcripts
+    encoder_epochs: int = 6  # character-CTC pretraining epochs of each encoder (0 = keep random)
+    prompt: str = PROMPTS["av"]  # the prompt the warm-up puts before the text
+    seed: int = 0  # initial weights and pretraining order
+    ctc_units: str = CtcUnits.char.value  # encoder targets (CtcUnits)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    split: str = "test"  # the split decoded
+    snrs: tuple[float | None, ...] = (None, 10.0, 5.0, 0.0, -5.0)  # conditions: None = clean, else SNR dB
+    noise: str = DecodeConfig.noise  # babble, white or a noise file
+    beam: int = DecodeConfig.beam  # beam width of every decode (claims reads it back from bench.json)
+    batch_size: int | None = None  # utterances decoded together (None: each experiment's config)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    margin: float = 1.5  # claim 1: Matryoshka WER at most this many points above the per-rate baseline
+    target_best: float = 10.0  # clean WER bound at the least compressed pair, e.g. (4,2)
+    target_worst: float = 20.0  # clean WER bound at the most compressed pair, e.g. (16,5)
+    gentle: float = 10.0  # claim 2: WER rise from least to most compressed pair at most this
+    collapse: float = 10.0  # claim 2: pooled rate-1 model at least this many points worse at the most compressed pair
+    video_max: float = 80.0  # claim 3: video-only WER below this
+    noisy_snrs: tuple[float, ...] = (0.0, -5.0)  # claim 3: AV must beat audio-only at these SNRs
+    av_slack: float = 0.0  # claim 3: ... by more than -av_slack points (0: AV strictly lower)
+    linear_tol: float = 0.1  # claim 4: media tokens within this fraction of the rate-proportional count
