@@ -24,7 +24,7 @@ demo: install
 	cd recipes/synth && PATH="$(CURDIR)/$(BIN):$$PATH" bash run.sh
 
 lint: install
-	$(BIN)/ruff check mavsr_cli tests
+	$(BIN)/ruff check mavsr_cli tests benchmarks
 
 clean:
 	rm -rf $(VENV) recipes/synth/corpus recipes/synth/data recipes/synth/dump recipes/synth/exp recipes/synth/models

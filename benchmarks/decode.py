@@ -73,7 +73,8 @@ def main() -> None:
         return hyps, time.perf_counter() - t0
 
     r0 = Rates(16, 5) if Rates(16, 5) in dec.trained else dec.trained[-1]
-    cases = {"transformers generate, batch 1": (1, True), f"transformers generate, batch {args.batch}": (args.batch, True),
+    cases = {"transformers generate, batch 1": (1, True),
+             f"transformers generate, batch {args.batch}": (args.batch, True),
              "mavsr, batch 1": (1, False), f"mavsr, batch {args.batch}": (args.batch, False)}
     times = {c: [] for c in cases}
     outs = {}
@@ -107,7 +108,8 @@ def main() -> None:
         with torch.inference_mode():
             n_in = model.build(batch_features(store, ids, modality), r, None, left_pad=True)[1].sum(1)
         _, t = decode(r, args.batch)
-        lines.append(f"| {r.pair} | {n_in.float().mean():.1f} | {n_in.sum().item() / seconds:.1f} | {t / len(ids):.4f} |")
+        lines.append(f"| {r.pair} | {n_in.float().mean():.1f} | {n_in.sum().item() / seconds:.1f} "
+                     f"| {t / len(ids):.4f} |")
     # a 10 s clip: 500 audio frames at 50 Hz, 250 video frames at 25 Hz
     dims = dec.meta["dims"]
     clip = {}

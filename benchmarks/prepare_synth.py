@@ -70,7 +70,8 @@ def main() -> None:
     lines = [
         "# prepare synth: time per utterance by step",
         "",
-        f"{platform.machine()}, {torch.get_num_threads()} torch thread (as a prepare worker), torch {torch.__version__}; "
+        f"{platform.machine()}, {torch.get_num_threads()} torch thread (as a prepare worker), "
+        f"torch {torch.__version__}; "
         f"{args.utts} sentences of 4 speakers, {frames_total / args.utts:.0f} frames each on average; "
         f"median of {args.reps} repetitions.",
         "",

@@ -128,7 +128,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     n_params = sum(p.numel() for p in model.parameters())
     lines = [
-        f"Mid-size random model: Whisper-base-shaped encoder 512x6 (faithful: 30 s windows), AV-HuBERT-shaped video encoder 512x6 "
+        f"Mid-size random model: Whisper-base-shaped encoder 512x6 (faithful: 30 s windows), "
+        f"AV-HuBERT-shaped video encoder 512x6 "
         f"(ResNet 32 ch), Llama 512x8; {n_params / 1e6:.1f}M parameters in the AVSR model (LLM + trained parts); "
         f"batch {len(ids)} utterances, {seconds:.1f} s of speech, {n_tok} target tokens; 4 configurations "
         f"(4,2) (4,5) (16,2) (16,5).",

@@ -94,7 +94,8 @@ def main() -> None:
             "cos mean | cos min |\n|---|---|---|---|---|---|---|---|---|\n")
     table = head + "".join(f"| whisper-{n} shape | {s:.0f} s | {t} | {f:.1f} | {q:.1f} | {x:.1f}x | {r:.3f} | "
                            f"{cm:.3f} | {cn:.3f} |\n" for n, s, t, f, q, x, r, cm, cn in rows)
-    env = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+    cpu = platform.processor() or platform.machine()
+    env = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, "
            f"median of {args.reps} interleaved runs per cell")
     print(table + "\n" + env)
     if args.out:

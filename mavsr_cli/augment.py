@@ -55,7 +55,8 @@ def babble(sources: list[np.ndarray], n: int, rng: np.random.Generator) -> np.nd
 
 def pick_babble_sources(speakers: dict[str, str], target: str, k: int, rng: np.random.Generator) -> list[str]:
     """k utterance ids of speakers other than the target's (all utterances if only one speaker)."""
-    pool = sorted(u for u, spk in speakers.items() if spk != speakers[target]) or sorted(u for u in speakers if u != target)
+    pool = sorted(u for u, spk in speakers.items() if spk != speakers[target])
+    pool = pool or sorted(u for u in speakers if u != target)
     if not pool:
         return []
     return [pool[i] for i in rng.choice(len(pool), size=min(k, len(pool)), replace=False)]

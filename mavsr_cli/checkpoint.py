@@ -135,8 +135,8 @@ def grid_of(meta: dict) -> list[Rates]:
 
 
 def trained_grid(exp_dir: Path) -> list[Rates]:
-    """The rate configurations an experiment trains: exp/<tag>/meta.json, the one record of them
-    (written when training starts), else the meta of its checkpoint."""
+    """The rate configurations an experiment trains, from its checkpoints' meta: exp/<tag>/meta.json
+    (a finished run's, with the checkpoint to decode), else its latest checkpoint's."""
     meta = exp_dir / "meta.json"
     if meta.is_file():
         return grid_of(json.loads(meta.read_text()))

@@ -68,8 +68,9 @@ BeamOpt = Annotated[int | None, typer.Option(help=f"Beam width (1 = greedy); nev
                                              f"decode.beam ({DecodeConfig.beam}).")]
 MaxTokensOpt = Annotated[int | None, typer.Option(help="Longest transcript generated. Default: the config's "
                                                   "decode.max_new_tokens (0 = 8 per second of speech, at least 32).")]
-NoiseOpt = Annotated[str, typer.Option(help="Noise for --snr: babble (other training speakers), white, "
-                                       "or an audio file.")]
+NoiseOpt = Annotated[str | None, typer.Option(help="Noise for --snr: babble (other training speakers), white, "
+                                              f"or an audio file. Default: the config's decode.noise "
+                                              f"({DecodeConfig.noise}).")]
 
 SYNTH, LRS, TINY, BENCH, BOUNDS = SynthOptions(), LrsOptions(Path(".")), TinyOptions(), BenchOptions(), Bounds()
 
@@ -325,7 +326,7 @@ def decode(
     max_new_tokens: MaxTokensOpt = None,
     snr: Annotated[float | None, typer.Option(help="Add noise to the audio at this SNR in dB (seeded per utterance; "
                                               "encoded once into its own cache).")] = None,
-    noise: NoiseOpt = DecodeConfig.noise,
+    noise: NoiseOpt = None,
     shard: Annotated[str | None, typer.Option(help="i/N: decode only this worker's share into a part file; run again "
                                               "without it to merge.")] = None,
     pool_rates: Annotated[str | None, typer.Option(help="Inference-only pooling (the paper's baseline), e.g. a16v5: "
@@ -334,7 +335,8 @@ def decode(
                                                    "Average-pooling models only.")] = None,
     force: ForceOpt = False,
 ) -> None:
-    """Decode a split at one rate pair (or --sweep, --budget) into exp/<tag>/decode_<rates>_beam<B>[_snr<X>]/<split>/."""
+    """Decode a split at one rate pair (or --sweep, --budget) into
+    exp/<tag>/decode_<rates>_beam<B>[_snr<X>]/<split>/."""
     _quiet_libraries()
     from .stages import decode as stage
 

@@ -12,12 +12,30 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import yaml
 
 from .errors import MavsrError
 from .rates import Rates, grid
+
+
+class Modality(str, Enum):
+    """The streams a model reads."""
+
+    av = "av"  # audio-visual (AVSR)
+    a = "a"  # audio only (ASR)
+    v = "v"  # video only (VSR)
+
+
+class Strategy(str, Enum):
+    """LoRA over the frozen LLM (paper.md, Llama-MTSK)."""
+
+    ms = "ms"  # one shared LoRA for every configuration
+    ss = "ss"  # one LoRA per configuration
+    mss = "mss"  # shared + one per configuration
+
 
 PROMPTS = {  # the paper's instruction after the media tokens, per modality
     "av": "Transcribe speech and video to text.",
@@ -29,7 +47,9 @@ PROMPTS = {  # the paper's instruction after the media tokens, per modality
 @dataclass(frozen=True)
 class AudioEncoderConfig:
     path: str = "openai/whisper-small"  # Whisper model: hub id or local dir (from_pretrained)
-    mode: str = "faithful"  # faithful: pad to 30 s as Whisper was trained; fast: encoder layers on the true length only (benchmarks/whisper_modes.md)
+    # faithful: pad to 30 s as Whisper was trained; fast: encoder layers on the true length only
+    # (benchmarks/whisper_modes.md)
+    mode: str = "faithful"
 
 
 @dataclass(frozen=True)
@@ -99,7 +119,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    noisy_copies: int = 0  # augmented copies of each train utterance cached at extract time; each epoch reads one of them or the original
+    # augmented copies of each train utterance cached at extract time; each epoch reads one of them or the original
+    noisy_copies: int = 0
     snrs: tuple[str, ...] = ("-5", "0", "5", "10", "15", "20", "clean")  # babble SNRs (dB) a copy draws from
     babble_utts: int = 6  # training utterances of other speakers mixed into one babble (test data never used)
     noise_file: str = ""  # use this audio file as the noise instead of babble (a random segment per copy)
@@ -113,7 +134,7 @@ class DecodeConfig:
 
     beam: int = 15  # beam width (1 = greedy); never sampling, so every run gives the same hypotheses
     batch_size: int = 16  # utterances decoded together (the hypotheses do not depend on it)
-    max_new_tokens: int = 0  # longest transcript generated; 0 = auto: 8 per second of the longest utterance, at least 32
+    max_new_tokens: int = 0  # longest transcript; 0 = auto: 8 per second of the longest utterance, at least 32
     snr: float | None = None  # noisy condition: noise added to the audio at this SNR in dB (None = clean)
     noise: str = "babble"  # noise of the condition: babble (other training speakers), white, or an audio file
     pool: str = ""  # inference-only pooling at these rates (a tag, e.g. a16v5) through the decoded pair's projectors
@@ -246,16 +267,21 @@ def snr_values(aug: AugmentConfig) -> list[float | None]:
     return [snr_value(x, "augment.snrs") for x in aug.snrs]
 
 
+def _values(choices: type[Enum]) -> set[str]:
+    return {c.value for c in choices}
+
+
 def validate(cfg: Config) -> None:
     m = cfg.model
-    if m.modality not in ("av", "a", "v"):
+    if m.modality not in _values(Modality):
         raise MavsrError(f"model.modality must be av, a or v, got {m.modality!r}")
     if m.compression not in ("avg", "stack"):
         raise MavsrError(f"model.compression must be avg or stack, got {m.compression!r}")
-    if m.lora.strategy not in ("ms", "ss", "mss"):
+    if m.lora.strategy not in _values(Strategy):
         raise MavsrError(f"model.lora.strategy must be ms, ss or mss, got {m.lora.strategy!r}")
     if cfg.train.pack_rates and m.lora.strategy != "ms":
-        raise MavsrError("train.pack_rates needs model.lora.strategy ms (SS/MSS use different adapters per configuration)")
+        raise MavsrError("train.pack_rates needs model.lora.strategy ms "
+                         "(SS/MSS use different adapters per configuration)")
     t = cfg.train
     if t.precision not in ("auto", "fp32", "bf16"):
         raise MavsrError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
@@ -266,6 +292,11 @@ def validate(cfg: Config) -> None:
     if cfg.augment.noisy_copies < 0:
         raise MavsrError("augment.noisy_copies must be >= 0")
     snr_values(cfg.augment)
+    d = cfg.decode
+    if d.beam < 1 or d.batch_size < 1 or d.max_new_tokens < 0:
+        raise MavsrError("decode.beam and decode.batch_size must be at least 1, decode.max_new_tokens at least 0")
+    if d.pool:
+        Rates.parse(d.pool)
     if cfg.audio_encoder.mode not in ("fast", "faithful"):
         raise MavsrError(f"audio_encoder.mode must be fast or faithful, got {cfg.audio_encoder.mode!r}")
     m.rate_grid()

@@ -63,7 +63,8 @@ class Encoders:
             out[f"{u.id}/audio"] = self.audio(wav).half().contiguous()
         if self.video is not None:
             frames = read_video_gray(self.recipe.resolve_media(u.video))
-            out[f"{u.id}/video"] = self.video(normalise(video_crop(frames, vc.crop), vc.mean, vc.std)).half().contiguous()
+            x = normalise(video_crop(frames, vc.crop), vc.mean, vc.std)  # (T, crop, crop)
+            out[f"{u.id}/video"] = self.video(x).half().contiguous()
         snrs = []
         for k in range(n_copies):  # seeded augmented copies (train split only)
             copy_snr, noisy, crop = aug.copy(u, k, wav, frames)

@@ -98,7 +98,8 @@ class FeatureStore:
             try:
                 h = self._handles[e["shard"]] = safe_open(str(path), framework="pt")
             except Exception as err:
-                raise MavsrError(f"unreadable feature shard {path} ({err}): re-run `mavsr extract-features --force`") from None
+                raise MavsrError(f"unreadable feature shard {path} ({err}): "
+                                 "re-run `mavsr extract-features --force`") from None
         name = f"{uid}/{modality}" if copy is None else f"{uid}/{modality}#{copy}"
         return h.get_tensor(name).float()
 

@@ -12,24 +12,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from .config import PROMPTS, DecodeConfig
+from .config import PROMPTS, DecodeConfig, Modality, Strategy  # noqa: F401  (the CLI takes them from here)
 from .sharding import Shard
-
-
-class Modality(str, Enum):
-    """The streams a model reads."""
-
-    av = "av"  # audio-visual (AVSR)
-    a = "a"  # audio only (ASR)
-    v = "v"  # video only (VSR)
-
-
-class Strategy(str, Enum):
-    """LoRA over the frozen LLM (paper.md, Llama-MTSK)."""
-
-    ms = "ms"  # one shared LoRA for every configuration
-    ss = "ss"  # one LoRA per configuration
-    mss = "mss"  # shared + one per configuration
 
 
 class CtcUnits(str, Enum):

@@ -140,4 +140,5 @@ def load_numpy_pickle(path: str | Path):
     except Refused as e:
         raise MavsrError(f"{p}: {e}") from None
     except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise MavsrError(f"{p} is not a readable pickle: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MavsrError(f"{p} is not a readable pickle: {why}") from None

@@ -18,6 +18,7 @@ import jiwer
 
 from .errors import MavsrError
 from .fsutil import atomic_write_json, atomic_write_text
+from .options import Normaliser
 
 _PUNCT = re.compile(r"[^\w\s']", re.UNICODE)
 
@@ -26,9 +27,9 @@ def normalise(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
-NORMALISERS: dict[str, Callable[[str], str]] = {
-    "default": normalise,
-    "none": lambda t: " ".join(t.split()),
+NORMALISERS: dict[str, Callable[[str], str]] = {  # options.Normaliser lists them for the CLI
+    Normaliser.default.value: normalise,
+    Normaliser.none.value: lambda t: " ".join(t.split()),
 }
 
 

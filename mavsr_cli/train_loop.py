@@ -127,7 +127,7 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", local) if use_cuda else torch.device(device_pref if device_pref not in ("auto",) else "cpu")
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu" if device_pref == "auto" else device_pref)
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -150,161 +150,215 @@ def wrap(loss_mod: MatryoshkaLoss, cfg: Config, device: torch.device, world: int
     return DDP(loss_mod, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+class Trainer:
+    """One Matryoshka training run, as torchtune's recipes read: set-up (here), resume, one step,
+    logging and saving as methods, and `fit`, the loop over them."""
+
+    def __init__(self, model, store: FeatureStore, texts: dict[str, str], cfg: Config, rates: list[Rates],
+                 exp: Path, meta: dict, log) -> None:
+        t = self.t = cfg.train
+        self.cfg, self.model, self.store, self.rates, self.exp, self.meta, self.log = (
+            cfg, model, store, rates, exp, meta, log)
+        self.rank, self.world, self.device = setup_distributed(t.device)
+        self.main = self.rank == 0
+        self.ids = store.ids()
+        self.targets = {i: model.tokenizer(texts[i], add_special_tokens=False).input_ids for i in self.ids}
+        model.to(self.device)
+        if t.grad_checkpointing:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ckpts = checkpoint.list_checkpoints(exp / "ckpt")
+        self.last = ckpts[-1] if ckpts else None
+        self.resuming = self.last is not None and (self.last / "trainer.pt").is_file()
+        if self.resuming:  # trained tensors go in before any wrapping/sharding
+            model.load_trainable(checkpoint.load_state(self.last))
+        self.engine = wrap(MatryoshkaLoss(model, rates, t.pack_rates), cfg, self.device, self.world)
+        self.fsdp = self.world > 1 and t.distributed == "fsdp"
+        self.params = [p for p in self.engine.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.min_batch = self.world * t.accum_steps
+        self.steps_per_epoch = len(self.plan(0))
+        self.total = t.epochs * self.steps_per_epoch
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.total, t.warmup_steps))
+        bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 \
+            else contextlib.nullcontext
+        self.step_no = 0
+        self.metrics = self.tb = None
+
+    def plan(self, epoch: int) -> list[list[str]]:
+        t = self.t
+        return plan_epoch(self.store, self.ids, t.batch_size, t.max_frames, t.seed, epoch, self.min_batch)
+
+    # ---- resume --------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Exactly where the last checkpoint left off: optimizer, scheduler, step, metrics."""
+        if self.resuming:
+            tr = checkpoint.load_trainer(self.last)
+            if self.fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(self.engine, self.opt, tr["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                self.opt.load_state_dict(tr["optimizer"])
+            self.sched.load_state_dict(tr["scheduler"])
+            self.step_no = int(tr["step"])
+            if self.main:
+                self.log(f"train: resuming from {self.last.name} (step {self.step_no} of {self.total}, "
+                         f"epoch {self.step_no // self.steps_per_epoch + 1})")
+        if self.main:
+            self._open_logs()
+
+    def _open_logs(self) -> None:
+        path = self.exp / "metrics.jsonl"
+        if self.step_no and path.is_file():  # drop records of steps after the checkpoint (they will be redone)
+            lines = path.read_text().splitlines()
+            path.write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= self.step_no))
+        self.metrics = open(path, "a")
+        if self.t.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.exp / "tb"))
+            except ImportError:
+                self.log("train: tensorboard is not installed; writing metrics.jsonl only")
+
+    # ---- one step ------------------------------------------------------------------------------
+    def train_step(self, bid: list[str], epoch: int, copies: dict) -> tuple[list[float], int]:
+        """One optimizer step over global batch `bid` -> (mean token loss per configuration, target tokens)."""
+        t, step = self.t, self.step_no
+        torch.manual_seed(seeds.step(t.seed, step, self.rank))
+        n_tok = sum(len(self.targets[i]) + 1 for i in bid)  # the global batch's target tokens
+        mine = bid[self.rank::self.world]
+        micro = [mine[k::t.accum_steps] for k in range(t.accum_steps)]
+        sums = torch.zeros(len(self.rates), dtype=torch.float64)
+        self.opt.zero_grad(set_to_none=True)
+        for k, chunk in enumerate(micro):
+            sync = contextlib.nullcontext()
+            if self.world > 1 and k < len(micro) - 1 and hasattr(self.engine, "no_sync"):
+                sync = self.engine.no_sync()
+            with sync:
+                sums += self._backward(chunk, bid, epoch, copies, n_tok)
+        if self.world > 1:
+            s_dev = sums.to(self.device)
+            _dist().all_reduce(s_dev)
+            sums = s_dev.cpu()
+        torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.step_no += 1
+        return (sums / n_tok).tolist(), n_tok
+
+    def _backward(self, chunk: list[str], bid: list[str], epoch: int, copies: dict, n_tok: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its summed cross-entropies (G,)."""
+        t, step = self.t, self.step_no
+        feats = batch_features(self.store, chunk, self.cfg.model.modality, [copies[i] for i in chunk])
+        if t.time_mask:  # per-utterance seeds: the same masks whatever the process split
+            feats = augment.mask_features(feats, [seeds.time_mask(t.seed, step, bid.index(i)) for i in chunk])
+        feats = {m: (x.to(self.device), n.to(self.device)) for m, (x, n) in feats.items()}
+        try:
+            faults.maybe_oom(len(chunk))
+            with self.autocast():
+                ce = self.engine(feats, [self.targets[i] for i in chunk])  # (G,)
+            # mean over configurations of (global token mean); DDP averages over processes
+            (ce.sum() / len(self.rates) / n_tok * self.world).backward()
+        except torch.OutOfMemoryError:
+            frames = sum(self.store.frames(i) for i in chunk)
+            raise MavsrError(
+                f"out of memory at step {step + 1} (epoch {epoch + 1}) on a micro-batch of {len(chunk)} "
+                f"utterances, {frames} video frames ({chunk[0]} .. {chunk[-1]}); lower train.batch_size "
+                f"or set train.max_frames below {frames}, or raise train.accum_steps; rerun to resume "
+                "from the last checkpoint") from None
+        return ce.detach().double().cpu()
+
+    # ---- logging and saving --------------------------------------------------------------------
+    def record(self, per_rate: list[float], n_tok: int, n_utts: int, epoch: int, seconds: float) -> dict:
+        """The step's metrics.jsonl record (and TensorBoard scalars)."""
+        loss = sum(per_rate) / len(per_rate)
+        rec = {"step": self.step_no, "epoch": epoch + 1, "loss": round(loss, 5), "lr": self.sched.get_last_lr()[0],
+               "loss_per_rate": {r.tag: round(v, 5) for r, v in zip(self.rates, per_rate, strict=True)},
+               "utts": n_utts, "tokens": n_tok, "tokens_per_s": round(n_tok / max(1e-9, seconds), 1)}
+        self.metrics.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            self.tb.add_scalar("loss", loss, self.step_no)
+            for tag, v in rec["loss_per_rate"].items():
+                self.tb.add_scalar(f"loss/{tag}", v, self.step_no)
+            self.tb.add_scalar("lr", rec["lr"], self.step_no)
+        return rec
+
+    def save(self, epoch: int) -> None:
+        """A step checkpoint (trained tensors, optimizer, scheduler), then the kill-after-checkpoint fault."""
+        state = _full_state(self.model) if self.fsdp else self.model.trainable_state()
+        osd = _full_optim_state(self.engine, self.opt) if self.fsdp else self.opt.state_dict()
+        if self.main:
+            self.metrics.flush()
+            trainer = {"optimizer": osd, "scheduler": self.sched.state_dict(), "step": self.step_no}
+            keep = max(self.t.keep_checkpoints, self.t.average_last)
+            meta = {**self.meta, "step": self.step_no, "epoch": epoch + 1}
+            self.last = checkpoint.save(self.exp / "ckpt", self.step_no, state, meta, trainer, keep)
+        if self.world > 1:
+            _dist().barrier()
+        fault = int(os.environ.get(FAULT_ENV, "0"))
+        if fault and self.step_no == fault:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def close(self) -> Path:
+        """Close the logs; average the last checkpoints if asked; the checkpoint to decode."""
+        for f in (self.metrics, self.tb):
+            if f is not None:
+                f.close()
+        if self.main and self.t.average_last > 1:
+            self.last = average_last(self.exp / "ckpt", self.t.average_last, self.meta)
+        self.model.eval()
+        if self.world > 1:
+            _dist().barrier()
+        return self.last
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        t = self.t
+        self.resume()
+        self.engine.train()
+        t_last, tok_since = time.perf_counter(), 0
+        with bar() as pbar:
+            task = pbar.add_task("train", total=self.total, completed=self.step_no, info="")
+            while self.step_no < self.total:
+                epoch, first = divmod(self.step_no, self.steps_per_epoch)
+                copies = draw_copies({i: self.store.copies(i) for i in self.ids}, self.cfg.augment.seed + t.seed, epoch)
+                for bid in self.plan(epoch)[first:]:
+                    t_step = time.perf_counter()
+                    per_rate, n_tok = self.train_step(bid, epoch, copies)
+                    tok_since += n_tok
+                    if self.main:
+                        now = time.perf_counter()
+                        rec = self.record(per_rate, n_tok, len(bid), epoch, now - t_step)
+                        loss = sum(per_rate) / len(per_rate)
+                        pbar.update(task, advance=1, info=f"epoch {epoch + 1} loss {loss:.3f} "
+                                                          f"{rec['tokens_per_s']:.0f} tok/s")
+                        if self.step_no % t.log_every == 0 or self.step_no == self.total:
+                            self._log_line(rec, loss, tok_since / max(1e-9, now - t_last))
+                            t_last, tok_since = now, 0
+                    end_of_epoch = self.step_no % self.steps_per_epoch == 0
+                    if (t.save_every and self.step_no % t.save_every == 0) or end_of_epoch \
+                            or self.step_no == self.total:
+                        self.save(epoch)
+                    if end_of_epoch and self.main:
+                        self.log(f"epoch {epoch + 1} done")
+        return self.close()
+
+    def _log_line(self, rec: dict, loss: float, tokens_per_s: float) -> None:
+        self.log(f"step {rec['step']}/{self.total} epoch {rec['epoch']} loss {loss:.4f} "
+                 + " ".join(f"{k}={v:.3f}" for k, v in rec["loss_per_rate"].items())
+                 + f" lr {rec['lr']:.2e} {tokens_per_s:.0f} tok/s")
+
+
 def train(model, store: FeatureStore, texts: dict[str, str], cfg: Config, rates: list[Rates], exp: Path,
           meta: dict, log) -> Path:
-    t = cfg.train
-    rank, world, device = setup_distributed(t.device)
-    main = rank == 0
-    tok = model.tokenizer
-    ids = store.ids()
-    targets = {i: tok(texts[i], add_special_tokens=False).input_ids for i in ids}
-    model.to(device)
-    if t.grad_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    step = 0
-    ckpts = checkpoint.list_checkpoints(exp / "ckpt")
-    last = ckpts[-1] if ckpts else None
-    resume = last is not None and (last / "trainer.pt").is_file()
-    if resume:  # trained tensors go in before any wrapping/sharding
-        model.load_trainable(checkpoint.load_state(last))
-    loss_mod = MatryoshkaLoss(model, rates, t.pack_rates)
-    engine = wrap(loss_mod, cfg, device, world)
-    fsdp = world > 1 and t.distributed == "fsdp"
-    params = [p for p in engine.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    min_batch = world * t.accum_steps
-    steps_per_epoch = len(plan_epoch(store, ids, t.batch_size, t.max_frames, t.seed, 0, min_batch))
-    total = t.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, t.warmup_steps))
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    keep = max(t.keep_checkpoints, t.average_last)
-
-    if resume:  # exactly where the last checkpoint left off
-        tr = checkpoint.load_trainer(last)
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(engine, opt, tr["optimizer"], options=StateDictOptions(full_state_dict=True))
-        else:
-            opt.load_state_dict(tr["optimizer"])
-        sched.load_state_dict(tr["scheduler"])
-        step = int(tr["step"])
-        if main:
-            log(f"train: resuming from {last.name} (step {step} of {total}, epoch {step // steps_per_epoch + 1})")
-    metrics = open(exp / "metrics.jsonl", "a") if main else None
-    if metrics is not None and step:  # drop records of steps after the checkpoint (they will be redone)
-        metrics.close()
-        lines = (exp / "metrics.jsonl").read_text().splitlines()
-        (exp / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= step))
-        metrics = open(exp / "metrics.jsonl", "a")
-    tb = None
-    if main and t.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tb = SummaryWriter(str(exp / "tb"))
-        except ImportError:
-            log("train: tensorboard is not installed; writing metrics.jsonl only")
-    engine.train()
-    fault = int(os.environ.get(FAULT_ENV, "0"))
-    t_last, tok_since = time.perf_counter(), 0
-    with bar() as pbar:
-        task = pbar.add_task("train", total=total, completed=step, info="")
-        while step < total:
-            epoch, first = divmod(step, steps_per_epoch)
-            plan = plan_epoch(store, ids, t.batch_size, t.max_frames, t.seed, epoch, min_batch)
-            copies = draw_copies({i: store.copies(i) for i in ids}, cfg.augment.seed + t.seed, epoch)
-            for bid in plan[first:]:
-                t_step = time.perf_counter()
-                torch.manual_seed(seeds.step(t.seed, step, rank))
-                n_tok = sum(len(targets[i]) + 1 for i in bid)  # the global batch's target tokens
-                mine = bid[rank::world]
-                micro = [mine[k::t.accum_steps] for k in range(t.accum_steps)]
-                sums = torch.zeros(len(rates), dtype=torch.float64)
-                opt.zero_grad(set_to_none=True)
-                for k, chunk in enumerate(micro):
-                    feats = batch_features(store, chunk, cfg.model.modality, [copies[i] for i in chunk])
-                    if t.time_mask:  # per-utterance seeds: the same masks whatever the process split
-                        feats = augment.mask_features(feats, [seeds.time_mask(t.seed, step, bid.index(i))
-                                                              for i in chunk])
-                    feats = {m: (x.to(device), n.to(device)) for m, (x, n) in feats.items()}
-                    sync = contextlib.nullcontext()
-                    if world > 1 and k < len(micro) - 1 and hasattr(engine, "no_sync"):
-                        sync = engine.no_sync()
-                    try:
-                        with sync:
-                            faults.maybe_oom(len(chunk))
-                            with autocast():
-                                ce = engine(feats, [targets[i] for i in chunk])  # (G,)
-                            # mean over configurations of (global token mean); DDP averages over processes
-                            (ce.sum() / len(rates) / n_tok * world).backward()
-                    except torch.OutOfMemoryError:
-                        frames = sum(store.frames(i) for i in chunk)
-                        raise MavsrError(
-                            f"out of memory at step {step + 1} (epoch {epoch + 1}) on a micro-batch of {len(chunk)} "
-                            f"utterances, {frames} video frames ({chunk[0]} .. {chunk[-1]}); lower train.batch_size "
-                            f"or set train.max_frames below {frames}, or raise train.accum_steps; rerun to resume "
-                            "from the last checkpoint") from None
-                    sums += ce.detach().double().cpu()
-                if world > 1:
-                    s_dev = sums.to(device)
-                    _dist().all_reduce(s_dev)
-                    sums = s_dev.cpu()
-                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-                opt.step()
-                sched.step()
-                step += 1
-                per_rate = (sums / n_tok).tolist()
-                loss = sum(per_rate) / len(per_rate)
-                tok_since += n_tok
-                if main:
-                    now = time.perf_counter()
-                    rec = {"step": step, "epoch": epoch + 1, "loss": round(loss, 5), "lr": sched.get_last_lr()[0],
-                           "loss_per_rate": {r.tag: round(v, 5) for r, v in zip(rates, per_rate, strict=True)},
-                           "utts": len(bid), "tokens": n_tok,
-                           "tokens_per_s": round(n_tok / max(1e-9, now - t_step), 1)}
-                    metrics.write(json.dumps(rec) + "\n")
-                    if tb is not None:
-                        tb.add_scalar("loss", loss, step)
-                        for tag_, v in rec["loss_per_rate"].items():
-                            tb.add_scalar(f"loss/{tag_}", v, step)
-                        tb.add_scalar("lr", rec["lr"], step)
-                    pbar.update(task, advance=1, info=f"epoch {epoch + 1} loss {loss:.3f} "
-                                                      f"{rec['tokens_per_s']:.0f} tok/s")
-                    if step % t.log_every == 0 or step == total:
-                        tps = tok_since / max(1e-9, now - t_last)
-                        t_last, tok_since = now, 0
-                        log(f"step {step}/{total} epoch {epoch + 1} loss {loss:.4f} "
-                            + " ".join(f"{k}={v:.3f}" for k, v in rec["loss_per_rate"].items())
-                            + f" lr {rec['lr']:.2e} {tps:.0f} tok/s")
-                end_of_epoch = step % steps_per_epoch == 0
-                if (t.save_every and step % t.save_every == 0) or end_of_epoch or step == total:
-                    state = _full_state(model) if fsdp else model.trainable_state()
-                    osd = _full_optim_state(engine, opt) if fsdp else opt.state_dict()
-                    if main:
-                        metrics.flush()
-                        trainer = {"optimizer": osd, "scheduler": sched.state_dict(), "step": step}
-                        last = checkpoint.save(exp / "ckpt", step, state,
-                                               {**meta, "step": step, "epoch": epoch + 1}, trainer, keep)
-                    if world > 1:
-                        _dist().barrier()
-                    if fault and step == fault:
-                        import signal
-
-                        os.kill(os.getpid(), signal.SIGKILL)
-                if end_of_epoch and main:
-                    log(f"epoch {epoch + 1} done")
-    if metrics is not None:
-        metrics.close()
-    if tb is not None:
-        tb.close()
-    if main and t.average_last > 1:
-        last = average_last(exp / "ckpt", t.average_last, meta)
-    model.eval()
-    if world > 1:
-        _dist().barrier()
-    return last
+    """Train `model`'s projectors and adapters on every configuration of `rates`; returns the
+    checkpoint to decode (exp/<tag>/ckpt/...)."""
+    return Trainer(model, store, texts, cfg, rates, exp, meta, log).fit()
 
 
 def _full_state(model) -> dict[str, torch.Tensor]:

@@ -27,17 +27,46 @@ from ..clocks import FPS, SAMPLE_RATE
 
 # --------------------------------------------------------------------------------------------
 # Grammar: every sentence is a path through one of the templates; slots draw from word lists.
-WORDS = {
-    "name": ["anna", "ben", "carla", "david", "emma", "frank", "grace", "henry", "iris", "jack", "kate", "leo", "maria", "nora", "oscar", "paul", "rosa", "sam", "tina", "victor", "wendy", "alex", "bella", "chris", "diana", "ethan", "fiona", "george", "hannah", "ivan"],
-    "noun": ["apple", "table", "window", "garden", "river", "engine", "ticket", "letter", "camera", "basket", "candle", "pencil", "bottle", "jacket", "mirror", "ladder", "blanket", "guitar", "rocket", "hammer", "pillow", "carpet", "wallet", "bucket", "button", "castle", "dragon", "forest", "island", "jungle", "lemon", "market", "needle", "orange", "parrot", "puzzle", "rabbit", "saddle", "tomato", "violin", "wagon", "yogurt", "zipper", "anchor", "barrel", "cactus", "donkey", "feather", "helmet", "kettle", "lantern", "magnet", "napkin", "oven", "pepper", "quilt", "ribbon", "spoon", "tunnel", "umbrella", "velvet", "whistle", "compass", "teapot", "pumpkin"],
-    "adj": ["big", "small", "red", "green", "blue", "yellow", "purple", "silver", "golden", "wooden", "heavy", "light", "bright", "dark", "quiet", "noisy", "happy", "sleepy", "shiny", "dusty", "broken", "ancient", "modern", "tiny", "huge", "soft", "rough", "warm", "cold", "clean", "muddy"],
-    "verb_past": ["found", "moved", "painted", "lifted", "dropped", "cleaned", "opened", "carried", "washed", "bought", "sold", "fixed", "packed", "pushed", "pulled", "hid", "kicked", "caught", "threw", "borrowed"],
-    "verb": ["find", "move", "paint", "lift", "drop", "clean", "open", "carry", "wash", "buy", "sell", "fix", "pack", "push", "pull", "hide", "kick", "catch", "throw", "borrow"],
-    "prep": ["near", "under", "behind", "beside", "above", "inside", "below"],
-    "place": ["the " + w for w in ["kitchen", "station", "library", "garage", "school", "harbor", "office", "bakery", "museum", "hotel", "bridge", "farm"]],
-    "number": ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "twenty", "thirty", "forty", "fifty", "hundred"],
-    "adverb": ["slowly", "quickly", "carefully", "quietly", "happily", "gently", "badly", "early", "later", "today", "yesterday", "again"],
-    "time": ["on monday", "on tuesday", "on friday", "at noon", "at night", "in the morning", "in the evening", "after lunch", "before dinner"],
+WORDS = {  # slot -> its words, in the order `words_per_slot` cuts them (one phrase per comma in "time")
+    "name": """
+        anna ben carla david emma frank grace henry iris jack kate leo maria nora oscar paul rosa sam tina
+        victor wendy alex bella chris diana ethan fiona george hannah ivan
+    """.split(),
+    "noun": """
+        apple table window garden river engine ticket letter camera basket candle pencil bottle jacket
+        mirror ladder blanket guitar rocket hammer pillow carpet wallet bucket button castle dragon forest
+        island jungle lemon market needle orange parrot puzzle rabbit saddle tomato violin wagon yogurt
+        zipper anchor barrel cactus donkey feather helmet kettle lantern magnet napkin oven pepper quilt
+        ribbon spoon tunnel umbrella velvet whistle compass teapot pumpkin
+    """.split(),
+    "adj": """
+        big small red green blue yellow purple silver golden wooden heavy light bright dark quiet noisy
+        happy sleepy shiny dusty broken ancient modern tiny huge soft rough warm cold clean muddy
+    """.split(),
+    "verb_past": """
+        found moved painted lifted dropped cleaned opened carried washed bought sold fixed packed pushed
+        pulled hid kicked caught threw borrowed
+    """.split(),
+    "verb": """
+        find move paint lift drop clean open carry wash buy sell fix pack push pull hide kick catch throw
+        borrow
+    """.split(),
+    "prep": """
+        near under behind beside above inside below
+    """.split(),
+    "place": ["the " + w for w in """
+        kitchen station library garage school harbor office bakery museum hotel bridge farm
+    """.split()],
+    "number": """
+        one two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty hundred
+    """.split(),
+    "adverb": """
+        slowly quickly carefully quietly happily gently badly early later today yesterday again
+    """.split(),
+    "time": [w.strip() for w in """
+        on monday, on tuesday, on friday, at noon, at night, in the morning, in the evening, after lunch,
+        before dinner
+    """.split(",")],
 }
 
 TEMPLATES = [
@@ -306,5 +335,6 @@ def synthesize(text: str, spk: Speaker, rng: np.random.Generator) -> SynthUttera
     while len(starts) < len(tokens):
         starts.append(starts[-1] if starts else 0.0)
     dur = num_frames / FPS
-    words = [(w, s, starts[i + 1] if i + 1 < len(starts) else dur) for i, (w, s) in enumerate(zip(tokens, starts, strict=True))]
+    ends = starts[1:] + [dur]  # each word lasts until the next one starts
+    words = list(zip(tokens, starts, ends, strict=True))
     return SynthUtterance(frames, audio.astype(np.float32), text, words)

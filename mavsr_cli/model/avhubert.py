@@ -136,7 +136,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:  # (B, T, D)
         b, t, d = x.shape
-        q, k, v = (p(x).view(b, t, self.heads, d // self.heads).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)  # (B, H, T, D/H) each
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
         mask = None if pad is None else ~pad[:, None, None, :]  # True = attend
         y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
@@ -213,7 +214,8 @@ class AVHubertVideoEncoder(nn.Module):
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise MavsrError(f"{path} does not match AV-HuBERT ({cfg.encoder_layers} layers): "
-                             f"missing {len(missing)} tensors {missing[:3]}, unexpected {len(unexpected)} {unexpected[:3]}")
+                             f"missing {len(missing)} tensors {missing[:3]}, "
+                             f"unexpected {len(unexpected)} {unexpected[:3]}")
         return model.eval().requires_grad_(False)
 
     def fairseq_state(self) -> dict[str, torch.Tensor]:

@@ -62,7 +62,8 @@ class AVSRModel(nn.Module):
 
         if missing or unexpected:
             raise MavsrError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        shapes = [f"{n} {tuple(state[n].shape)} vs {tuple(p.shape)}" for n, p in own.items() if state[n].shape != p.shape]
+        shapes = [f"{n} {tuple(state[n].shape)} vs {tuple(p.shape)}"
+                  for n, p in own.items() if state[n].shape != p.shape]
         if shapes:
             raise MavsrError(f"checkpoint does not match the model: {len(shapes)} tensor(s) of another shape, "
                              f"e.g. {shapes[0]} (another model or config?)")
@@ -130,7 +131,8 @@ class AVSRModel(nn.Module):
                 lab[i, sl] = torch.tensor(labels[i], device=device)
         return emb, mask, lab
 
-    def ce_sums(self, feats: dict, grid: list[Rates], targets: list[list[int]], packed: bool = False) -> list[torch.Tensor]:
+    def ce_sums(self, feats: dict, grid: list[Rates], targets: list[list[int]],
+                packed: bool = False) -> list[torch.Tensor]:
         """Summed next-token cross-entropy over the transcript + EOS tokens, one value per configuration.
 
         Sums, not means, so a trainer can normalise by the token count of a whole global batch

@@ -14,7 +14,6 @@ import torch
 from ..errors import MavsrError
 
 ADAPTER_MS = "ms"  # the shared LoRA used by every rate configuration (paper.md, MS)
-STRATEGIES = ("ms", "ss", "mss")
 
 
 def adapters_for(strategy: str, tag: str) -> list[str]:

@@ -2,7 +2,8 @@
 
 Same interface as the AV-HuBERT video encoder: (T, H, W) normalised mouth crops at 25 fps ->
 (T, dim) at 25 Hz. Shape: a 2x spatial average pool (for CPU cost), a 3-D conv stem (5x7x7, as
-AV-HuBERT's), a 2-D conv per frame, a 4x4 spatial pool, a linear map and a few transformer layers. Stored as a mavsr model directory:
+AV-HuBERT's), a 2-D conv per frame, a 4x4 spatial pool, a linear map and a few transformer layers.
+Stored as a mavsr model directory:
 `config.json` + `model.safetensors`.
 """
 

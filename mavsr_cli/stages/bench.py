@@ -191,7 +191,8 @@ def plots(rows: list[dict], out: Path) -> list[str]:
         pts = [r for r in clean if (r["exp"], r["modality"]) == (e, m)]
         ax.scatter([r["tokens_per_s"] for r in pts], [r["wer"] for r in pts], label=f"{e} ({m})", s=30)
         for r in pts:
-            ax.annotate(r["rates"], (r["tokens_per_s"], r["wer"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(r["rates"], (r["tokens_per_s"], r["wer"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
     front = sorted((r for r in clean if r["pareto"]), key=lambda r: r["tokens_per_s"])
     if front:
         ax.plot([r["tokens_per_s"] for r in front], [r["wer"] for r in front], "k--", lw=1, label="Pareto front")

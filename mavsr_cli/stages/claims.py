@@ -217,5 +217,7 @@ def run(recipe: Recipe, bench: Path, matryoshka: list[Path], baselines: list[Pat
         log(f"{'targets' if c.number == 0 else f'claim {c.number}'}: {'HOLDS' if c.holds else 'FAILS'}: {c.text}")
         for x in c.checks:
             log(f"    {'ok ' if x['ok'] else 'NO '} {x['what']}: {x['value']} (bound {x['bound']})")
-    log(f"claims: {sum(c.holds for c in claims[1:])} of {len(claims) - 1} hold, targets {'met' if claims[0].holds else 'missed'} -> {out}/CLAIMS.md, claims.json")
+    met = "met" if claims[0].holds else "missed"
+    log(f"claims: {sum(c.holds for c in claims[1:])} of {len(claims) - 1} hold, targets {met} "
+        f"-> {out}/CLAIMS.md, claims.json")
     return claims

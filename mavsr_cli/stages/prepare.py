@@ -210,7 +210,8 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
              opt.landmarks, mean_face, opt.max_seconds, corpus == "dir") for it in todo]
     results = list(parallel_map(_lrs_one, args, opt.nj, f"prepare {corpus} ({len(todo)} videos)"))
     if opt.shard is not None:
-        log(f"prepare {corpus}: shard {opt.shard[0]}/{opt.shard[1]} done ({len(todo)} videos); run without --shard to merge")
+        log(f"prepare {corpus}: shard {opt.shard[0]}/{opt.shard[1]} done ({len(todo)} videos); "
+            "run without --shard to merge")
         return {}
     per_split: dict[str, tuple[list, list]] = {s: ([], []) for s in splits}
     for it, res in zip(items, results, strict=True):

@@ -61,7 +61,8 @@ def run(recipe: Recipe, exp: Path, force: bool = False, log=print, normaliser: s
         f"# Results: {exp.name}", "",
         f"Normaliser: {normaliser}. Tokens: LLM input tokens per second of speech (media + prompt). "
         "'(1,1) pooled at (16,5)': a pair's projectors fed features pooled at other rates at decode time only.", "",
-        "| split | (A,V) | noise | beam | WER % | CER % | sub | del | ins | words | tokens/s | decode s/utt | decode dir |",
+        "| split | (A,V) | noise | beam | WER % | CER % | sub | del | ins | words | tokens/s | decode s/utt "
+        "| decode dir |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -234,7 +234,8 @@ def run(recipe: Recipe, opt: TinyOptions, force: bool = False, log=print) -> Pat
 
         def pretrain_video(enc):
             vc = VideoEncoderConfig()
-            crops = [video_crop(read_video_gray(recipe.resolve_media(u.video)), vc.crop) for u in progress(utts, "mouth crops")]
+            crops = [video_crop(read_video_gray(recipe.resolve_media(u.video)), vc.crop)
+                     for u in progress(utts, "mouth crops")]
             ctc_pretrain("video", enc, lambda c: enc(normalise(c, vc.mean, vc.std)), crops, targets[FPS], classes,
                          opt.video_dim, n, opt.seed, log, framewise=framewise)
 

@@ -2,8 +2,9 @@
 
     reads  dump/<encoders-tag>/train/ (features), data/train/manifest.jsonl (transcripts)
     writes exp/<tag>/{config.yaml, cmd.txt, meta.json, train.log, metrics.jsonl, ckpt/step-NNNNNN/, .done}
-meta.json is the experiment's one record of what it trains (rate grid, strategy, modality, models,
-feature dims); written when training starts and completed with the checkpoint to decode at the end.
+What the experiment trains (rate grid, strategy, modality, models, feature dims) is recorded once,
+in every checkpoint's meta; meta.json, written when training finishes, is that meta plus the
+checkpoint to decode (checkpoint.trained_grid reads either).
 `--rates all` trains every configuration of the config's grid together (one checkpoint decodes
 at each); `--rates a16v5` trains a single-configuration baseline with the same code. A rerun of a
 finished experiment is skipped; an interrupted one resumes from its last checkpoint, exactly.
@@ -92,8 +93,6 @@ def run(recipe: Recipe, cfg: Config, rates_spec: str, tag: str, force: bool = Fa
         "encoders_tag": enc_tag,
         "trained_parameters": n_train,
     }
-    if main:  # the experiment's record (its trained grid above all), completed with the checkpoint at the end
-        atomic_write_text(exp / "meta.json", json.dumps(meta, indent=2) + "\n")
     ckpt = train(model, store, texts, cfg, rates, exp, meta, logger)
     if not main:
         return exp

@@ -20,7 +20,8 @@ def test_pad_batch():
 def test_feature_store_reads_a_finished_cache_only(tmp_path):
     with pytest.raises(MavsrError, match="extract-features"):
         FeatureStore(tmp_path)
-    save_file({"u1/audio": torch.randn(4, 3).half(), "u1/video": torch.randn(2, 3).half()}, tmp_path / "shard-00000.safetensors")
+    save_file({"u1/audio": torch.randn(4, 3).half(), "u1/video": torch.randn(2, 3).half()},
+              tmp_path / "shard-00000.safetensors")
     (tmp_path / "index.jsonl").write_text(json.dumps({"id": "u1", "shard": "shard-00000.safetensors"}) + "\n")
     (tmp_path / "provenance.json").write_text("{}")
     mark_done(tmp_path)

@@ -27,7 +27,8 @@ def _run(tmp_path, extra_path=None, env_extra=None):
     if extra_path:
         env["PYTHONPATH"] = str(extra_path) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
 
 
 def test_imports_with_the_installed_torchaudio(tmp_path):
@@ -49,7 +50,8 @@ def test_imports_with_a_torchaudio_that_imports_but_fails_on_use(tmp_path):
     fake = tmp_path / "fake" / "torchaudio"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("")
-    (fake / "functional.py").write_text("def resample(*a, **k):\n    raise RuntimeError('torchaudio::_resample not found')\n")
+    (fake / "functional.py").write_text("def resample(*a, **k):\n"
+                                        "    raise RuntimeError('torchaudio::_resample not found')\n")
     r = _run(tmp_path, tmp_path / "fake")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "OK unusable RuntimeError" in r.stdout

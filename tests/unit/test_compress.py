@@ -14,7 +14,8 @@ def naive(x, lengths, rate, mode):
         if mode == "avg":
             outs.append(torch.stack([g.mean(0) for g in groups]))
         else:
-            outs.append(torch.stack([torch.cat([g.reshape(-1), g.new_zeros((rate - len(g)) * u.shape[1])]) for g in groups]))
+            outs.append(torch.stack([torch.cat([g.reshape(-1), g.new_zeros((rate - len(g)) * u.shape[1])])
+                                     for g in groups]))
     return outs
 
 

@@ -75,7 +75,8 @@ def test_video_encoder_round_trip_and_errors(parts, tmp_path):
 
 
 def _model(parts):
-    cfg = C.from_dict({"model": {"llm": str(parts / "llm"), "projector_hidden": 16, "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}}})
+    cfg = C.from_dict({"model": {"llm": str(parts / "llm"), "projector_hidden": 16,
+                                 "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}}})
     return build_model(cfg, 32, 32, seed=0)
 
 
@@ -88,7 +89,7 @@ def _feats(b=2):
 def test_llm_input_layout_and_loss_mask(parts):
     m = _model(parts)
     tok = m.tokenizer
-    tg = [tok("anna found the apple", add_special_tokens=False).input_ids, tok("please move", add_special_tokens=False).input_ids]
+    tg = [tok(s, add_special_tokens=False).input_ids for s in ("anna found the apple", "please move")]
     emb, mask, lab = m.build(_feats(), Rates(4, 2), tg)
     # [BOS] <audio> 25 </audio> <video> 25 </video> prompt(7) + 4 words + EOS for the first utterance
     assert int(mask[0].sum()) == 1 + 1 + 25 + 1 + 1 + 25 + 1 + len(m.prompt_ids) + 4 + 1
