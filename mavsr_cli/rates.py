@@ -112,7 +112,7 @@ class DecodeTag:
     read them back)."""
 
     rates: Rates  # the configuration decoded (its projectors and adapters)
-    beam: int = 15  # beam width (1 = greedy)
+    beam: int  # beam width (1 = greedy)
     pool: Rates | None = None  # inference-only pooling at these rates (the paper's baseline)
     condition: str = ""  # noisy condition (condition_name), '' = clean
 
