@@ -336,7 +336,7 @@ def decode(
     force: ForceOpt = False,
 ) -> None:
     """Decode a split at one rate pair (or --sweep, --budget) into
-    exp/<tag>/decode_<rates>_beam<B>[_snr<X>]/<split>/."""
+    exp/<tag>/decode_<rates>[_pool<rates>]_beam<B>[_snr<X>]/<split>/."""
     _quiet_libraries()
     from .stages import decode as stage
 

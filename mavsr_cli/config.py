@@ -193,7 +193,16 @@ def _build(cls, data: dict, where: str):
 
 
 def from_dict(data: dict) -> Config:
-    return _build(Config, data or {}, "")
+    return _build(Config, _upgrade(data or {}), "")
+
+
+def _upgrade(data: dict) -> dict:
+    """A config.yaml that mavsr 0.1.0 wrote (it names audio_encoder.sample_rate) decodes as it did
+    then: its decode.max_new_tokens was never read, decoding was always automatic."""
+    audio, decode = data.get("audio_encoder"), data.get("decode")
+    if isinstance(audio, dict) and "sample_rate" in audio and isinstance(decode, dict):
+        data = {**data, "decode": {k: v for k, v in decode.items() if k != "max_new_tokens"}}
+    return data
 
 
 def load(path: str | Path | None) -> Config:
@@ -226,6 +235,8 @@ def _read_chain(p: Path, seen: list[Path]) -> dict:
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
+        if v is None and isinstance(out.get(k), dict):
+            continue  # a section left empty (or all comments) changes nothing of its base
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
@@ -267,6 +278,14 @@ def snr_values(aug: AugmentConfig) -> list[float | None]:
     return [snr_value(x, "augment.snrs") for x in aug.snrs]
 
 
+def check_decode(d: DecodeConfig) -> DecodeConfig:
+    """The decode options, checked (a config's section, or one call's options); pool as a clean tag."""
+    if d.beam < 1 or d.batch_size < 1 or d.max_new_tokens < 0:
+        raise MavsrError(f"beam ({d.beam}) and batch size ({d.batch_size}) must be at least 1, "
+                         f"max new tokens ({d.max_new_tokens}) at least 0")
+    return dataclasses.replace(d, pool=Rates.parse(d.pool).tag) if d.pool else d
+
+
 def _values(choices: type[Enum]) -> set[str]:
     return {c.value for c in choices}
 
@@ -292,11 +311,7 @@ def validate(cfg: Config) -> None:
     if cfg.augment.noisy_copies < 0:
         raise MavsrError("augment.noisy_copies must be >= 0")
     snr_values(cfg.augment)
-    d = cfg.decode
-    if d.beam < 1 or d.batch_size < 1 or d.max_new_tokens < 0:
-        raise MavsrError("decode.beam and decode.batch_size must be at least 1, decode.max_new_tokens at least 0")
-    if d.pool:
-        Rates.parse(d.pool)
+    check_decode(cfg.decode)
     if cfg.audio_encoder.mode not in ("fast", "faithful"):
         raise MavsrError(f"audio_encoder.mode must be fast or faithful, got {cfg.audio_encoder.mode!r}")
     m.rate_grid()

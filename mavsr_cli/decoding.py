@@ -226,7 +226,8 @@ class Decoder:
 
     def options(self, **overrides) -> DecodeConfig:
         """The experiment's decode settings with the given fields replaced (None keeps the config's)."""
-        return dataclasses.replace(self.cfg.decode, **{k: v for k, v in overrides.items() if v is not None})
+        opts = dataclasses.replace(self.cfg.decode, **{k: v for k, v in overrides.items() if v is not None})
+        return config_mod.check_decode(opts)
 
     @property
     def model(self):

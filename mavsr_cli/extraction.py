@@ -97,6 +97,7 @@ def extract(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False,
     tag = encoders_tag(prov)
     encoders = Encoders(recipe, cfg, prov)
     for split in splits:
+        utts = recipe.utterances(split)  # the manifest first: a missing one fails before any write
         job = _job(recipe, cfg, split, tag, prov, condition)
         if _finished(recipe, job, prov, force, log):
             continue
@@ -104,7 +105,6 @@ def extract(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False,
         clean_stale(job.out)
         encoders.load()
         atomic_write_json(job.out / "provenance.json", {"encoders": prov})
-        utts = recipe.utterances(split)
         chunks = [utts[i:i + shard_size] for i in range(0, len(utts), shard_size)]
         n_written = _write_shards(job, encoders, chunks, shard, force)
         if shard is not None:

@@ -8,7 +8,8 @@ dump/<encoders-tag>/<split>/
     index.jsonl               {"id", "shard", "audio_len", "video_len"[, "copies": [{"snr": dB|null}, ...]]}
     provenance.json           encoders, their config and weights hashes, dims
 One cache serves every rate configuration: compression happens at load time. The cache's names
-(`<encoders-tag>`, the split dir of augmented and noisy copies) are made here and nowhere else.
+(`<encoders-tag>`, the split dir of augmented and noisy copies) are made here and nowhere else;
+a noisy condition's own name comes from rates.condition_name, which decode dirs share.
 """
 
 from __future__ import annotations

@@ -36,7 +36,6 @@ def atomic_file(path: Path, keep_suffix: bool = False):
         raise
 
 
-
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so that readers see the old content or the new one, never a part."""
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
@@ -45,10 +44,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
 
 
 @contextlib.contextmanager
@@ -79,7 +76,6 @@ def staged_dir(final: Path, force: bool = False):
         raise
 
 
-
 def check_writable(d: Path) -> None:
     """Fail in one line, before any work, when `d` cannot take new files (read-only, full, no
     permission): a probe file is created, written, synced and removed in `d`, or in its nearest
@@ -100,7 +96,6 @@ def check_writable(d: Path) -> None:
             probe.unlink()
 
 
-
 def sha256_file(path: Path) -> str:
     import hashlib
 
@@ -109,7 +104,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
 
 
 def verify_checksum(path: Path, expected: str | None, what: str) -> None:
@@ -125,13 +119,11 @@ def verify_checksum(path: Path, expected: str | None, what: str) -> None:
                          f"(sha256 {got[:12]}... vs {expected[:12]}...); re-create it")
 
 
-
 def inside(path: Path, root: Path) -> bool:
     """Whether `path` lies under `root` once `..` parts are resolved (symlinks are not followed:
     a corpus linked into the recipe dir stays inside it)."""
     p, r = os.path.normpath(os.path.abspath(path)), os.path.normpath(os.path.abspath(root))
     return p == r or p.startswith(r.rstrip(os.sep) + os.sep)
-
 
 
 _TMP_NAME = re.compile(r"^\..+\.(?:tmp|old)-(\d+)(?:\.[A-Za-z0-9]+)?$")
@@ -145,7 +137,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
 
 
 def clean_stale(d: Path, recursive: bool = False) -> int:
@@ -166,4 +157,3 @@ def clean_stale(d: Path, recursive: bool = False) -> int:
                 p.unlink(missing_ok=True)
             n += 1
     return n
-

@@ -1,4 +1,5 @@
-"""Media I/O through PyAV: mouth-ROI video and 16 kHz mono audio.
+"""Media I/O through PyAV: mouth-ROI video and 16 kHz mono audio, and the video front end's last
+steps (centre or random crop of the mouth ROI, pixel normalisation) that every stage shares.
 
 Read errors of any kind (missing file, truncated container, no stream of the wanted type) become
 one `MediaError` with the file name, so callers can count and skip bad utterances.

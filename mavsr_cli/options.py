@@ -1,8 +1,9 @@
-"""The options of each stage, one frozen dataclass per stage, and the choices they take.
+"""The options of the stages that have their own (a frozen dataclass each), and the choices they take.
 
 The one place their defaults are written: the CLI's defaults and `--help` read them here (as
 openai/whisper's DecodingOptions do), the stages take them as they are. Nothing heavy is imported,
-so `mavsr --help` stays fast. A config file's sections are config.py's.
+so `mavsr --help` stays fast. What a config file sets (extract-features, train, and decode's
+defaults, `config.DecodeConfig`) is config.py's.
 """
 
 from __future__ import annotations

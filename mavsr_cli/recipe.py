@@ -3,8 +3,8 @@
 Layout (design.md, Data flow):
     data/<split>/manifest.jsonl
     dump/<encoders-tag>/<split>/{index.jsonl, shard-*.safetensors}
-    exp/<tag>/{config.yaml, cmd.txt, train.log, ckpt/step-NNNNNN/}
-    exp/<tag>/decode_<rates>_<opts>/<split>/{hyp.jsonl, wer.json, result.txt}
+    exp/<tag>/{config.yaml, cmd.txt, train.log, metrics.jsonl, meta.json, ckpt/step-NNNNNN/}
+    exp/<tag>/<DecodeTag.name>/<split>/{hyp.jsonl, wer.json, result.txt}
 Every stage writes into a temporary sibling and renames it into place at the end, then marks it
 with `.done`; a rerun skips finished work unless forced.
 """
@@ -25,28 +25,6 @@ def is_done(d: Path) -> bool:
 
 def mark_done(d: Path) -> None:
     atomic_write_text(d / DONE, "")
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def command_line() -> str:

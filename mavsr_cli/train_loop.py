@@ -191,7 +191,8 @@ class Trainer:
 
     # ---- resume --------------------------------------------------------------------------------
     def resume(self) -> None:
-        """Exactly where the last checkpoint left off: optimizer, scheduler, step, metrics."""
+        """Exactly where the last checkpoint left off (optimizer, scheduler, step); then open the
+        logs: metrics.jsonl cut back to that step, TensorBoard if asked."""
         if self.resuming:
             tr = checkpoint.load_trainer(self.last)
             if self.fsdp:

@@ -22,6 +22,7 @@ import torch
 
 from .. import __version__
 from ..config import Config
+from ..config import load as load_config
 from ..errors import MavsrError
 from ..features import FeatureStore, cache_split, encoders_tag, provenance
 from ..fsutil import atomic_write_text
@@ -62,8 +63,8 @@ def run(recipe: Recipe, cfg: Config, rates_spec: str, tag: str, force: bool = Fa
 
             shutil.rmtree(exp)
         exp.mkdir(parents=True, exist_ok=True)
-        old_cfg = exp / "config.yaml"
-        if old_cfg.is_file() and old_cfg.read_text() != cfg.dump():
+        old_cfg = exp / "config.yaml"  # compared as loaded: a run started by an earlier release resumes
+        if old_cfg.is_file() and load_config(old_cfg).dump() != cfg.dump():
             raise MavsrError(f"{exp} was started with another config; use --force to start over or another --tag")
         write_provenance(exp, cfg.dump())
     logger = Logger(exp / "train.log", log) if main else (lambda msg: None)

@@ -49,3 +49,35 @@ def test_bad_values_and_files(tmp_path):
     p.write_text("model:\n  modality: avx\n")
     with pytest.raises(MavsrError, match="modality"):
         C.load(p)
+
+
+def test_a_config_states_only_its_difference_from_its_base(tmp_path):
+    (tmp_path / "a.yaml").write_text("model:\n  lora:\n    rank: 8\n    strategy: ms\ntrain:\n  epochs: 3\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nmodel:\n  lora:\n    strategy: ss\ntrain:\n")
+    cfg = C.load(tmp_path / "b.yaml")
+    assert (cfg.model.lora.rank, cfg.model.lora.strategy, cfg.train.epochs) == (8, "ss", 3)  # empty train: kept
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    with pytest.raises(MavsrError, match="comes back to itself"):
+        C.load(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(MavsrError, match="the base of"):
+        C.load(tmp_path / "c.yaml")
+
+
+def test_an_experiment_config_of_mavsr_010_decodes_as_it_did(tmp_path):
+    # 0.1.0 wrote decode.max_new_tokens (24, 32) but never read it: decoding was automatic
+    old = C.Config().to_dict()
+    old["audio_encoder"]["sample_rate"] = 16000
+    old["decode"] = {"batch_size": 32, "max_new_tokens": 24}
+    cfg = C.from_dict(old)
+    assert (cfg.decode.max_new_tokens, cfg.decode.batch_size) == (0, 32)
+    assert C.from_dict({"decode": {"max_new_tokens": 24}}).decode.max_new_tokens == 24  # a new config's is honoured
+
+
+def test_decode_options_are_checked_and_the_pool_tag_is_clean():
+    assert C.check_decode(C.DecodeConfig(pool=" a016v05 ")).pool == "a16v5"
+    for bad in (dict(batch_size=0), dict(beam=0), dict(max_new_tokens=-1)):
+        with pytest.raises(MavsrError, match="at least"):
+            C.check_decode(C.DecodeConfig(**bad))
+    with pytest.raises(MavsrError, match="rate tag"):
+        C.check_decode(C.DecodeConfig(pool="fast"))
