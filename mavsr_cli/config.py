@@ -185,11 +185,47 @@ def _build(cls, data: dict, where: str):
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
             kwargs[key] = _build(typ, value or {}, f"{where}{key}.")
-        elif typing.get_origin(typ) is tuple and isinstance(value, list):
-            kwargs[key] = tuple(value)
-        else:
-            kwargs[key] = value
+            continue
+        if not _fits(value, typ):
+            raise MavsrError(f"config key {where + key!r} must be {_describe(typ)}, got {value!r}")
+        kwargs[key] = tuple(value) if typing.get_origin(typ) is tuple else value
     return cls(**kwargs)
+
+
+def _fits(value, typ) -> bool:
+    """Whether a YAML value can stand for a field of type `typ` (checked, never converted: an int
+    for a float field stays an int, so the dumped config is what the user wrote)."""
+    args = typing.get_args(typ)
+    if typ is bool:
+        return isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ is str:
+        return isinstance(value, str)
+    if typing.get_origin(typ) is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            # SNR lists are written as numbers or quoted numbers alike (snr_value reads both)
+            return all(_fits(v, args[0]) or (args[0] is str and _fits(v, float)) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args, strict=True))
+    if type(None) in args:  # X | None
+        return value is None or any(_fits(value, a) for a in args if a is not type(None))
+    return True
+
+
+def _describe(typ) -> str:
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    if typ in names:
+        return names[typ]
+    args = typing.get_args(typ)
+    if typing.get_origin(typ) is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0]).removeprefix('a ')}s"
+        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+    return " or ".join("null" if a is type(None) else _describe(a) for a in args)
 
 
 def from_dict(data: dict) -> Config:
@@ -286,6 +322,17 @@ def check_decode(d: DecodeConfig) -> DecodeConfig:
     return dataclasses.replace(d, pool=Rates.parse(d.pool).tag) if d.pool else d
 
 
+_RANGES = {  # key -> (bound, strict): the values a run can start with
+    "train.epochs": (1, False), "train.batch_size": (1, False), "train.accum_steps": (1, False),
+    "train.lr": (0, True), "train.weight_decay": (0, False), "train.warmup_steps": (0, False),
+    "train.grad_clip": (0, True), "train.log_every": (1, False), "train.keep_checkpoints": (0, False),
+    "train.max_frames": (0, False), "train.save_every": (0, False), "train.average_last": (0, False),
+    "augment.noisy_copies": (0, False), "augment.babble_utts": (1, False),
+    "video_encoder.fps": (1, False), "video_encoder.crop": (1, False), "video_encoder.std": (0, True),
+    "model.projector_hidden": (1, False),
+}
+
+
 def _values(choices: type[Enum]) -> set[str]:
     return {c.value for c in choices}
 
@@ -306,10 +353,15 @@ def validate(cfg: Config) -> None:
         raise MavsrError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
     if t.distributed not in ("ddp", "fsdp"):
         raise MavsrError(f"train.distributed must be ddp or fsdp, got {t.distributed!r}")
-    if t.accum_steps < 1 or t.batch_size < 1:
-        raise MavsrError("train.accum_steps and train.batch_size must be at least 1")
-    if cfg.augment.noisy_copies < 0:
-        raise MavsrError("augment.noisy_copies must be >= 0")
+    for key, (low, strict) in _RANGES.items():
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if v < low or (strict and v == low):
+            raise MavsrError(f"config key {key!r} must be {'above' if strict else 'at least'} {low:g}, got {v!r}")
+    if m.lora.rank < 1:
+        raise MavsrError(f"config key 'model.lora.rank' must be at least 1, got {m.lora.rank!r}")
+    if not 0 <= m.lora.dropout < 1:
+        raise MavsrError(f"config key 'model.lora.dropout' must be in [0, 1), got {m.lora.dropout!r}")
     snr_values(cfg.augment)
     check_decode(cfg.decode)
     if cfg.audio_encoder.mode not in ("fast", "faithful"):

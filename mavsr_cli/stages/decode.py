@@ -36,6 +36,8 @@ def run(recipe: Recipe, exp: Path, split: str, audio_rate: int | None, video_rat
         raise MavsrError("--beam must be at least 1")
     dec = Decoder(recipe, exp, split, log)
     opts = dec.options(**overrides)
+    if overrides.get("noise") is not None and opts.snr is None:
+        raise MavsrError(f"--noise {overrides['noise']} is the noise of a --snr condition; give --snr too")
     if opts.pool:
         _check_pool(dec, Rates.parse(opts.pool), audio_rate, video_rate, sweep or budget is not None)
     chosen = _choose(dec, split, audio_rate, video_rate, sweep, budget, log)

@@ -39,6 +39,8 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
         max_tokens: int | None = None) -> dict:
     """Decode one media file; beam and max_tokens default to the experiment's `decode:` config."""
     media = Path(media)
+    if budget is not None and (audio_rate is not None or video_rate is not None):
+        raise MavsrError("--budget picks the rates; drop --audio-rate/--video-rate")
     if not media.is_file():
         raise MavsrError(f"media file not found: {media}")
     dec = Decoder(recipe, exp, None, log=lambda m: None)

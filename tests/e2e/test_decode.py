@@ -237,3 +237,16 @@ def test_inference_only_pooling_feeds_one_pairs_projectors_other_rates(recipe):
                         (["--audio-rate", "4", "--video-rate", "2", "--pool-rates", "a16"], "same modalities")):
         r = mavsr(d, "decode", "--exp", "exp/t", *bad, ok=False)
         assert r.returncode == 2 and phrase in r.stderr, r.stderr
+
+
+def test_options_that_would_be_ignored_are_refused(recipe):
+    d = recipe
+    r = mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "4", "--video-rate", "2", "--noise", "white", ok=False)
+    assert r.returncode == 2 and "give --snr too" in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert not list((d / "exp/t").glob("decode_*white*"))
+    _, video = _test_utt(d)
+    r = mavsr(d, "transcribe", str(video), "--exp", "exp/t", "--budget", "20", "--audio-rate", "16", ok=False)
+    assert r.returncode == 2 and "--budget picks the rates" in r.stderr, r.stderr
+    for extra in (["--num-utts", "5"], ["--speakers", "3"], ["--csv", "x.csv"]):  # not options of prepare dir
+        r = mavsr(d, "prepare", "dir", "--root", str(d), *extra, ok=False)
+        assert r.returncode == 2 and "No such option" in r.stderr, r.stderr

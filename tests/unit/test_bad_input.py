@@ -261,3 +261,39 @@ def test_unknown_yaml_key_names_the_nearest_valid_one(tmp_path):
     p.write_text("train:\n  epohcs: 3\n")
     with pytest.raises(MavsrError, match="epohcs.*epochs"):
         C.load(p)
+
+
+@pytest.mark.parametrize("text, phrase", [
+    ("train:\n  lr: fast\n", "'train.lr' must be a number, got 'fast'"),
+    ("train:\n  epochs: twenty\n", "'train.epochs' must be a whole number"),
+    ("train:\n  epochs: 0\n", "'train.epochs' must be at least 1"),
+    ("train:\n  lr: -0.1\n", "'train.lr' must be above 0"),
+    ("train:\n  tensorboard: maybe\n", "'train.tensorboard' must be true or false"),
+    ("model:\n  audio_rates: 4\n", "'model.audio_rates' must be a list of whole numbers"),
+    ("train:\n  betas: [0.9]\n", "'train.betas' must be a list of 2"),
+    ("model:\n  lora:\n    dropout: 1.5\n", "'model.lora.dropout' must be in [0, 1)"),
+])
+def test_config_values_are_checked_when_loaded(tmp_path, text, phrase):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(MavsrError) as e:
+        C.load(p)
+    assert phrase in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_bad_config_value_stops_train_before_it_writes_anything(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "c.yaml").write_text("train:\n  lr: fast\n")
+    r = subprocess.run([sys.executable, "-m", "mavsr_cli", "train", "--config", "c.yaml", "--dir", str(tmp_path)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "train.lr" in r.stderr, r.stderr
+    assert not (tmp_path / "exp").exists()
+
+
+def test_numbers_for_floats_and_snr_lists_stay_as_written(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 1\naugment:\n  snrs: [-5, '0', clean]\n")
+    cfg = C.load(p)
+    assert cfg.train.lr == 1 and cfg.augment.snrs == (-5, "0", "clean")  # checked, never converted
