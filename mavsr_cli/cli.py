@@ -15,16 +15,14 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from . import lifecycle
-from .config import DecodeConfig
+from .config import DecodeConfig, Modality, Strategy
 from .errors import MavsrError
 from .options import (
     BenchOptions,
     Bounds,
     CtcUnits,
     LrsOptions,
-    Modality,
     Normaliser,
-    Strategy,
     SynthOptions,
     TinyOptions,
     default_jobs,
@@ -397,8 +395,6 @@ def bench(
     from .stages import bench as stage
 
     opt = BenchOptions(split=split, snrs=stage.parse_snrs(snr), noise=noise, beam=beam, batch_size=batch_size)
-    if beam < 1:
-        raise MavsrError("--beam must be at least 1")
     stage.run(_recipe(dir, *exp), exp, opt, out, _log)
 
 

@@ -316,9 +316,10 @@ def snr_values(aug: AugmentConfig) -> list[float | None]:
 
 def check_decode(d: DecodeConfig) -> DecodeConfig:
     """The decode options, checked (a config's section, or one call's options); pool as a clean tag."""
-    if d.beam < 1 or d.batch_size < 1 or d.max_new_tokens < 0:
-        raise MavsrError(f"beam ({d.beam}) and batch size ({d.batch_size}) must be at least 1, "
-                         f"max new tokens ({d.max_new_tokens}) at least 0")
+    for name, low in (("beam", 1), ("batch_size", 1), ("max_new_tokens", 0)):
+        if getattr(d, name) < low:
+            raise MavsrError(f"the decode {name.replace('_', ' ')} must be at least {low}, got {getattr(d, name)} "
+                             f"(--{name.replace('_', '-')} or decode.{name})")
     return dataclasses.replace(d, pool=Rates.parse(d.pool).tag) if d.pool else d
 
 

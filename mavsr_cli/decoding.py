@@ -73,10 +73,14 @@ def known_scores(exp: Path, split: str) -> dict[str, float]:
     return out
 
 
+def condition_of(opts: DecodeConfig) -> str:
+    """The noisy condition these options decode ('' = clean), as decode dirs and caches name it."""
+    return "" if opts.snr is None else condition_name(opts.noise, float(opts.snr))
+
+
 def decode_tag(rates: Rates, opts: DecodeConfig) -> DecodeTag:
     """The decode dir of `rates` decoded with these options."""
-    cond = "" if opts.snr is None else condition_name(opts.noise, float(opts.snr))
-    return DecodeTag(rates, opts.beam, Rates.parse(opts.pool) if opts.pool else None, cond)
+    return DecodeTag(rates, opts.beam, Rates.parse(opts.pool) if opts.pool else None, condition_of(opts))
 
 
 # ---- search --------------------------------------------------------------------------------
@@ -224,6 +228,20 @@ class Decoder:
         self._model = None
         self._stores: dict[str, FeatureStore] = {}
 
+    def requested_rates(self, audio_rate: int | None, video_rate: int | None, budget: float | None,
+                        split: str) -> Rates | None:
+        """The trained pair a call asks for: by --budget (ranked by the scored decode dirs of `split`)
+        or by --audio-rate/--video-rate; None when it names neither."""
+        if budget is not None:
+            if audio_rate is not None or video_rate is not None:
+                raise MavsrError("--budget picks the rates; drop --audio-rate/--video-rate")
+            return pick_by_budget(self.trained, budget, known_scores(self.exp, split))
+        if audio_rate is None and video_rate is None:
+            return None
+        r = Rates(audio_rate, video_rate)
+        require(r, self.trained)
+        return r
+
     def options(self, **overrides) -> DecodeConfig:
         """The experiment's decode settings with the given fields replaced (None keeps the config's)."""
         opts = dataclasses.replace(self.cfg.decode, **{k: v for k, v in overrides.items() if v is not None})
@@ -241,13 +259,12 @@ class Decoder:
 
     def store(self, opts: DecodeConfig) -> FeatureStore:
         """The features of the split under the options' condition (a noisy one is encoded once, then reused)."""
-        cond = None if opts.snr is None else (opts.noise, float(opts.snr))
-        key = cache_split(self.cfg, self.split, condition_name(*cond) if cond else "")
+        key = cache_split(self.cfg, self.split, condition_of(opts))
         if key not in self._stores:
-            if cond is not None:
+            if opts.snr is not None:
                 if self.cfg.model.modality == "v":
                     raise MavsrError("--snr adds noise to the audio; this is a video-only model")
-                extract(self.recipe, self.cfg, [self.split], log=self.log, condition=cond)
+                extract(self.recipe, self.cfg, [self.split], log=self.log, condition=(opts.noise, float(opts.snr)))
             self._stores[key] = FeatureStore(self.recipe.dump(self.meta["encoders_tag"], key))
         return self._stores[key]
 

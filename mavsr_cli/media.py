@@ -167,24 +167,26 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> 
 # ---- the video front end's last steps: mouth ROI (T, 96, 96) uint8 -> encoder input -------------
 def video_crop(frames: np.ndarray, crop: int) -> torch.Tensor:
     """(T, H, W) uint8 mouth ROI -> its centre crop (T, crop, crop), uint8 (test-time crop)."""
-    t, h, w = frames.shape
+    h, w = _roi_size(frames, crop)
     return _window(frames, crop, (h - crop) // 2, (w - crop) // 2)
 
 
 def random_crop(frames: np.ndarray, crop: int, rng: np.random.Generator) -> torch.Tensor:
     """(T, H, W) -> one random (crop, crop) window for the whole clip (train-time crop)."""
+    h, w = _roi_size(frames, crop)
+    return _window(frames, crop, int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1)))
+
+
+def _roi_size(frames: np.ndarray, crop: int) -> tuple[int, int]:
     t, h, w = frames.shape
     if h < crop or w < crop:
         raise MavsrError(f"mouth ROI of {h}x{w} is smaller than the {crop}x{crop} crop")
-    return _window(frames, crop, int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1)))
+    return h, w
 
 
 def _window(frames: np.ndarray, crop: int, y0: int, x0: int) -> torch.Tensor:
     import torch
 
-    t, h, w = frames.shape
-    if h < crop or w < crop:
-        raise MavsrError(f"mouth ROI of {h}x{w} is smaller than the {crop}x{crop} crop")
     return torch.from_numpy(np.ascontiguousarray(frames[:, y0:y0 + crop, x0:x0 + crop]))
 
 

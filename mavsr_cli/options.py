@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from .config import PROMPTS, DecodeConfig, Modality, Strategy  # noqa: F401  (the CLI takes them from here)
+from .config import PROMPTS, DecodeConfig
 from .sharding import Shard
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..decoding import Decoder, known_scores, pick_by_budget
+from ..decoding import Decoder
 from ..errors import MavsrError
-from ..rates import Rates, require
+from ..rates import Rates
 from ..recipe import Recipe
 from ..sharding import Shard
 
@@ -32,17 +32,24 @@ def run(recipe: Recipe, exp: Path, split: str, audio_rate: int | None, video_rat
     a16v5): inference-only pooling, the paper's baseline: features are compressed at these rates
     but go through the projectors (and adapters) of the decoded pair, typically a model trained
     at rate 1 decoded at rates it never saw."""
-    if overrides.get("beam") is not None and overrides["beam"] < 1:
-        raise MavsrError("--beam must be at least 1")
     dec = Decoder(recipe, exp, split, log)
     opts = dec.options(**overrides)
     if overrides.get("noise") is not None and opts.snr is None:
         raise MavsrError(f"--noise {overrides['noise']} is the noise of a --snr condition; give --snr too")
     if opts.pool:
         _check_pool(dec, Rates.parse(opts.pool), audio_rate, video_rate, sweep or budget is not None)
-    chosen = _choose(dec, split, audio_rate, video_rate, sweep, budget, log)
-    for r in chosen:
-        require(r, dec.trained)
+    if sweep:
+        if audio_rate is not None or video_rate is not None or budget is not None:
+            raise MavsrError("--sweep decodes every trained configuration; drop --audio-rate/--video-rate/--budget")
+        chosen = list(dec.trained)
+    else:
+        r = dec.requested_rates(audio_rate, video_rate, budget, split)
+        if r is None:
+            raise MavsrError(f"give --audio-rate and/or --video-rate (or --sweep, --budget); trained grid: "
+                             f"{', '.join(x.tag for x in dec.trained)}")
+        if budget is not None:
+            log(f"decode: budget {budget:g} tokens/s -> {r.tag} {r.pair} ({r.tokens_per_second():.2f} tokens/s)")
+        chosen = [r]
     return [dec.run(r, opts, force, shard) for r in chosen]
 
 
@@ -54,21 +61,3 @@ def _check_pool(dec: Decoder, pool: Rates, audio_rate: int | None, video_rate: i
                          "which changes the projector's input width")
     if (pool.audio is None) != (audio_rate is None) or (pool.video is None) != (video_rate is None):
         raise MavsrError(f"--pool-rates {pool.tag} must name the same modalities as the decoded pair")
-
-
-def _choose(dec: Decoder, split: str, audio_rate: int | None, video_rate: int | None, sweep: bool,
-            budget: float | None, log) -> list[Rates]:
-    if sweep:
-        if audio_rate is not None or video_rate is not None or budget is not None:
-            raise MavsrError("--sweep decodes every trained configuration; drop --audio-rate/--video-rate/--budget")
-        return list(dec.trained)
-    if budget is not None:
-        if audio_rate is not None or video_rate is not None:
-            raise MavsrError("--budget picks the rates; drop --audio-rate/--video-rate")
-        r = pick_by_budget(dec.trained, budget, known_scores(dec.exp, split))
-        log(f"decode: budget {budget:g} tokens/s -> {r.tag} {r.pair} ({r.tokens_per_second():.2f} tokens/s)")
-        return [r]
-    if audio_rate is None and video_rate is None:
-        raise MavsrError(f"give --audio-rate and/or --video-rate (or --sweep, --budget); trained grid: "
-                         f"{', '.join(r.tag for r in dec.trained)}")
-    return [Rates(audio_rate, video_rate)]

@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 
 from ..clocks import SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME
-from ..decoding import Decoder, generate, known_scores, max_new_tokens, pick_by_budget
+from ..decoding import Decoder, generate, max_new_tokens
 from ..errors import MavsrError
 from ..features import pad_batch
 from ..media import MediaError, crop_resize, normalise, read_audio, read_video_at, video_crop
 from ..model.audio_encoder import WhisperAudioEncoder
 from ..model.video_encoder import load_video_encoder
-from ..rates import Rates, require
 from ..recipe import Recipe, resolve_model
 
 
@@ -39,8 +38,6 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
         max_tokens: int | None = None) -> dict:
     """Decode one media file; beam and max_tokens default to the experiment's `decode:` config."""
     media = Path(media)
-    if budget is not None and (audio_rate is not None or video_rate is not None):
-        raise MavsrError("--budget picks the rates; drop --audio-rate/--video-rate")
     if not media.is_file():
         raise MavsrError(f"media file not found: {media}")
     dec = Decoder(recipe, exp, None, log=lambda m: None)
@@ -49,13 +46,8 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
     modality = modality or trained_mod
     if modality != trained_mod:
         raise MavsrError(f"{dec.exp.name} is a {trained_mod!r} model; it cannot transcribe with modality {modality!r}")
-    if budget is not None:
-        rates = pick_by_budget(dec.trained, budget, known_scores(dec.exp, "test"))
-    elif audio_rate is None and video_rate is None:
-        rates = max(dec.trained, key=lambda r: r.tokens_per_second())  # least compression
-    else:
-        rates = Rates(audio_rate, video_rate)
-    require(rates, dec.trained)
+    rates = dec.requested_rates(audio_rate, video_rate, budget, "test")
+    rates = rates or max(dec.trained, key=lambda r: r.tokens_per_second())  # default: the least compression
     t0 = time.perf_counter()
     feats, duration = {}, 0.0
     with torch.inference_mode():
