@@ -34,7 +34,7 @@ from .fsutil import atomic_write_text, clean_stale, staged_dir
 from .model.build import build_model
 from .progress import bar
 from .rates import DecodeTag, Rates, condition_name, require
-from .recipe import Recipe, is_done, resolve_model, write_provenance
+from .recipe import Recipe, checksum_or_none, done_text, finished, is_done, resolve_model, write_provenance
 from .sharding import Shard
 
 
@@ -227,6 +227,21 @@ class Decoder:
         self.utts = {u.id: u for u in recipe.utterances(split)} if split else {}
         self._model = None
         self._stores: dict[str, FeatureStore] = {}
+        if not is_done(self.exp):
+            log(f"decode: warning: the training of {self.exp.name} has not finished; decoding its latest "
+                f"checkpoint, {self.ckpt.name}")
+
+    def inputs(self, opts: DecodeConfig) -> dict:
+        """What a decode dir is made from beyond its name (rates, beam, pool, condition): the
+        checkpoint, the token limit, and checksums of the manifest and the feature cache. The
+        batch size is not among them: it does not change the hypotheses."""
+        sums = self.ckpt / "checksums.json"
+        weights = json.loads(sums.read_text()).get("model.safetensors") if sums.is_file() else None
+        cache = self.recipe.dump(self.meta["encoders_tag"], cache_split(self.cfg, self.split, condition_of(opts)))
+        return {"checkpoint": self.ckpt.name, "checkpoint_sha256": weights,
+                "max_new_tokens": opts.max_new_tokens or "auto",
+                "manifest": checksum_or_none(self.recipe.manifest(self.split)),
+                "features": checksum_or_none(cache / "provenance.json")}
 
     def requested_rates(self, audio_rate: int | None, video_rate: int | None, budget: float | None,
                         split: str) -> Rates | None:
@@ -273,8 +288,7 @@ class Decoder:
         require(rates, self.trained)
         out = self.exp / decode_tag(rates, opts).name / self.split
         rel = out.relative_to(self.recipe.root) if out.is_relative_to(self.recipe.root) else out
-        if is_done(out) and not force:
-            self.log(f"decode: {rel} is done (use --force to redo)")
+        if not force and finished(out, self.inputs(opts), f"decode: {rel}", self.log):
             return out
         store = self.store(opts)
         ids = [i for i in store.ids() if i in self.utts]
@@ -321,7 +335,7 @@ class Decoder:
         return sorted(lines, key=lambda x: order[x["id"]])
 
     def _write(self, out: Path, rates: Rates, opts: DecodeConfig, lines: list[dict]) -> None:
-        with staged_dir(out) as tmp:
+        with staged_dir(out, done_text(self.inputs(opts))) as tmp:
             atomic_write_text(tmp / "hyp.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
             o = {"checkpoint": self.ckpt.name, "rates": rates.tag, "pool": opts.pool or None, "split": self.split,
                  "beam": opts.beam, "batch_size": opts.batch_size, "max_new_tokens": opts.max_new_tokens or "auto",

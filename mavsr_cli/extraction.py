@@ -29,7 +29,7 @@ from .model.audio_encoder import WhisperAudioEncoder
 from .model.video_encoder import load_video_encoder
 from .progress import bar
 from .rates import condition_name
-from .recipe import Recipe, is_done, mark_done, resolve_model, write_provenance
+from .recipe import Recipe, finished, is_done, mark_done, resolve_model, write_provenance
 from .sharding import Shard
 
 SHARD_SIZE = 256  # utterances per shard file
@@ -99,7 +99,8 @@ def extract(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False,
     for split in splits:
         utts = recipe.utterances(split)  # the manifest first: a missing one fails before any write
         job = _job(recipe, cfg, split, tag, prov, condition)
-        if _finished(recipe, job, prov, force, log):
+        inputs = {"manifest": sha256_file(recipe.manifest(split)), "augment": job.settings}
+        if _finished(recipe, job, prov, inputs, force, log):
             continue
         job.out.mkdir(parents=True, exist_ok=True)
         clean_stale(job.out)
@@ -113,7 +114,7 @@ def extract(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False,
             continue
         n = _write_index(job, prov, chunks)
         write_provenance(job.out, cfg.dump())
-        mark_done(job.out)
+        mark_done(job.out, inputs)
         log(f"extract-features {split}: {n} utterances -> {job.out.relative_to(recipe.root)}")
     return tag
 
@@ -129,16 +130,16 @@ def _job(recipe: Recipe, cfg: Config, split: str, tag: str, prov: dict, conditio
     return SplitJob(split, out, n_copies, aug, None, None, aug.settings() if aug else None)
 
 
-def _finished(recipe: Recipe, job: SplitJob, prov: dict, force: bool, log) -> bool:
-    """True when the split is done with these settings; refuses a cache of other encoders or settings."""
+def _finished(recipe: Recipe, job: SplitJob, prov: dict, inputs: dict, force: bool, log) -> bool:
+    """True when the split is done from these inputs (the manifest's checksum, the augment settings);
+    refuses a cache of other encoders, settings or manifest."""
     out = job.out
     if is_done(out) and not force:
         old = json.loads((out / "provenance.json").read_text()).get("augment")
         if old != job.settings:
             raise MavsrError(f"{out.relative_to(recipe.root)} was extracted with other augment settings "
                              f"({old} vs {job.settings}); use --force to re-extract")
-        log(f"extract-features: {out.relative_to(recipe.root)} is done (use --force to redo)")
-        return True
+        return finished(out, inputs, f"extract-features: {out.relative_to(recipe.root)}", log)
     if out.exists():
         old = out / "provenance.json"
         if old.is_file() and json.loads(old.read_text()).get("encoders") != prov:

@@ -49,8 +49,9 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(final: Path, force: bool = False):
-    """Yield a temporary directory that becomes `final` (with `.done`) when the block succeeds.
+def staged_dir(final: Path, marker: str = ""):
+    """Yield a temporary directory that becomes `final` (with `.done`, holding `marker`) when the
+    block succeeds.
 
     An existing unfinished `final` (no `.done`) is replaced; a finished one must be forced away by
     the caller's check first. On failure the temporary directory is removed and `final` untouched.
@@ -64,7 +65,7 @@ def staged_dir(final: Path, force: bool = False):
     tmp.mkdir()
     try:
         yield tmp
-        (tmp / DONE).write_text("")
+        (tmp / DONE).write_text(marker)
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         if final.exists():
             os.replace(final, old)

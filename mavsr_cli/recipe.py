@@ -11,6 +11,7 @@ with `.done`; a rerun skips finished work unless forced.
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -23,8 +24,65 @@ def is_done(d: Path) -> bool:
     return (d / DONE).is_file()
 
 
-def mark_done(d: Path) -> None:
-    atomic_write_text(d / DONE, "")
+def mark_done(d: Path, inputs: dict | None = None) -> None:
+    """Mark `d` finished; `inputs` (what it was made from: options, checkpoint, input checksums)
+    is the marker's content, so a rerun can tell whether it asks for the same thing."""
+    atomic_write_text(d / DONE, done_text(inputs))
+
+
+def done_text(inputs: dict | None) -> str:
+    return "" if inputs is None else json.dumps(inputs, indent=2, sort_keys=True, default=str) + "\n"
+
+
+def done_inputs(d: Path) -> dict | None:
+    """What a finished dir was made from; {} for a marker that recorded nothing (mavsr 0.1.0),
+    None when `d` is not finished."""
+    f = d / DONE
+    if not f.is_file():
+        return None
+    text = f.read_text(encoding="utf-8", errors="replace").strip()
+    try:
+        got = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
+def _flat(d: dict, head: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{head}{k}."))
+        else:
+            out[f"{head}{k}"] = v
+    return out
+
+
+def input_changes(old: dict, new: dict) -> list[str]:
+    """`key old != new` for every recorded input that differs (keys one side lacks are not compared:
+    a marker of an earlier release recorded fewer; nor are inputs not known now, None)."""
+    a, b = _flat(json.loads(json.dumps(old, default=str))), _flat(json.loads(json.dumps(new, default=str)))
+    return [f"{k} {_short(a[k])} != {_short(b[k])}" for k in sorted(a.keys() & b.keys())
+            if a[k] != b[k] and b[k] is not None]  # None: not known now (e.g. a cache since removed)
+
+
+def _short(v) -> str:
+    s = str(v)
+    return s[:12] + "..." if len(s) > 24 and all(c in "0123456789abcdef" for c in s) else s
+
+
+def finished(d: Path, inputs: dict, what: str, log=print) -> bool:
+    """True (logged) when `d` is finished and was made from `inputs`; False when not finished.
+    A dir finished from other inputs is refused in one line naming each difference: silently
+    keeping it would report results of something else, silently redoing it would lose work."""
+    old = done_inputs(d)
+    if old is None:
+        return False
+    changes = input_changes(old, inputs)
+    if changes:
+        raise MavsrError(f"{what} was made from other inputs: {'; '.join(changes)}; use --force to redo it")
+    log(f"{what} is done (use --force to redo)")
+    return True
 
 
 def command_line() -> str:
@@ -108,3 +166,10 @@ def resolve_model(recipe: Recipe, name_or_path: str) -> str:
     (an absolute path or a hub id)."""
     p = recipe.root / name_or_path
     return str(p) if not Path(name_or_path).is_absolute() and p.exists() else name_or_path
+
+
+def checksum_or_none(path: Path) -> str | None:
+    """A cheap input checksum for a done-marker: the file's sha256, None when it is not there."""
+    from .fsutil import sha256_file
+
+    return sha256_file(path) if Path(path).is_file() else None

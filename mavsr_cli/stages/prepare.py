@@ -23,15 +23,16 @@ from ..clocks import FPS
 from ..datasets import synth
 from ..datasets.lrs_text import format_text
 from ..errors import MavsrError
-from ..fsutil import atomic_write_text, clean_stale, inside
+from ..fsutil import atomic_write_text, clean_stale, inside, sha256_file
 from ..media import write_av
 from ..options import LrsOptions, SynthOptions
 from ..progress import bar, progress
-from ..recipe import Recipe, is_done, mark_done, write_provenance
+from ..recipe import Recipe, finished, mark_done, write_provenance
 
 
-def generate_synth(root: Path, opt: SynthOptions, log=print) -> None:
-    """Write the synthetic corpus tree; utterances already on disk are kept (resume)."""
+def generate_synth(root: Path, opt: SynthOptions, force: bool = False, log=print) -> None:
+    """Write the synthetic corpus tree; utterances already on disk are kept (resume). A tree
+    generated with other settings is refused, or with `force` generated again from scratch."""
     if opt.speakers < 1 or opt.num_utts < 1 or opt.test_utts < 1:
         raise MavsrError("synth corpus needs at least 1 speaker, 1 train and 1 test utterance")
     if opt.heldout_speakers >= opt.speakers:
@@ -47,10 +48,15 @@ def generate_synth(root: Path, opt: SynthOptions, log=print) -> None:
         # a tree from before an option existed was generated with its default
         old = {k: old.get(k, SynthOptions.__dataclass_fields__[k].default) for k in shape}
         diff = {k: (old[k], v) for k, v in shape.items() if old[k] != v}
+        said = ", ".join(f"--{k.replace('_', '-')} {v} (was {o})" for k, (o, v) in diff.items())
+        if diff and not force:
+            raise MavsrError(f"{root} was generated with other settings: {said}; use --force to generate it again")
         if diff:
-            said = ", ".join(f"--{k.replace('_', '-')} {v} (was {o})" for k, (o, v) in diff.items())
-            raise MavsrError(f"{root} was generated with other settings: {said}; remove it or use another --dir")
-    else:
+            import shutil
+
+            log(f"prepare: {said}: generating {root} again")
+            shutil.rmtree(root)
+    if not stamp.is_file():
         root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(stamp, yaml.safe_dump(shape, sort_keys=False))
     speakers = [synth.make_speaker(opt.seed, i) for i in range(opt.speakers)]
@@ -129,15 +135,40 @@ def _worker_init() -> None:
 
 def run_synth(recipe: Recipe, opt: SynthOptions, force: bool = False, log=print) -> dict:
     """`mavsr prepare synth`: generate the corpus, then write one manifest per split."""
-    splits = ("train", "test")
-    if not force and all(is_done(recipe.data(s)) for s in splits):
-        log("prepare: data/train and data/test are done (use --force to redo)")
-        return {}
     corpus = recipe.root / "corpus" / "synth"
-    clean_stale(corpus, recursive=True)
-    generate_synth(corpus, opt, log=log)
     settings = {"corpus": "synth", **{k: v for k, v in opt.__dict__.items() if k != "nj"}}
-    return run_lrs(recipe, "lrs3", LrsOptions(corpus, nj=opt.nj), force=force, log=log, settings=settings)
+    lrs_opt = LrsOptions(corpus, nj=opt.nj)
+    if not force and _splits_finished(recipe, ("train", "test"), _inputs(recipe, lrs_opt, settings), log):
+        return {}
+    clean_stale(corpus, recursive=True)
+    generate_synth(corpus, opt, force=force, log=log)
+    return run_lrs(recipe, "lrs3", lrs_opt, force=force, log=log, settings=settings)
+
+
+def _inputs(recipe: Recipe, opt: LrsOptions, settings: dict | None, corpus: str = "lrs3") -> dict:
+    """What a prepared split is made from (its config.yaml, and its .done to compare on a rerun)."""
+    return {**(settings or {"corpus": corpus}), "root": str(opt.root), "landmarks": str(opt.landmarks),
+            "mean_face": str(opt.mean_face), "max_seconds": opt.max_seconds}
+
+
+def _marker(recipe: Recipe, settings: dict) -> dict:
+    """The inputs as a .done records them: paths inside the recipe dir relative to it (a moved
+    recipe dir is the same recipe)."""
+    def rel(v):
+        return str(Path(v).relative_to(recipe.root)) if isinstance(v, str) and v.startswith("/") and \
+            Path(v).is_relative_to(recipe.root) else v
+    return {k: rel(v) for k, v in settings.items()}
+
+
+def _splits_finished(recipe: Recipe, splits, settings: dict, log) -> bool:
+    """True when every split is done from these inputs; one line naming the differences when one
+    was made from others; False when any is not done."""
+    done = [finished(recipe.data(s), _marker(recipe, settings), f"prepare: data/{s}", log=lambda m: None)
+            for s in splits]
+    if all(done):
+        log(f"prepare: data/{{{','.join(splits)}}} are done (use --force to redo)" if len(splits) > 1
+            else f"prepare: data/{splits[0]} is done (use --force to redo)")
+    return all(done)
 
 
 def write_split(recipe: Recipe, split: str, utts: list, skipped: list[str], settings: dict, log) -> tuple[int, int]:
@@ -147,7 +178,7 @@ def write_split(recipe: Recipe, split: str, utts: list, skipped: list[str], sett
     mf.write(d / "manifest.jsonl", utts)
     atomic_write_text(d / "skipped.txt", "".join(s + "\n" for s in skipped))
     write_provenance(d, yaml.safe_dump(settings, sort_keys=False))
-    mark_done(d)
+    mark_done(d, _marker(recipe, settings))
     log(f"prepare {split}: {len(utts)} utterances, {len(skipped)} skipped"
         + (f" (see {d / 'skipped.txt'})" if skipped else ""))
     for s in skipped[:5]:
@@ -187,8 +218,8 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
 
     split_map = SPLIT_MAP.get(corpus, {opt.split: opt.split})
     splits = sorted(set(split_map.values()))
-    if not force and opt.shard is None and all(is_done(recipe.data(s)) for s in splits):
-        log(f"prepare: data/{{{','.join(splits)}}} are done (use --force to redo)")
+    info = _inputs(recipe, opt, settings, corpus)
+    if not force and opt.shard is None and _splits_finished(recipe, splits, info, log):
         return {}
     root = Path(opt.root)
     if not root.is_dir():
@@ -233,8 +264,6 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
         ids = [u.id for u in utts]
         if len(set(ids)) != len(ids):
             raise MavsrError(f"duplicate utterance ids in {corpus} {split}")
-        info = {**(settings or {"corpus": corpus}), "root": str(root), "landmarks": str(opt.landmarks),
-                "mean_face": str(opt.mean_face), "max_seconds": opt.max_seconds}
         summary[split] = write_split(recipe, split, sorted(utts, key=lambda u: u.id), skipped, info, log)
     return summary
 
@@ -247,11 +276,11 @@ def run_csv(recipe: Recipe, csv_path: Path, data_root: Path, split: str, force: 
     as `.wav`. The old token ids are ignored; the media are not re-encoded, only checked to exist."""
     import csv
 
-    if not force and is_done(recipe.data(split)):
-        log(f"prepare: data/{split} is done (use --force to redo)")
-        return {}
     if not Path(csv_path).is_file():
         raise MavsrError(f"label list not found: {csv_path}")
+    settings = {"corpus": "csv", "csv": str(csv_path), "data_root": str(data_root), "csv_sha256": sha256_file(csv_path)}
+    if not force and _splits_finished(recipe, (split,), settings, log):
+        return {}
     utts, skipped = [], []
     try:
         lines = Path(csv_path).read_text(encoding="utf-8").splitlines()
@@ -292,5 +321,4 @@ def run_csv(recipe: Recipe, csv_path: Path, data_root: Path, split: str, force: 
     utts.sort(key=lambda u: u.id)
     if len({u.id for u in utts}) != len(utts):
         raise MavsrError(f"duplicate utterances in {csv_path}")
-    settings = {"corpus": "csv", "csv": str(csv_path), "data_root": str(data_root)}
     return {split: write_split(recipe, split, utts, skipped, settings, log)}

@@ -18,6 +18,7 @@ The Matryoshka training afterwards keeps this LLM frozen and trains projectors +
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +30,14 @@ from ..config import VideoEncoderConfig
 from ..datasets import synth
 from ..datasets.lrs_text import parse_text
 from ..errors import MavsrError
-from ..fsutil import inside, staged_dir
+from ..fsutil import clean_stale, inside, sha256_file, staged_dir
 from ..media import normalise, read_audio, read_video_gray, video_crop
 from ..model import llm as llm_mod
 from ..model.audio_encoder import WhisperAudioEncoder
 from ..model.video_encoder import SmallVideoEncoder
 from ..options import TinyOptions
 from ..progress import bar, progress
-from ..recipe import Recipe, is_done, write_provenance
+from ..recipe import Recipe, done_inputs, done_text, finished, mark_done, write_provenance
 from ..train_loop import lr_lambda
 
 
@@ -204,48 +205,73 @@ def word_timings(recipe: Recipe, utt, source: Path | None) -> list[tuple[str, fl
 
 
 def run(recipe: Recipe, opt: TinyOptions, force: bool = False, log=print) -> Path:
+    """Build the three models into models/{whisper,video,llm}/. Each part is saved (with a `.done`
+    naming its inputs) as soon as it is finished, so an interrupted run resumes after it."""
     out = recipe.root / "models"
-    if is_done(out) and not force:
-        log(f"tiny-models: {out} is done (use --force to rebuild)")
+    inputs = {**opt.__dict__, "train_manifest": sha256_file(recipe.require_manifest("train"))}
+    if not force and finished(out, inputs, f"tiny-models: {out}", log):
         return out
+    if force and out.exists():
+        shutil.rmtree(out)
+    clean_stale(out)
     utts = recipe.utterances("train")
     texts = [u.text for u in utts]
     prompts = "transcribe speech and video to text ."  # every word of the paper's three prompts
     words = synth.vocabulary() + sorted({w for t in texts for w in t.split()}) + prompts.split()
-    with staged_dir(out) as tmp:
-        n = opt.encoder_epochs
-        vocab = sorted(set(words))
-        framewise = opt.ctc_units == "align"
-        if framewise:
-            settings = yaml.safe_load((recipe.data("train") / "config.yaml").read_text()) \
-                if (recipe.data("train") / "config.yaml").is_file() else {}
-            source = Path(settings["root"]) if isinstance(settings, dict) and settings.get("root") else None
-            timings = [word_timings(recipe, u, source) for u in utts]
-            classes = len(vocab) + 1
-            targets = {hz: [frame_targets(t, hz, vocab) for t in timings] for hz in (50, FPS)}
-        else:
-            tg, classes = ctc_targets(texts, opt.ctc_units, vocab)
-            targets = {50: tg, FPS: tg}
-
-        def pretrain_audio(enc):
-            mels = [enc.mel(read_audio(recipe.resolve_media(u.audio))) for u in progress(utts, "log-mel")]
-            ctc_pretrain("audio", enc.encoder, enc.encode_mel, mels, targets[50], classes, opt.audio_dim, n, opt.seed,
-                         log, framewise=framewise)
-
-        def pretrain_video(enc):
-            vc = VideoEncoderConfig()
-            crops = [video_crop(read_video_gray(recipe.resolve_media(u.video)), vc.crop)
-                     for u in progress(utts, "mouth crops")]
-            ctc_pretrain("video", enc, lambda c: enc(normalise(c, vc.mean, vc.std)), crops, targets[FPS], classes,
-                         opt.video_dim, n, opt.seed, log, framewise=framewise)
-
-        WhisperAudioEncoder.tiny(tmp / "whisper", d_model=opt.audio_dim, layers=opt.audio_layers, seed=opt.seed,
-                                 pretrain=pretrain_audio if n > 0 else None)
-        SmallVideoEncoder.tiny(tmp / "video", seed=opt.seed + 1, dim=opt.video_dim, layers=opt.video_layers,
-                               pretrain=pretrain_video if n > 0 else None)
-        llm_mod.tiny(tmp / "llm", words, hidden=opt.llm_hidden, layers=opt.llm_layers, seed=opt.seed + 2)
-        if opt.lm_epochs > 0:
-            lm_warmup(tmp / "llm", texts, opt.prompt, opt.lm_epochs, opt.seed, log=log, words=synth.vocabulary())
-        write_provenance(tmp, yaml.safe_dump(opt.__dict__, sort_keys=False))
+    pretrain_audio, pretrain_video = _pretrainers(recipe, opt, utts, texts, sorted(set(words)), log)
+    n = opt.encoder_epochs
+    parts = {
+        "whisper": lambda d: WhisperAudioEncoder.tiny(d, d_model=opt.audio_dim, layers=opt.audio_layers,
+                                                      seed=opt.seed, pretrain=pretrain_audio if n > 0 else None),
+        "video": lambda d: SmallVideoEncoder.tiny(d, seed=opt.seed + 1, dim=opt.video_dim, layers=opt.video_layers,
+                                                  pretrain=pretrain_video if n > 0 else None),
+        "llm": lambda d: _llm(d, opt, words, texts, log),
+    }
+    for name, build in parts.items():
+        part = out / name
+        if done_inputs(part) == inputs:
+            log(f"tiny-models: {name} kept from an earlier run")
+            continue
+        with staged_dir(part, done_text(inputs)) as tmp:
+            build(tmp)
+    write_provenance(out, yaml.safe_dump(opt.__dict__, sort_keys=False))
+    mark_done(out, inputs)
     log(f"tiny-models: wrote {out}")
     return out
+
+
+def _llm(d: Path, opt: TinyOptions, words: list[str], texts: list[str], log) -> None:
+    llm_mod.tiny(d, words, hidden=opt.llm_hidden, layers=opt.llm_layers, seed=opt.seed + 2)
+    if opt.lm_epochs > 0:
+        lm_warmup(d, texts, opt.prompt, opt.lm_epochs, opt.seed, log=log, words=synth.vocabulary())
+
+
+def _pretrainers(recipe: Recipe, opt: TinyOptions, utts: list, texts: list[str], vocab: list[str], log):
+    """The encoders' pretraining functions (each called on a freshly built encoder), their targets
+    the transcripts' characters or words (CTC) or the word under each frame (`align`)."""
+    framewise = opt.ctc_units == "align"
+    if framewise:
+        settings = yaml.safe_load((recipe.data("train") / "config.yaml").read_text()) \
+            if (recipe.data("train") / "config.yaml").is_file() else {}
+        source = Path(settings["root"]) if isinstance(settings, dict) and settings.get("root") else None
+        timings = [word_timings(recipe, u, source) for u in utts]
+        classes = len(vocab) + 1
+        targets = {hz: [frame_targets(t, hz, vocab) for t in timings] for hz in (50, FPS)}
+    else:
+        tg, classes = ctc_targets(texts, opt.ctc_units, vocab)
+        targets = {50: tg, FPS: tg}
+    n = opt.encoder_epochs
+
+    def pretrain_audio(enc):
+        mels = [enc.mel(read_audio(recipe.resolve_media(u.audio))) for u in progress(utts, "log-mel")]
+        ctc_pretrain("audio", enc.encoder, enc.encode_mel, mels, targets[50], classes, opt.audio_dim, n, opt.seed,
+                     log, framewise=framewise)
+
+    def pretrain_video(enc):
+        vc = VideoEncoderConfig()
+        crops = [video_crop(read_video_gray(recipe.resolve_media(u.video)), vc.crop)
+                 for u in progress(utts, "mouth crops")]
+        ctc_pretrain("video", enc, lambda c: enc(normalise(c, vc.mean, vc.std)), crops, targets[FPS], classes,
+                     opt.video_dim, n, opt.seed, log, framewise=framewise)
+
+    return pretrain_audio, pretrain_video

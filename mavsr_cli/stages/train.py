@@ -28,7 +28,7 @@ from ..features import FeatureStore, cache_split, encoders_tag, provenance
 from ..fsutil import atomic_write_text
 from ..model.build import build_model
 from ..rates import select
-from ..recipe import Recipe, is_done, mark_done, resolve_model, write_provenance
+from ..recipe import Recipe, checksum_or_none, finished, mark_done, resolve_model, write_provenance
 from ..train_loop import train
 
 
@@ -49,13 +49,26 @@ def default_tag(config_path: str | None, strategy: str, rates_spec: str, modalit
     return f"{stem}{mod}_{strategy}_{'all' if rates_spec == 'all' else rates_spec.replace(',', '-')}"
 
 
+def _inputs(recipe: Recipe, cfg: Config, rates: list, cache: Path) -> dict:
+    """What a finished experiment was trained from: its config (the decode defaults aside: they do
+    not change the weights), the rates, and checksums of the transcripts and the feature cache."""
+    import yaml
+
+    settings = {k: v for k, v in yaml.safe_load(cfg.dump()).items() if k != "decode"}
+    return {"config": settings, "rates": ",".join(r.tag for r in rates),
+            "manifest": checksum_or_none(recipe.manifest("train")),
+            "features": checksum_or_none(cache / "provenance.json")}
+
+
 def run(recipe: Recipe, cfg: Config, rates_spec: str, tag: str, force: bool = False, log=print) -> Path:
     grid = cfg.model.rate_grid()
     rates = select(rates_spec, grid)
     exp = recipe.exp(tag)
     main = int(os.environ.get("RANK", "0")) == 0
-    if is_done(exp) and not force:
-        log(f"train: {exp.relative_to(recipe.root)} is done (use --force to retrain)")
+    enc_tag = encoders_tag(provenance(recipe, cfg))
+    cache = recipe.dump(enc_tag, cache_split(cfg, "train"))
+    inputs = _inputs(recipe, cfg, rates, cache)
+    if not force and finished(exp, inputs, f"train: {exp.relative_to(recipe.root)}", log):
         return exp
     if main:
         if force and exp.exists():
@@ -68,8 +81,7 @@ def run(recipe: Recipe, cfg: Config, rates_spec: str, tag: str, force: bool = Fa
             raise MavsrError(f"{exp} was started with another config; use --force to start over or another --tag")
         write_provenance(exp, cfg.dump())
     logger = Logger(exp / "train.log", log) if main else (lambda msg: None)
-    enc_tag = encoders_tag(provenance(recipe, cfg))
-    store = FeatureStore(recipe.dump(enc_tag, cache_split(cfg, "train")))
+    store = FeatureStore(cache)
     texts = {u.id: u.text for u in recipe.utterances("train")}
     missing = [i for i in store.ids() if i not in texts]
     if missing:
@@ -98,6 +110,6 @@ def run(recipe: Recipe, cfg: Config, rates_spec: str, tag: str, force: bool = Fa
     if not main:
         return exp
     atomic_write_text(exp / "meta.json", json.dumps({**meta, "checkpoint": ckpt.name}, indent=2) + "\n")
-    mark_done(exp)
+    mark_done(exp, inputs)
     logger(f"train: done, checkpoint {ckpt.relative_to(recipe.root)}")
     return exp

@@ -253,7 +253,7 @@ def test_label_list_paths_cannot_escape_the_data_root(tmp_path):
     lrs2.mkdir()
     (lrs2 / "train.txt").write_text("5535/00001\n../../../../tmp/00002\n")
     with pytest.raises(MavsrError, match=r"train.txt:2: entry .* escapes the corpus root"):
-        run_lrs(Recipe(tmp_path / "r"), "lrs2", LrsOptions(lrs2), log=lambda m: None)
+        run_lrs(Recipe(tmp_path / "r2"), "lrs2", LrsOptions(lrs2), log=lambda m: None)
 
 
 def test_unknown_yaml_key_names_the_nearest_valid_one(tmp_path):

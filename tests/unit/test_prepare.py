@@ -59,11 +59,22 @@ def test_a_rerun_must_ask_for_the_same_corpus(tmp_path):
     run_synth(r, OPT, log=lambda m: None)
     spk = tmp_path / "corpus/synth/trainval/spk00"
     before = {p.name: p.stat().st_mtime_ns for p in spk.iterdir()}
-    # another seed in the same tree would keep the old utterances beside new ones: a clear error instead
+    other = SynthOptions(num_utts=6, test_utts=3, speakers=2, seed=4, nj=1)
+    # the finished splits name what differs
+    with pytest.raises(MavsrError, match="seed 3 != 4"):
+        run_synth(r, other, log=lambda m: None)
+    # an unfinished one (killed before its manifest): another seed in the same tree would keep the
+    # old utterances beside new ones, a clear error instead
+    for split in ("train", "test"):
+        (r.data(split) / ".done").unlink()
     with pytest.raises(MavsrError, match="--seed 4 \\(was 3\\)"):
-        run_synth(r, SynthOptions(num_utts=6, test_utts=3, speakers=2, seed=4, nj=1), force=True, log=lambda m: None)
+        run_synth(r, other, log=lambda m: None)
     assert {p.name: p.stat().st_mtime_ns for p in spk.iterdir()} == before
     # more utterances of the same corpus are fine (the old ones are kept, the new ones added)
     more = SynthOptions(num_utts=8, test_utts=3, speakers=2, seed=3, nj=1)
     assert run_synth(r, more, force=True, log=lambda m: None)["train"] == (8, 0)
     assert all(spk.joinpath(n).stat().st_mtime_ns == t for n, t in before.items())
+    # --force with another seed generates the corpus again
+    texts = [u.text for u in mf.read(r.manifest("train"))]
+    assert run_synth(r, other, force=True, log=lambda m: None)["train"] == (6, 0)
+    assert [u.text for u in mf.read(r.manifest("train"))] != texts[:6]
