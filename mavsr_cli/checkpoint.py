@@ -24,12 +24,35 @@ from .fsutil import atomic_write_json, clean_stale, sha256_file, verify_checksum
 from .rates import Rates
 
 
-def save(ckpt_root: Path, step: int, state: dict, meta: dict, trainer: dict | None, keep: int) -> Path:
-    """Write ckpt/step-NNNNNN atomically and keep only the last `keep` step checkpoints."""
+def save(ckpt_root: Path, step: int, state: dict, meta: dict, trainer: dict | None, keep: int,
+         best: int = 0) -> Path:
+    """Write ckpt/step-NNNNNN atomically; keep the last `keep` step checkpoints (to resume from) and
+    the `best` of lowest validation loss (to decode or average)."""
     final = save_named(ckpt_root, f"step-{step:06d}", state, meta, trainer)
-    for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
+    if keep > 0:
+        kept = set(list_checkpoints(ckpt_root)[-keep:]) | set(by_val_loss(ckpt_root)[:best])
+        for old in list_checkpoints(ckpt_root):
+            if old not in kept:
+                shutil.rmtree(old)
     return final
+
+
+def by_val_loss(ckpt_root: Path) -> list[Path]:
+    """The step checkpoints that carry a validation loss (those of an epoch's end), lowest first
+    (the later one first on a tie)."""
+    scored = [(read_meta(c).get("val_loss"), c) for c in list_checkpoints(ckpt_root)]
+    return [c for v, c in sorted(((v, c) for v, c in scored if v is not None), key=lambda x: (x[0], -_step(x[1])))]
+
+
+def _step(ckpt: Path) -> int:
+    return int(ckpt.name.split("-")[1])
+
+
+def selected(ckpt_root: Path, select: str, n: int) -> list[Path]:
+    """The checkpoints the final model is made from: the `n` of lowest validation loss (`best`,
+    when checkpoints carry one), else the last `n`; in step order."""
+    best = by_val_loss(ckpt_root)[:n] if select == "best" else []
+    return sorted(best, key=_step) if best else list_checkpoints(ckpt_root)[-n:]
 
 
 def save_named(ckpt_root: Path, name: str, state: dict, meta: dict, trainer: dict | None = None) -> Path:

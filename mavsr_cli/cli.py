@@ -7,17 +7,21 @@ the process around a command (signals, one-line errors, exit codes) is lifecycle
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from . import lifecycle
 from .config import DecodeConfig, Modality, Strategy
 from .errors import MavsrError
 from .options import (
+    LANDMARKS,
+    MOUTH_CROP,
+    MOUTH_CROP_MAX_SIDE,
     BenchOptions,
     Bounds,
     CtcUnits,
@@ -33,7 +37,60 @@ STAGE_ORDER = ("prepare", "tiny-models", "extract-features", "train", "decode", 
                "claims", "info")
 
 
-class _Stages(TyperGroup):
+class _Flags:
+    """Flags show no value placeholder in --help (`--force`, not `--force <bool>`, which reads as if
+    `--force true` were accepted)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False) and p.metavar is None:
+                p.metavar = ""
+        return params
+
+
+class _Command(_Flags, TyperCommand):
+    pass
+
+
+EXAMPLES = {  # shown under each command's --help; the synthetic recipe's commands (recipes/synth/run.sh)
+    "prepare synth": ["mavsr prepare synth --num-utts 1000 --test-utts 100   # the demo's corpus",
+                      "mavsr prepare synth --num-utts 16 --test-utts 4 --speakers 2   # a minute's smoke test"],
+    "prepare lrs3": ["mavsr prepare lrs3 --root /data/LRS3 --landmarks /data/LRS3_landmarks --nj 8"],
+    "prepare lrs2": ["mavsr prepare lrs2 --root /data/LRS2 --landmarks /data/LRS2_landmarks --nj 8"],
+    "prepare dir": ["mavsr prepare dir --root my_videos --split dev   # .mp4 + .txt (+ .pkl landmarks) each"],
+    "prepare csv": ["mavsr prepare csv --csv lrs3_test.csv --root /data/preprocessed --split test"],
+    "tiny-models": ["mavsr tiny-models --ctc-units align --encoder-epochs 12 --lm-epochs 32   # as run.sh"],
+    "extract-features": ["mavsr extract-features --config conf/synth.yaml",
+                         "mavsr extract-features --config conf/synth.yaml --shard 0/4   # one of 4 workers"],
+    "train": ["mavsr train --config conf/synth.yaml --rates all --tag synth_ms_all",
+              "torchrun --nproc_per_node 4 -m mavsr_cli train --config conf/lrs3.yaml --rates all"],
+    "decode": ["mavsr decode --exp exp/synth_ms_all --audio-rate 16 --video-rate 5",
+               "mavsr decode --exp exp/synth_ms_all --sweep --snr 0   # every pair, 0 dB babble",
+               "mavsr decode --exp exp/synth_ms_all --budget 25   # the best pair within 25 tokens/s"],
+    "score": ["mavsr score --exp exp/synth_ms_all && cat exp/synth_ms_all/RESULTS.md"],
+    "transcribe": ["mavsr transcribe clip.mp4 --exp exp/synth_ms_all --roi 210,300,120,120",
+                   "mavsr transcribe mouth.mp4 --exp exp/synth_ms_all --budget 15 --json"],
+    "bench": ["mavsr bench --exp exp/synth_ms_all --snr clean,10,0,-5",
+              "mavsr bench --exp exp/synth_ms_all --exp exp/synth_a_ms_all --out bench/"],
+    "claims": ["bash study.sh && mavsr claims --dir .   # in recipes/synth"],
+    "info": ["mavsr info", "mavsr info --grid conf/synth.yaml   # the rate tags, for scripts"],
+}
+
+
+def _examples(name: str) -> str:
+    return "Examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES[name])
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        _log(f"mavsr {__version__}")
+        raise typer.Exit()
+
+
+class _Stages(_Flags, TyperGroup):
     """`mavsr --help` lists the commands in the order a recipe runs them."""
 
     def list_commands(self, ctx) -> list[str]:
@@ -44,13 +101,19 @@ class _Stages(TyperGroup):
 app = typer.Typer(
     cls=_Stages,
     name="mavsr",
-    help="Adaptive audio-visual speech recognition with Matryoshka multimodal LLMs. "
-    "Stages read and write files in a recipe directory: prepare -> extract-features -> train -> "
-    "decode -> score.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", "-V", is_eager=True, callback=_version,
+                                                help="Print mavsr's version and exit.")] = False) -> None:
+    """Adaptive audio-visual speech recognition with Matryoshka multimodal LLMs. Stages read and write
+    files in a recipe directory: prepare -> tiny-models (synthetic recipe) -> extract-features ->
+    train -> decode -> score; then transcribe, bench, claims."""
 out = Console(soft_wrap=True)  # log lines are never folded (they get grepped)
 
 DirOpt = Annotated[Path, typer.Option("--dir", "-d", help="Recipe directory holding data/, dump/, exp/.")]
@@ -102,12 +165,17 @@ def _recipe(d: Path, *writes: str | Path):
     return recipe
 
 
+def _next(*commands: str) -> None:
+    """A stage's last line: the recipe's next command(s)."""
+    _log("next: " + "   or   ".join(commands))
+
+
 def _value(choice):
     return None if choice is None else choice.value
 
 
 # ---- prepare: one command per corpus ----------------------------------------------------------
-class _Corpora(TyperGroup):
+class _Corpora(_Flags, TyperGroup):
     """`mavsr prepare <corpus>`: an unknown corpus is refused naming the ones there are."""
 
     def resolve_command(self, ctx, args: list[str]):
@@ -123,18 +191,19 @@ app.add_typer(prepare_app, name="prepare")
 
 RootOpt = Annotated[Path | None, typer.Option(help="The corpus as distributed (e.g. the dir holding pretrain/, "
                                               "trainval/, test/).")]
-LandmarksOpt = Annotated[Path | None, typer.Option(help="Dir of 68-point landmark pickles at the videos' relative "
-                                                   "paths (default: .pkl beside each video).")]
+LandmarksOpt = Annotated[Path | None, typer.Option(help="Dir of landmark pickles at the videos' relative paths "
+                                                   f"(default: a .pkl beside each video); each is {LANDMARKS}.")]
 MeanFaceOpt = Annotated[Path | None, typer.Option(help="Reference face (68 x 2, .npy or text) for the mouth "
                                                   "alignment (default: mavsr's template).")]
 MaxSecondsOpt = Annotated[float, typer.Option(help="Cut pretrain utterances into segments of at most this many "
                                               "seconds, on word boundaries.")]
 
 
-@prepare_app.command("synth")
+@prepare_app.command("synth", cls=_Command, epilog=_examples("prepare synth"))
 def prepare_synth(
     dir: DirOpt = Path("."),
-    num_utts: Annotated[int, typer.Option(help="Utterances in the train split.")] = SYNTH.num_utts,
+    num_utts: Annotated[int, typer.Option(help="Utterances generated for training (a --val-share of them becomes "
+                                          "data/val).")] = SYNTH.num_utts,
     test_utts: Annotated[int, typer.Option(help="Utterances in the test split.")] = SYNTH.test_utts,
     speakers: Annotated[int, typer.Option(help="Number of speakers (voice + face).")] = SYNTH.speakers,
     heldout_speakers: Annotated[int, typer.Option(help="Speakers used only in test (0 = test uses all).")]
@@ -143,38 +212,46 @@ def prepare_synth(
     words_per_slot: Annotated[int, typer.Option(help="Draw each grammar slot (name, noun, ...) from its first N words "
                                                 "only, a smaller vocabulary (0 = all, about 300 words).")]
     = SYNTH.words_per_slot,
+    val_share: Annotated[float, typer.Option(help="Share of the training utterances held out as data/val "
+                                             "(validation loss, best checkpoints).")] = SYNTH.val_share,
     nj: JobsOpt = default_jobs(),
     force: ForceOpt = False,
 ) -> None:
     """Generate the synthetic corpus under corpus/synth/ (an LRS3 tree: face video, Text: files,
-    landmarks), then prepare it as lrs3: mouth ROIs under corpus/lrs3/, data/{train,test}/."""
+    landmarks), then prepare it as lrs3: mouth ROIs under corpus/lrs3/, data/{train,val,test}/."""
     from .stages import prepare as stage
 
-    opt = SynthOptions(num_utts, test_utts, speakers, heldout_speakers, seed, words_per_slot, nj)
+    opt = SynthOptions(num_utts, test_utts, speakers, heldout_speakers, seed, words_per_slot, nj, val_share)
     stage.run_synth(_recipe(dir, "data", "corpus"), opt, force, _log)
+    _next("mavsr tiny-models --ctc-units align   # the synthetic recipe's small models (recipes/synth/run.sh)")
 
 
 def _prepare_tree(corpus: str, dir: Path, root: Path | None, landmarks: Path | None, mean_face: Path | None,
-                  max_seconds: float, shard: str | None, split: str, nj: int, force: bool) -> None:
+                  max_seconds: float, shard: str | None, split: str, nj: int, force: bool,
+                  val_share: float = 0.0) -> None:
     from .stages import prepare as stage
 
     recipe = _recipe(dir, "data", "corpus")
     if root is None:
         raise MavsrError(f"prepare {corpus} needs --root (the corpus folder)")
-    opt = LrsOptions(root, landmarks, mean_face, max_seconds, nj, parse_shard(shard), split)
+    opt = LrsOptions(root, landmarks, mean_face, max_seconds, nj, parse_shard(shard), split, val_share)
     stage.run_lrs(recipe, corpus, opt, force, _log)
+    if shard is None:
+        _next(f"mavsr extract-features --config conf/{corpus if corpus != 'dir' else '<yours>'}.yaml")
 
 
-@prepare_app.command("lrs3")
+@prepare_app.command("lrs3", cls=_Command, epilog=_examples("prepare lrs3"))
 def prepare_lrs3(dir: DirOpt = Path("."), root: RootOpt = None, landmarks: LandmarksOpt = None,
                  mean_face: MeanFaceOpt = None, max_seconds: MaxSecondsOpt = LRS.max_seconds,
-                 shard: ShardOpt = None, nj: JobsOpt = default_jobs(), force: ForceOpt = False) -> None:
-    """LRS3 (pretrain/, trainval/ -> train; test/): mouth-ROI media from the official tree and its
-    landmarks under corpus/lrs3/, and data/{train,test}/manifest.jsonl."""
-    _prepare_tree("lrs3", dir, root, landmarks, mean_face, max_seconds, shard, LRS.split, nj, force)
+                 shard: ShardOpt = None, nj: JobsOpt = default_jobs(), force: ForceOpt = False,
+                 val_share: Annotated[float, typer.Option(help="Share of trainval held out as data/val (chosen by "
+                                                          "utterance id).")] = LRS.val_share) -> None:
+    """LRS3 (pretrain/, trainval/ -> train, a share of trainval -> val; test/): mouth-ROI media from the
+    official tree and its landmarks under corpus/lrs3/, and data/{train,val,test}/manifest.jsonl."""
+    _prepare_tree("lrs3", dir, root, landmarks, mean_face, max_seconds, shard, LRS.split, nj, force, val_share)
 
 
-@prepare_app.command("lrs2")
+@prepare_app.command("lrs2", cls=_Command, epilog=_examples("prepare lrs2"))
 def prepare_lrs2(dir: DirOpt = Path("."), root: RootOpt = None, landmarks: LandmarksOpt = None,
                  mean_face: MeanFaceOpt = None, max_seconds: MaxSecondsOpt = LRS.max_seconds,
                  shard: ShardOpt = None, nj: JobsOpt = default_jobs(), force: ForceOpt = False) -> None:
@@ -183,11 +260,13 @@ def prepare_lrs2(dir: DirOpt = Path("."), root: RootOpt = None, landmarks: Landm
     _prepare_tree("lrs2", dir, root, landmarks, mean_face, max_seconds, shard, LRS.split, nj, force)
 
 
-@prepare_app.command("dir")
+@prepare_app.command("dir", cls=_Command, epilog=_examples("prepare dir"))
 def prepare_dir(
     dir: DirOpt = Path("."),
     root: Annotated[Path | None, typer.Option(help="A folder of videos, each with a .txt transcript beside it "
-                                              "(and optionally a .pkl of 68-point landmarks).")] = None,
+                                              "and a .pkl of landmarks (see --landmarks). A video without "
+                                              f"landmarks must be a mouth crop already: {MOUTH_CROP}, at most "
+                                              f"{MOUTH_CROP_MAX_SIDE} px a side; any other is skipped.")] = None,
     split: Annotated[str, typer.Option(help="The split the folder becomes (data/<split>/).")] = LRS.split,
     landmarks: LandmarksOpt = None, mean_face: MeanFaceOpt = None, max_seconds: MaxSecondsOpt = LRS.max_seconds,
     shard: ShardOpt = None, nj: JobsOpt = default_jobs(), force: ForceOpt = False,
@@ -196,7 +275,7 @@ def prepare_dir(
     _prepare_tree("dir", dir, root, landmarks, mean_face, max_seconds, shard, split, nj, force)
 
 
-@prepare_app.command("csv")
+@prepare_app.command("csv", cls=_Command, epilog=_examples("prepare csv"))
 def prepare_csv(
     dir: DirOpt = Path("."),
     csv: Annotated[Path | None, typer.Option(help="The label list: dataset,relative_path,frames,token_ids,text "
@@ -216,7 +295,7 @@ def prepare_csv(
 
 
 # ---- the other stages ---------------------------------------------------------------------------
-@app.command("tiny-models")
+@app.command("tiny-models", cls=_Command, epilog=_examples("tiny-models"))
 def tiny_models(
     dir: DirOpt = Path("."),
     audio_dim: Annotated[int, typer.Option(help="Whisper encoder width.")] = TINY.audio_dim,
@@ -242,14 +321,15 @@ def tiny_models(
     opt = TinyOptions(audio_dim, audio_layers, video_dim, video_layers, llm_hidden, llm_layers, lm_epochs,
                       encoder_epochs, seed=seed, ctc_units=ctc_units.value)
     stage.run(_recipe(dir, "models"), opt, force, _log)
+    _next("mavsr extract-features --config conf/synth.yaml")
 
 
-@app.command("extract-features")
+@app.command("extract-features", cls=_Command, epilog=_examples("extract-features"))
 def extract_features(
     dir: DirOpt = Path("."),
     config: ConfigOpt = None,
-    split: Annotated[list[str], typer.Option("--split", "-s", help="Split(s) to extract; repeat the option for "
-                                             "several.")] = ["train", "test"],
+    split: Annotated[list[str] | None, typer.Option("--split", "-s", help="Split(s) to extract; repeat the option "
+                                                    "for several. Default: every prepared split (data/*/).")] = None,
     shard: Annotated[str | None, typer.Option(help="i/N: compute only this worker's share of the shard files (N "
                                               "workers, one dump dir); run again without it to merge.")] = None,
     shard_size: Annotated[int, typer.Option(help="Utterances per shard file.")] = 256,
@@ -267,9 +347,11 @@ def extract_features(
     if modality is not None:
         cfg = C.with_modality(cfg, modality.value)
     stage.run(_recipe(dir, "dump"), cfg, split, force, _log, parse_shard(shard), shard_size)
+    if shard is None:
+        _next(f"mavsr train{f' --config {config}' if config else ''} --rates all")
 
 
-@app.command()
+@app.command("train", cls=_Command, epilog=_examples("train"))
 def train(
     dir: DirOpt = Path("."),
     config: ConfigOpt = None,
@@ -303,9 +385,11 @@ def train(
     tag = tag or stage.default_tag(str(config) if config else None, cfg.model.lora.strategy, rates,
                                    None if modality is None else cfg.model.modality)
     stage.run(_recipe(dir, "exp"), cfg, rates, tag, force, _log)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _next(f"mavsr decode --exp exp/{tag} --sweep")
 
 
-@app.command()
+@app.command("decode", cls=_Command, epilog=_examples("decode"))
 def decode(
     exp: ExpOpt,
     dir: DirOpt = Path("."),
@@ -314,10 +398,13 @@ def decode(
     = None,
     video_rate: Annotated[int | None, typer.Option(help="Video compression rate (must be in the trained grid).")]
     = None,
-    sweep: Annotated[bool, typer.Option(help="Decode every trained configuration in one call (the model loads "
-                                        "once).")] = False,
-    budget: Annotated[float | None, typer.Option(help="LLM input tokens per second of speech: decode the most "
-                                                 "accurate trained configuration that fits.")] = None,
+    sweep: Annotated[bool, typer.Option("--sweep", help="Decode every trained configuration in one call (the "
+                                        "model loads once).")] = False,
+    budget: Annotated[float | None, typer.Option(help="LLM input tokens per second of speech (media + prompt, "
+                                                 "as RESULTS.md and REPORT.md count them, over the split's mean "
+                                                 "duration): decode the trained pair of lowest scored WER (val, "
+                                                 "else test) that fits, else the least compressed; the log says "
+                                                 "why.")] = None,
     beam: BeamOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Utterances decoded together (default: the config's "
                                                    "decode.batch_size); the hypotheses do not depend on it.")] = None,
@@ -333,17 +420,20 @@ def decode(
                                                    "Average-pooling models only.")] = None,
     force: ForceOpt = False,
 ) -> None:
-    """Decode a split at one rate pair (or --sweep, --budget) into
-    exp/<tag>/decode_<rates>[_pool<rates>]_beam<B>[_snr<X>]/<split>/."""
+    """Decode a split at one rate pair (or --sweep, --budget) into exp/<tag>/decode_<rates>_beam<B>/<split>/.
+
+    The dir name also carries _pool<rates> (--pool-rates) and _<noise>snr<X> (--snr); see rates.DecodeTag."""
     _quiet_libraries()
     from .stages import decode as stage
 
     stage.run(_recipe(dir, exp), exp, split, audio_rate, video_rate, force, _log, shard=parse_shard(shard),
               sweep=sweep, budget=budget, beam=beam, batch_size=batch_size, max_new_tokens=max_new_tokens,
               snr=snr, noise=noise, pool=pool_rates)
+    if shard is None:
+        _next(f"mavsr score --exp {exp}")
 
 
-@app.command()
+@app.command("transcribe", cls=_Command, epilog=_examples("transcribe"))
 def transcribe(
     media: Annotated[Path, typer.Argument(help="Video (or audio) file in any container PyAV reads.")],
     exp: ExpOpt,
@@ -352,10 +442,12 @@ def transcribe(
                                                    "trained configuration).")] = None,
     video_rate: Annotated[int | None, typer.Option(help="Video compression rate (must be in the trained grid).")]
     = None,
-    budget: Annotated[float | None, typer.Option(help="LLM input tokens per second of speech: the most accurate "
-                                                 "trained configuration that fits.")] = None,
-    roi: Annotated[str | None, typer.Option(help="Mouth region x,y,w,h in pixels (default: the whole frame, for "
-                                            "videos that are a mouth crop).")] = None,
+    budget: Annotated[float | None, typer.Option(help="LLM input tokens per second of this clip (media + prompt, "
+                                                 "as the reports count): the most accurate trained configuration "
+                                                 "that fits (its reason goes to stderr).")] = None,
+    roi: Annotated[str | None, typer.Option(help="Mouth region x,y,w,h in pixels. Default: the whole frame, for "
+                                            f"videos that are a mouth crop ({MOUTH_CROP}, at most "
+                                            f"{MOUTH_CROP_MAX_SIDE} px a side; others are refused).")] = None,
     modality: Annotated[Modality | None, typer.Option(help="av, a or v; must be the experiment's (default: the "
                                                       "experiment's).")] = None,
     beam: BeamOpt = None,
@@ -370,11 +462,11 @@ def transcribe(
     from .stages import transcribe as stage
 
     res = stage.run(_recipe(dir), exp, media, audio_rate, video_rate, budget, roi, _value(modality), beam,
-                    max_new_tokens)
+                    max_new_tokens, log=lambda m: print(m, file=sys.stderr))
     _log(json.dumps(res, ensure_ascii=False) if json_out else res["text"])
 
 
-@app.command()
+@app.command("bench", cls=_Command, epilog=_examples("bench"))
 def bench(
     exp: Annotated[list[Path], typer.Option(help="Experiment dir(s) (exp/<tag>); repeat the option to compare "
                                             "several (e.g. AV, audio-only, video-only, baselines).")],
@@ -398,7 +490,7 @@ def bench(
     stage.run(_recipe(dir, *exp), exp, opt, out, _log)
 
 
-@app.command()
+@app.command("claims", cls=_Command, epilog=_examples("claims"))
 def claims(
     bench: Annotated[Path, typer.Option(help="bench.json (or its dir) of `mavsr bench` over the Matryoshka, "
                                         "audio-only and video-only experiments.")],
@@ -430,7 +522,7 @@ def claims(
                                               "rate-proportional count.")] = BOUNDS.linear_tol,
     out: Annotated[Path | None, typer.Option(help="Where CLAIMS.md and claims.json go (default: beside "
                                              "bench.json).")] = None,
-    strict: Annotated[bool, typer.Option(help="Exit 1 when a claim or target fails.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when a claim or target fails.")] = False,
 ) -> None:
     """Check the paper's four claims (and the accuracy targets) on a finished study: a verdict per claim with the
     numbers behind it (CLAIMS.md, claims.json). Decodes nothing."""
@@ -444,7 +536,7 @@ def claims(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command("score", cls=_Command, epilog=_examples("score"))
 def score(
     exp: ExpOpt,
     dir: DirOpt = Path("."),
@@ -452,27 +544,35 @@ def score(
                                                    "no punctuation but apostrophes) or none.")] = Normaliser.default,
     force: ForceOpt = False,
 ) -> None:
-    """Score every finished decode dir of an experiment (wer.json, result.txt, errors.txt, ref/hyp.trn) and write
-    exp/<tag>/RESULTS.md."""
+    """Score every finished decode dir of an experiment and write exp/<tag>/RESULTS.md.
+
+    Per decode dir: wer.json, result.txt, errors.txt (per-utterance alignments), ref.trn and hyp.trn."""
     from .stages import score as stage
 
     stage.run(_recipe(dir, exp), exp, force, _log, normaliser=normaliser.value)
+    _next(f"mavsr bench --exp {exp}", f"mavsr transcribe VIDEO --exp {exp}")
 
 
-@app.command()
+@app.command("info", cls=_Command, epilog=_examples("info"))
 def info(
+    dir: DirOpt = Path("."),
     grid: Annotated[Path | None, typer.Option(help="Print only the rate tags of this config's grid, one per line "
-                                              "(for scripts).")] = None,
+                                              "(for scripts); relative to --dir.")] = None,
 ) -> None:
-    """Print versions of mavsr and its libraries, torchaudio's status and the available devices."""
+    """Print versions of mavsr and its libraries, torchaudio's status and the available devices, then
+    what the recipe dir holds: each stage's outputs, finished or not."""
     if grid is not None:
         from . import config as C
 
-        for r in C.load(grid).model.rate_grid():
+        for r in C.load(grid if grid.is_absolute() else dir / grid).model.rate_grid():
             _log(r.tag)
         return
     _quiet_libraries()
     for line in _versions():
+        _log(line)
+    from .recipe import status_lines
+
+    for line in status_lines(_recipe(dir)):
         _log(line)
 
 

@@ -108,7 +108,9 @@ class TrainConfig:
     accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation; same gradient as one batch)
     max_frames: int = 0  # >0: dynamic batches of at most this many video frames (25 per s) instead of batch_size
     save_every: int = 0  # steps between checkpoints (0 = at the end of every epoch)
-    average_last: int = 0  # >1: the final checkpoint averages the last N checkpoints (keeps at least N)
+    average_last: int = 0  # >1: the final checkpoint averages N checkpoints, the last or the best (`select`)
+    select: str = "best"  # best: lowest validation loss (epoch checkpoints; the last without a val split), or last
+    val_split: str = "val"  # validation loss per epoch on this split when it is prepared ("" = none)
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
     grad_checkpointing: bool = False  # recompute the LLM's activations in backward (less memory, slower)
     device: str = "auto"  # auto: cuda if available (LOCAL_RANK's GPU under torchrun), else cpu
@@ -352,6 +354,8 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     if t.precision not in ("auto", "fp32", "bf16"):
         raise MavsrError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    if t.select not in ("best", "last"):
+        raise MavsrError(f"train.select must be best or last, got {t.select!r}")
     if t.distributed not in ("ddp", "fsdp"):
         raise MavsrError(f"train.distributed must be ddp or fsdp, got {t.distributed!r}")
     for key, (low, strict) in _RANGES.items():

@@ -48,18 +48,41 @@ def max_new_tokens(opts: DecodeConfig, durations: list[float]) -> int:
     return opts.max_new_tokens or auto_max_new_tokens(durations)
 
 
-def pick_by_budget(trained: list[Rates], budget: float, scores: dict[str, float] | None = None) -> Rates:
-    """The most accurate trained configuration whose LLM input rate (tokens per second of speech)
-    fits the budget: lowest known WER if scores are given, else the least compressed one."""
-    fits = [r for r in trained if r.tokens_per_second() <= budget + 1e-9]
+RANKING_SPLITS = ("val", "test")  # --budget ranks pairs by the WER scored on the first of these that has any
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """`--budget`'s unit, the one the reports show: LLM input tokens per second of speech, media
+    tokens plus the fixed ones of every utterance (BOS, modality markers, prompt) spread over its
+    duration. `fixed` tokens per utterance of `seconds` on average (a split's mean, or one clip's)."""
+
+    limit: float
+    fixed: int
+    seconds: float
+
+    def cost(self, r: Rates) -> float:
+        return r.tokens_per_second() + self.fixed / max(self.seconds, 1e-9)
+
+    def describe(self) -> str:
+        return f"{self.limit:g} LLM input tokens/s (media + {self.fixed} prompt tokens per {self.seconds:.2f} s)"
+
+
+def pick_by_budget(trained: list[Rates], budget: Budget, scores: dict[str, float] | None = None,
+                   scored_on: str = "") -> tuple[Rates, str]:
+    """(the pair, why): among the trained pairs whose cost fits the budget, the one of lowest known
+    WER (`scores`, scored on split `scored_on`) if any is scored, else the least compressed one."""
+    fits = [r for r in trained if budget.cost(r) <= budget.limit + 1e-9]
     if not fits:
-        cheapest = min(trained, key=lambda r: r.tokens_per_second())
-        raise MavsrError(f"no trained configuration fits {budget:g} tokens/s; the cheapest, {cheapest.tag}, "
-                         f"needs {cheapest.tokens_per_second():.2f}")
+        cheapest = min(trained, key=budget.cost)
+        raise MavsrError(f"no trained configuration fits {budget.describe()}; the cheapest, {cheapest.tag}, "
+                         f"needs {budget.cost(cheapest):.2f}")
     scored = [r for r in fits if scores and r.tag in scores]
     if scored:
-        return min(scored, key=lambda r: (scores[r.tag], -r.tokens_per_second()))
-    return max(fits, key=lambda r: (r.tokens_per_second(), -(r.audio or 0), -(r.video or 0)))
+        best = min(scored, key=lambda r: (scores[r.tag], -r.tokens_per_second()))
+        return best, f"lowest {scored_on} WER ({scores[best.tag]:.2f}%) of the {len(scored)} scored pairs that fit"
+    best = max(fits, key=lambda r: (r.tokens_per_second(), -(r.audio or 0), -(r.video or 0)))
+    return best, f"the least compressed of the {len(fits)} pairs that fit (no scored decode dirs to rank by)"
 
 
 def known_scores(exp: Path, split: str) -> dict[str, float]:
@@ -71,6 +94,16 @@ def known_scores(exp: Path, split: str) -> dict[str, float]:
             continue
         out[tag.rates.tag] = min(out.get(tag.rates.tag, 1e9), json.loads(w.read_text())["wer"])
     return out
+
+
+def ranking_scores(exp: Path) -> tuple[dict[str, float], str]:
+    """The scores --budget ranks by, whatever split is decoded: those of the first of
+    RANKING_SPLITS with any (a validation split before the test set), and its name."""
+    for split in RANKING_SPLITS:
+        scores = known_scores(exp, split)
+        if scores:
+            return scores, split
+    return {}, ""
 
 
 def condition_of(opts: DecodeConfig) -> str:
@@ -244,18 +277,32 @@ class Decoder:
                 "features": checksum_or_none(cache / "provenance.json")}
 
     def requested_rates(self, audio_rate: int | None, video_rate: int | None, budget: float | None,
-                        split: str) -> Rates | None:
-        """The trained pair a call asks for: by --budget (ranked by the scored decode dirs of `split`)
-        or by --audio-rate/--video-rate; None when it names neither."""
+                        seconds: float | None = None) -> Rates | None:
+        """The trained pair a call asks for: by --budget for speech of `seconds` per utterance (default:
+        the split's mean; the choice and its reason are logged) or by --audio-rate/--video-rate; None
+        when it names neither."""
         if budget is not None:
             if audio_rate is not None or video_rate is not None:
                 raise MavsrError("--budget picks the rates; drop --audio-rate/--video-rate")
-            return pick_by_budget(self.trained, budget, known_scores(self.exp, split))
+            if seconds is None:
+                seconds = sum(u.duration for u in self.utts.values()) / max(len(self.utts), 1)
+            b = Budget(budget, self.fixed_tokens(), seconds)
+            r, why = pick_by_budget(self.trained, b, *ranking_scores(self.exp))
+            self.log(f"decode: budget {b.describe()} -> {r.tag} {r.pair} at {b.cost(r):.2f}: {why}")
+            return r
         if audio_rate is None and video_rate is None:
             return None
         r = Rates(audio_rate, video_rate)
         require(r, self.trained)
         return r
+
+    def fixed_tokens(self) -> int:
+        """LLM input tokens of every utterance beside the media: BOS, two markers per stream, the prompt."""
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(resolve_model(self.recipe, self.cfg.model.llm))
+        streams = len(self.cfg.model.modality)  # "av", "a" or "v"
+        return 1 + 2 * streams + len(tok(self.cfg.model.resolved_prompt(), add_special_tokens=False).input_ids)
 
     def options(self, **overrides) -> DecodeConfig:
         """The experiment's decode settings with the given fields replaced (None keeps the config's)."""

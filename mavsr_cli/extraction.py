@@ -115,7 +115,8 @@ def extract(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False,
         n = _write_index(job, prov, chunks)
         write_provenance(job.out, cfg.dump())
         mark_done(job.out, inputs)
-        log(f"extract-features {split}: {n} utterances -> {job.out.relative_to(recipe.root)}")
+        hours = sum(u.duration for u in utts) / 3600
+        log(f"extract-features {split}: {n} utterances ({hours:.2f} h of speech) -> {job.out.relative_to(recipe.root)}")
     return tag
 
 

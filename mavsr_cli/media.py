@@ -17,6 +17,7 @@ import numpy as np
 from .clocks import FPS, SAMPLE_RATE
 from .errors import MavsrError
 from .fsutil import atomic_file
+from .options import MOUTH_CROP, MOUTH_CROP_MAX_SIDE
 
 if TYPE_CHECKING:  # torch is imported where it is used: reading media needs none of it
     import torch
@@ -77,6 +78,15 @@ def read_video_at(path: Path, fps: int = FPS) -> np.ndarray:
     n = max(1, int(round(duration * fps)))
     idx = np.searchsorted(times, np.arange(n) / fps + 1e-6, side="right") - 1
     return np.stack([frames[i] for i in np.clip(idx, 0, len(frames) - 1)])
+
+
+def check_mouth_crop(frames: np.ndarray, what: str, remedy: str) -> None:
+    """Refuse in one line a video that cannot be a mouth crop (a full face squashed to 96x96 would
+    decode as nonsense, without a word): one used as such must be at most MOUTH_CROP_MAX_SIDE a
+    side and roughly square."""
+    h, w = frames.shape[1:3]
+    if max(h, w) > MOUTH_CROP_MAX_SIDE or not 0.75 <= w / h <= 4 / 3:
+        raise MediaError(f"{what}: {w}x{h} frames are not a mouth crop ({MOUTH_CROP}); {remedy}")
 
 
 def crop_resize(frames: np.ndarray, roi: tuple[int, int, int, int] | None, size: int = 96) -> np.ndarray:

@@ -32,6 +32,13 @@ class Normaliser(str, Enum):
     none = "none"  # whitespace collapsed only
 
 
+# What mavsr takes as a mouth crop and as landmarks (media.check_mouth_crop, roi.py; stated in --help)
+MOUTH_CROP = "a small, square cut around the lips, as LRS-style preprocessing writes (96x96)"
+MOUTH_CROP_MAX_SIDE = 160  # larger frames (LRS3's 224x224 face crops), or far from square, are faces or scenes
+LANDMARKS = ("a pickle of a per-frame list, each a 68 x 2 array of (x, y) points in the dlib/iBUG order "
+             "(None for a frame without a face)")
+
+
 def default_jobs() -> int:
     """Worker processes by default: the cores, at most 4."""
     return min(4, os.cpu_count() or 1)
@@ -46,6 +53,7 @@ class SynthOptions:
     seed: int = 0  # everything is a function of this seed
     words_per_slot: int = 0  # > 0: each grammar slot draws from its first that many words only
     nj: int = 2  # worker processes for synthesis and media checks (the CLI: default_jobs())
+    val_share: float = 0.05  # share of the generated train utterances held out as data/val (as lrs3's trainval)
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ class LrsOptions:
     nj: int = 2  # worker processes
     shard: Shard | None = None  # (i, N): process only every N-th utterance; rerun without to merge
     split: str = "train"  # prepare dir: the manifest split the folder becomes
+    val_share: float = 0.04  # lrs3: share of trainval held out as data/val (about 1,200 utterances, as usual)
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,12 @@ class Recipe:
     def manifest(self, split: str) -> Path:
         return self.data(split) / "manifest.jsonl"
 
+    def prepared_splits(self) -> list[str]:
+        """The splits `prepare` finished (data/<split>/ with a manifest and .done), by name."""
+        d = self.root / "data"
+        return sorted(p.name for p in d.glob("*/") if is_done(p) and (p / "manifest.jsonl").is_file()) \
+            if d.is_dir() else []
+
     def dump(self, enc_tag: str, split: str) -> Path:
         return self.root / "dump" / enc_tag / split
 
@@ -173,3 +179,30 @@ def checksum_or_none(path: Path) -> str | None:
     from .fsutil import sha256_file
 
     return sha256_file(path) if Path(path).is_file() else None
+
+
+def status_lines(recipe: Recipe) -> list[str]:
+    """What the recipe dir holds, a line per output dir: finished (done) or not (`mavsr info`)."""
+    def state(d: Path) -> str:
+        return "done" if is_done(d) else "unfinished"
+
+    def rel(d: Path) -> str:
+        return str(d.relative_to(recipe.root))
+
+    lines = [f"recipe {recipe.root}:"]
+    for d in sorted((recipe.root / "data").glob("*/")):
+        n = sum(1 for _ in open(d / "manifest.jsonl")) if (d / "manifest.jsonl").is_file() else 0
+        lines.append(f"  {rel(d)}: {state(d)}, {n} utterances")
+    if (recipe.root / "models").is_dir():
+        lines.append(f"  models: {state(recipe.root / 'models')}")
+    for d in sorted((recipe.root / "dump").glob("*/*/")):
+        lines.append(f"  {rel(d)}: {state(d)}")
+    for d in sorted((recipe.root / "exp").glob("*/")):
+        ckpts = sorted((d / "ckpt").glob("step-*"))
+        last = f", last checkpoint {ckpts[-1].name}" if ckpts else ""
+        decodes = [x for x in d.glob("decode_*/*/") if is_done(x)]
+        lines.append(f"  {rel(d)}: {'trained' if is_done(d) else 'training unfinished'}{last}, "
+                     f"{len(decodes)} finished decode dirs")
+    if len(lines) == 1:
+        lines.append("  nothing yet: start with `mavsr prepare`")
+    return lines

@@ -155,10 +155,15 @@ class Trainer:
     logging and saving as methods, and `fit`, the loop over them."""
 
     def __init__(self, model, store: FeatureStore, texts: dict[str, str], cfg: Config, rates: list[Rates],
-                 exp: Path, meta: dict, log) -> None:
+                 exp: Path, meta: dict, log, val: tuple[FeatureStore, dict[str, str]] | None = None) -> None:
         t = self.t = cfg.train
         self.cfg, self.model, self.store, self.rates, self.exp, self.meta, self.log = (
             cfg, model, store, rates, exp, meta, log)
+        self.val = None
+        if val is not None:  # (store, {id: token ids}) of the validation split
+            vstore, vtexts = val
+            self.val = (vstore, {i: model.tokenizer(vtexts[i], add_special_tokens=False).input_ids
+                                 for i in vstore.ids() if i in vtexts})
         self.rank, self.world, self.device = setup_distributed(t.device)
         self.main = self.rank == 0
         self.ids = store.ids()
@@ -184,6 +189,7 @@ class Trainer:
             else contextlib.nullcontext
         self.step_no = 0
         self.metrics = self.tb = None
+        self.epoch_recs: list[dict] = []  # this epoch's step records (main process), for its mean loss
 
     def plan(self, epoch: int) -> list[list[str]]:
         t = self.t
@@ -213,8 +219,11 @@ class Trainer:
     def _open_logs(self) -> None:
         path = self.exp / "metrics.jsonl"
         if self.step_no and path.is_file():  # drop records of steps after the checkpoint (they will be redone)
-            lines = path.read_text().splitlines()
-            path.write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= self.step_no))
+            lines = [x for x in path.read_text().splitlines() if json.loads(x)["step"] <= self.step_no]
+            path.write_text("".join(x + "\n" for x in lines))
+            recs = [json.loads(x) for x in lines]
+            epoch = self.step_no // self.steps_per_epoch + 1
+            self.epoch_recs = [r for r in recs if "loss" in r and r["epoch"] == epoch]
         self.metrics = open(path, "a")
         if self.t.tensorboard:
             try:
@@ -280,6 +289,7 @@ class Trainer:
                "loss_per_rate": {r.tag: round(v, 5) for r, v in zip(self.rates, per_rate, strict=True)},
                "utts": n_utts, "tokens": n_tok, "tokens_per_s": round(n_tok / max(1e-9, seconds), 1)}
         self.metrics.write(json.dumps(rec) + "\n")
+        self.epoch_recs.append(rec)
         if self.tb is not None:
             self.tb.add_scalar("loss", loss, self.step_no)
             for tag, v in rec["loss_per_rate"].items():
@@ -287,16 +297,60 @@ class Trainer:
             self.tb.add_scalar("lr", rec["lr"], self.step_no)
         return rec
 
-    def save(self, epoch: int) -> None:
-        """A step checkpoint (trained tensors, optimizer, scheduler), then the kill-after-checkpoint fault."""
+    @torch.no_grad()
+    def validate(self) -> list[float]:
+        """Mean token cross-entropy per configuration on the validation split (eval mode, clean
+        features, no masking); every process computes all of it, so FSDP's collectives line up."""
+        vstore, vtargets = self.val
+        ids = sorted(vtargets)
+        sums, n_tok = torch.zeros(len(self.rates), dtype=torch.float64), 0
+        self.engine.eval()
+        for b in range(0, len(ids), self.t.batch_size):
+            chunk = ids[b:b + self.t.batch_size]
+            feats = batch_features(vstore, chunk, self.cfg.model.modality)
+            feats = {m: (x.to(self.device), n.to(self.device)) for m, (x, n) in feats.items()}
+            with self.autocast():
+                sums += self.engine(feats, [vtargets[i] for i in chunk]).double().cpu()
+            n_tok += sum(len(vtargets[i]) + 1 for i in chunk)
+        self.engine.train()
+        return (sums / max(n_tok, 1)).tolist()
+
+    def end_epoch(self, epoch: int) -> float | None:
+        """train.log and metrics.jsonl: the epoch's training loss (the token mean of its step records,
+        so a resumed run reports what an uninterrupted one does) and validation loss, each overall
+        and per configuration; returns the latter."""
+        rec = {"step": self.step_no, "epoch": epoch + 1}
+        parts = []
+        n_tok = sum(r["tokens"] for r in self.epoch_recs)
+        train = [sum(r["loss_per_rate"][x.tag] * r["tokens"] for r in self.epoch_recs) / n_tok
+                 for x in self.rates] if n_tok else None
+        self.epoch_recs = []
+        for name, per_rate in (("train", train), ("val", self.validate() if self.val is not None else None)):
+            if per_rate is None:
+                continue
+            mean = sum(per_rate) / len(per_rate)
+            rec[f"{name}_loss"] = round(mean, 5)
+            rec[f"{name}_loss_per_rate"] = {r.tag: round(v, 5) for r, v in zip(self.rates, per_rate, strict=True)}
+            parts.append(f"{name} loss {mean:.4f} (" + " ".join(f"{k}={v:.3f}" for k, v in
+                                                            rec[f"{name}_loss_per_rate"].items()) + ")")
+        if self.main:
+            self.metrics.write(json.dumps(rec) + "\n")
+            self.log(f"epoch {epoch + 1}/{self.t.epochs} done: " + "; ".join(parts))
+        return rec.get("val_loss")
+
+    def save(self, epoch: int, val_loss: float | None = None) -> None:
+        """A step checkpoint (trained tensors, optimizer, scheduler; its validation loss in the meta at
+        an epoch's end), then the kill-after-checkpoint fault."""
         state = _full_state(self.model) if self.fsdp else self.model.trainable_state()
         osd = _full_optim_state(self.engine, self.opt) if self.fsdp else self.opt.state_dict()
         if self.main:
             self.metrics.flush()
             trainer = {"optimizer": osd, "scheduler": self.sched.state_dict(), "step": self.step_no}
-            keep = max(self.t.keep_checkpoints, self.t.average_last)
-            meta = {**self.meta, "step": self.step_no, "epoch": epoch + 1}
-            self.last = checkpoint.save(self.exp / "ckpt", self.step_no, state, meta, trainer, keep)
+            meta = {**self.meta, "step": self.step_no, "epoch": epoch + 1,
+                    **({"val_loss": val_loss} if val_loss is not None else {})}
+            best = max(1, self.t.average_last) if self.t.select == "best" else 0
+            keep = self.t.keep_checkpoints if best else max(self.t.keep_checkpoints, self.t.average_last)
+            self.last = checkpoint.save(self.exp / "ckpt", self.step_no, state, meta, trainer, keep, best)
         if self.world > 1:
             _dist().barrier()
         fault = int(os.environ.get(FAULT_ENV, "0"))
@@ -310,8 +364,13 @@ class Trainer:
         for f in (self.metrics, self.tb):
             if f is not None:
                 f.close()
-        if self.main and self.t.average_last > 1:
-            self.last = average_last(self.exp / "ckpt", self.t.average_last, self.meta)
+        if self.main:
+            chosen = checkpoint.selected(self.exp / "ckpt", self.t.select, max(1, self.t.average_last))
+            if len(chosen) > 1:
+                self.last = average(chosen, self.meta)
+            elif chosen and chosen[0] != self.last:
+                self.last = chosen[0]
+                self.log(f"train: the checkpoint of lowest validation loss is {self.last.name}")
         self.model.eval()
         if self.world > 1:
             _dist().barrier()
@@ -336,17 +395,16 @@ class Trainer:
                         now = time.perf_counter()
                         rec = self.record(per_rate, n_tok, len(bid), epoch, now - t_step)
                         loss = sum(per_rate) / len(per_rate)
-                        pbar.update(task, advance=1, info=f"epoch {epoch + 1} loss {loss:.3f} "
+                        pbar.update(task, advance=1, info=f"epoch {epoch + 1}/{t.epochs} loss {loss:.3f} "
                                                           f"{rec['tokens_per_s']:.0f} tok/s")
                         if self.step_no % t.log_every == 0 or self.step_no == self.total:
                             self._log_line(rec, loss, tok_since / max(1e-9, now - t_last))
                             t_last, tok_since = now, 0
                     end_of_epoch = self.step_no % self.steps_per_epoch == 0
+                    val_loss = self.end_epoch(epoch) if end_of_epoch else None
                     if (t.save_every and self.step_no % t.save_every == 0) or end_of_epoch \
                             or self.step_no == self.total:
-                        self.save(epoch)
-                    if end_of_epoch and self.main:
-                        self.log(f"epoch {epoch + 1} done")
+                        self.save(epoch, val_loss)
         return self.close()
 
     def _log_line(self, rec: dict, loss: float, tokens_per_s: float) -> None:
@@ -356,10 +414,10 @@ class Trainer:
 
 
 def train(model, store: FeatureStore, texts: dict[str, str], cfg: Config, rates: list[Rates], exp: Path,
-          meta: dict, log) -> Path:
+          meta: dict, log, val: tuple[FeatureStore, dict[str, str]] | None = None) -> Path:
     """Train `model`'s projectors and adapters on every configuration of `rates`; returns the
     checkpoint to decode (exp/<tag>/ckpt/...)."""
-    return Trainer(model, store, texts, cfg, rates, exp, meta, log).fit()
+    return Trainer(model, store, texts, cfg, rates, exp, meta, log, val).fit()
 
 
 def _full_state(model) -> dict[str, torch.Tensor]:
@@ -376,9 +434,9 @@ def _full_optim_state(engine, opt) -> dict:
     return get_optimizer_state_dict(engine, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def average_last(ckpt_root: Path, n: int, meta: dict) -> Path:
-    """Average the trained tensors of the last n step checkpoints into ckpt/avg-<first>-<last>/."""
-    ckpts = checkpoint.list_checkpoints(ckpt_root)[-n:]
+def average(ckpts: list[Path], meta: dict) -> Path:
+    """Average the trained tensors of these step checkpoints into ckpt/avg-<first>-<last>/."""
+    ckpt_root = ckpts[0].parent
     states = [checkpoint.load_state(c) for c in ckpts]
     avg = {k: sum(s[k].double() for s in states).div(len(states)).to(states[0][k].dtype) for k in states[0]}
     name = f"avg-{ckpts[0].name[5:]}-{ckpts[-1].name[5:]}"

@@ -4,7 +4,7 @@
 #       [--baselines true] [--snrs "5 0 -5"]
 # Stages (each skips work already done; rerun to resume):
 #   0 prepare <corpus>     corpus/<corpus>/ (aligned 96x96 mouth ROIs), data/<split>/manifest.jsonl
-#   1 extract-features     dump/<encoders>/{train-aug<hash>,test}/ (frozen Whisper + AV-HuBERT, once)
+#   1 extract-features     dump/<encoders>/{train-aug<hash>,val,test}/ (frozen Whisper + AV-HuBERT, once)
 #   2 train --rates all    exp/<conf>_all/ (one Matryoshka model); with --baselines, one model per pair
 #   3 decode --sweep       every trained pair, beam 15; then babble noise at each SNR of --snrs
 #   4 score                exp/*/RESULTS.md
@@ -43,7 +43,7 @@ if step 0; then
 fi
 if step 1; then
   echo "== stage 1: extract features [${SECONDS}s]"
-  mavsr extract-features --config "$conf" --split train --split test
+  mavsr extract-features --config "$conf"   # every prepared split: train, val, test
 fi
 if step 2; then
   echo "== stage 2: Matryoshka training [${SECONDS}s]"

@@ -21,7 +21,7 @@ import numpy as np
 from ..clocks import FPS, SAMPLE_RATE
 from ..errors import MavsrError
 from ..fsutil import inside
-from ..media import crop_resize, read_audio, read_video_at, write_av, write_wav
+from ..media import check_mouth_crop, crop_resize, read_audio, read_video_at, write_av, write_wav
 from .lrs_text import clean_transcript, parse_text
 
 LRS3_SPLITS = ("pretrain", "trainval", "test")
@@ -148,6 +148,7 @@ def process(item: Item, root: Path, out_dir: Path, landmarks_dir: Path | None, m
         audio = read_audio(item.video)
         lp = landmark_path(item, landmarks_dir)
         if custom and not lp.is_file():
+            check_mouth_crop(frames, "no landmarks", "give them (a .pkl beside the video, or --landmarks DIR)")
             rois = crop_resize(frames, None, 96)
         else:
             if not lp.is_file():

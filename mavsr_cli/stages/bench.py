@@ -4,8 +4,8 @@ For each experiment (its modality and rate grid come from its checkpoint), each 
 and each noise condition (clean and babble at the given SNRs), the split is decoded afresh in
 this one run, so latencies and memory are measured side by side, then scored:
     WER, CER, LLM input tokens per second of speech, decode latency per utterance, real-time
-    factor (decode time / speech time), peak memory of the decode (CUDA: peak allocated; CPU:
-    peak resident-set growth over the process's level before it, sampled every 5 ms)
+    factor (decode time / speech time), peak memory during the decode (CUDA: peak allocated;
+    CPU: the process's peak resident set, sampled every 5 ms; the model included in both)
 writes <out>/bench.csv, bench.json (rows + machine), REPORT.md (tables, the Pareto front of clean
 WER vs tokens), and with matplotlib installed wer_vs_tokens.png and wer_vs_snr.png.
 A video-only model is decoded once: audio noise does not reach it, so its clean row stands for
@@ -31,6 +31,7 @@ from ..decoding import Decoder
 from ..errors import MavsrError
 from ..fsutil import atomic_write_json, atomic_write_text
 from ..options import BenchOptions
+from ..rates import Rates
 from ..recipe import Recipe
 from ..scoring import score_dir
 
@@ -47,8 +48,9 @@ def parse_snrs(spec: str) -> tuple[float | None, ...]:
 
 
 class PeakMemory:
-    """Peak memory of a block: CUDA peak allocated, or on the CPU the peak growth of the resident
-    set over its level at entry (sampled every 5 ms by a thread), in MB."""
+    """Peak memory during a block, in MB: CUDA peak allocated, or on the CPU the peak resident set
+    of the process (sampled every 5 ms by a thread). Absolute, the model included: the growth over
+    the level at entry read 0 when the allocator reused memory freed by an earlier row."""
 
     def __init__(self) -> None:
         self.cuda = torch.cuda.is_available()
@@ -85,12 +87,12 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.synchronize()
-            self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
         else:
             self._stop.set()
             self._thread.join()
             self._max = max(self._max, self._rss())
-            self.peak_mb = (self._max - self._base) / 2**20
+            self.peak_mb = self._max / 2**20
         return False
 
 
@@ -151,15 +153,16 @@ def report(rows: list[dict], opt: BenchOptions) -> tuple[str, dict]:
              "Clean condition; **bold** = on the Pareto front of WER vs LLM input tokens per second "
              "(no other configuration has both fewer tokens and a lower WER).", "",
              "ms/utt is the decode time of a batch divided by its utterances; RTF = decode time / speech time; "
-             "peak MB on a CPU is the growth of the resident set during the decode (the allocator reuses "
-             "memory freed by earlier rows, so compare rows of one run only).", "",
+             + ("peak MB is the peak memory allocated on the GPU during the decode, the model included."
+                if torch.cuda.is_available() else
+                "peak MB is the process's peak resident memory during the decode, the model included."), "",
              "| exp | modality | (A,V) | WER % | CER % | tokens/s | ms/utt | RTF | peak MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["snr"] is not None:
             continue
         b = "**" if r["pareto"] else ""
-        lines.append(f"| {r['exp']} | {r['modality']} | {b}({r['audio_rate'] or '-'},{r['video_rate'] or '-'}){b} | "
+        lines.append(f"| {r['exp']} | {r['modality']} | {b}{Rates.parse(r['rates']).pair}{b} | "
                      f"{b}{r['wer']:.2f}{b} | {r['cer']:.2f} | {r['tokens_per_s']:.1f} | {r['latency_s'] * 1000:.1f} | "
                      f"{r['rtf']:.4f} | {r['peak_mem_mb']:.1f} |")
     snrs = list(dict.fromkeys(r["snr"] for r in rows))
@@ -171,9 +174,14 @@ def report(rows: list[dict], opt: BenchOptions) -> tuple[str, dict]:
         for k in keys:
             by = {r["snr"]: r for r in rows if (r["exp"], r["modality"], r["rates"]) == k}
             mark = " (video only: clean for all)" if k[1] == "v" else ""
-            lines.append(f"| {k[0]} | {k[1]}{mark} | {k[2]} | "
+            lines.append(f"| {k[0]} | {k[1]}{mark} | {Rates.parse(k[2]).pair} | "
                          + " | ".join(f"{by[s]['wer']:.2f}" if s in by else "-" for s in snrs) + " |")
     return "\n".join(lines) + "\n", env
+
+
+def _ylim(ax, wers: list[float]) -> None:
+    """From 0 to a little above the worst WER: a one-word difference stays a small step."""
+    ax.set_ylim(0, max(10.0, 1.15 * max(wers, default=0.0)))
 
 
 def plots(rows: list[dict], out: Path) -> list[str]:
@@ -186,44 +194,55 @@ def plots(rows: list[dict], out: Path) -> list[str]:
     except ImportError:
         return []
     clean = [r for r in rows if r["snr"] is None]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
     for (e, m) in dict.fromkeys((r["exp"], r["modality"]) for r in clean):
         pts = [r for r in clean if (r["exp"], r["modality"]) == (e, m)]
-        ax.scatter([r["tokens_per_s"] for r in pts], [r["wer"] for r in pts], label=f"{e} ({m})", s=30)
+        ax.scatter([r["tokens_per_s"] for r in pts], [r["wer"] for r in pts], label=f"{e} ({m})", s=36, zorder=3)
         for r in pts:
-            ax.annotate(r["rates"], (r["tokens_per_s"], r["wer"]), fontsize=7, xytext=(3, 3),
+            ax.annotate(Rates.parse(r["rates"]).pair, (r["tokens_per_s"], r["wer"]), fontsize=8, xytext=(4, 4),
                         textcoords="offset points")
     front = sorted((r for r in clean if r["pareto"]), key=lambda r: r["tokens_per_s"])
-    if front:
-        ax.plot([r["tokens_per_s"] for r in front], [r["wer"] for r in front], "k--", lw=1, label="Pareto front")
+    if front:  # a step line through the front, each point ringed (a front of one point is ringed too)
+        ax.plot([r["tokens_per_s"] for r in front], [r["wer"] for r in front], "k--", lw=1, drawstyle="steps-post",
+                label="Pareto front")
+        ax.scatter([r["tokens_per_s"] for r in front], [r["wer"] for r in front], s=140, facecolors="none",
+                   edgecolors="k", lw=1.2, zorder=4)
+    _ylim(ax, [r["wer"] for r in clean])
+    ax.set_title("Clean WER against the LLM's input tokens (one checkpoint per experiment)")
     ax.set_xlabel("LLM input tokens per second of speech")
     ax.set_ylabel("WER % (clean)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(out / "wer_vs_tokens.png", dpi=120)
     plt.close(fig)
     files = ["wer_vs_tokens.png"]
     snrs = [s for s in dict.fromkeys(r["snr"] for r in rows)]
     if len(snrs) > 1:
-        xs = {s: (30.0 if s is None else s) for s in snrs}  # clean drawn at 30 dB, labelled
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for k in dict.fromkeys((r["exp"], r["modality"], r["rates"]) for r in rows):
-            pts = sorted((r for r in rows if (r["exp"], r["modality"], r["rates"]) == k), key=lambda r: -xs[r["snr"]])
-            ax.plot([xs[r["snr"]] for r in pts], [r["wer"] for r in pts], marker="o", ms=3,
-                    label=f"{k[0]} {k[1]} {k[2]}")
-        ax.set_xticks(sorted(xs.values()))
-        ax.set_xticklabels(["clean" if v == 30.0 and None in xs else f"{v:g}" for v in sorted(xs.values())])
-        ax.invert_xaxis()
-        ax.set_xlabel("babble SNR (dB)")
-        ax.set_ylabel("WER %")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        fig.savefig(out / "wer_vs_snr.png", dpi=120)
-        plt.close(fig)
-        files.append("wer_vs_snr.png")
+        files.append(_snr_plot(plt, rows, snrs, out))
     return files
+
+
+def _snr_plot(plt, rows: list[dict], snrs: list, out: Path) -> str:
+    xs = {s: (30.0 if s is None else s) for s in snrs}  # clean drawn at 30 dB, labelled
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    for k in dict.fromkeys((r["exp"], r["modality"], r["rates"]) for r in rows):
+        pts = sorted((r for r in rows if (r["exp"], r["modality"], r["rates"]) == k), key=lambda r: -xs[r["snr"]])
+        ax.plot([xs[r["snr"]] for r in pts], [r["wer"] for r in pts], marker="o", ms=4,
+                label=f"{k[0]} ({k[1]}) {Rates.parse(k[2]).pair}")
+    ax.set_xticks(sorted(xs.values()))
+    ax.set_xticklabels(["clean" if v == 30.0 and None in xs else f"{v:g}" for v in sorted(xs.values())])
+    ax.invert_xaxis()
+    _ylim(ax, [r["wer"] for r in rows])
+    ax.set_title("WER as babble noise rises (left: clean)")
+    ax.set_xlabel("babble SNR (dB)")
+    ax.set_ylabel("WER %")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2 if len(ax.lines) > 6 else 1, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "wer_vs_snr.png", dpi=120)
+    plt.close(fig)
+    return "wer_vs_snr.png"
 
 
 def run(recipe: Recipe, exps: list[Path], opt: BenchOptions, out: Path | None = None, log=print) -> Path:

@@ -43,12 +43,10 @@ def run(recipe: Recipe, exp: Path, split: str, audio_rate: int | None, video_rat
             raise MavsrError("--sweep decodes every trained configuration; drop --audio-rate/--video-rate/--budget")
         chosen = list(dec.trained)
     else:
-        r = dec.requested_rates(audio_rate, video_rate, budget, split)
+        r = dec.requested_rates(audio_rate, video_rate, budget)
         if r is None:
             raise MavsrError(f"give --audio-rate and/or --video-rate (or --sweep, --budget); trained grid: "
                              f"{', '.join(x.tag for x in dec.trained)}")
-        if budget is not None:
-            log(f"decode: budget {budget:g} tokens/s -> {r.tag} {r.pair} ({r.tokens_per_second():.2f} tokens/s)")
         chosen = [r]
     return [dec.run(r, opts, force, shard) for r in chosen]
 

@@ -16,12 +16,16 @@ training reads, per utterance and epoch, the original or one copy, drawn uniform
 from __future__ import annotations
 
 from ..config import Config
+from ..errors import MavsrError
 from ..extraction import SHARD_SIZE, extract
 from ..recipe import Recipe
 from ..sharding import Shard
 
 
-def run(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log=print,
+def run(recipe: Recipe, cfg: Config, splits: list[str] | None, force: bool = False, log=print,
         shard: Shard | None = None, shard_size: int = SHARD_SIZE) -> str:
-    """Extract the splits into dump/<encoders-tag>/; returns the tag."""
+    """Extract the splits (None: every prepared one) into dump/<encoders-tag>/; returns the tag."""
+    splits = splits or recipe.prepared_splits()
+    if not splits:
+        raise MavsrError(f"no prepared splits in {recipe.root / 'data'}: run `mavsr prepare` first")
     return extract(recipe, cfg, splits, force, log, shard, shard_size)

@@ -137,7 +137,7 @@ def run_synth(recipe: Recipe, opt: SynthOptions, force: bool = False, log=print)
     """`mavsr prepare synth`: generate the corpus, then write one manifest per split."""
     corpus = recipe.root / "corpus" / "synth"
     settings = {"corpus": "synth", **{k: v for k, v in opt.__dict__.items() if k != "nj"}}
-    lrs_opt = LrsOptions(corpus, nj=opt.nj)
+    lrs_opt = LrsOptions(corpus, nj=opt.nj, val_share=opt.val_share)
     if not force and _splits_finished(recipe, ("train", "test"), _inputs(recipe, lrs_opt, settings), log):
         return {}
     clean_stale(corpus, recursive=True)
@@ -148,7 +148,8 @@ def run_synth(recipe: Recipe, opt: SynthOptions, force: bool = False, log=print)
 def _inputs(recipe: Recipe, opt: LrsOptions, settings: dict | None, corpus: str = "lrs3") -> dict:
     """What a prepared split is made from (its config.yaml, and its .done to compare on a rerun)."""
     return {**(settings or {"corpus": corpus}), "root": str(opt.root), "landmarks": str(opt.landmarks),
-            "mean_face": str(opt.mean_face), "max_seconds": opt.max_seconds}
+            "mean_face": str(opt.mean_face), "max_seconds": opt.max_seconds,
+            **({"val_share": opt.val_share} if corpus == "lrs3" else {})}
 
 
 def _marker(recipe: Recipe, settings: dict) -> dict:
@@ -179,7 +180,8 @@ def write_split(recipe: Recipe, split: str, utts: list, skipped: list[str], sett
     atomic_write_text(d / "skipped.txt", "".join(s + "\n" for s in skipped))
     write_provenance(d, yaml.safe_dump(settings, sort_keys=False))
     mark_done(d, _marker(recipe, settings))
-    log(f"prepare {split}: {len(utts)} utterances, {len(skipped)} skipped"
+    hours = sum(u.duration for u in utts) / 3600
+    log(f"prepare {split}: {len(utts)} utterances ({hours:.2f} h of speech), {len(skipped)} skipped"
         + (f" (see {d / 'skipped.txt'})" if skipped else ""))
     for s in skipped[:5]:
         log(f"  skipped {s}")
@@ -217,7 +219,8 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
     from ..roi import load_mean_face
 
     split_map = SPLIT_MAP.get(corpus, {opt.split: opt.split})
-    splits = sorted(set(split_map.values()))
+    held_out = corpus == "lrs3" and opt.val_share > 0  # data/val: a share of trainval
+    splits = sorted(set(split_map.values()) | ({"val"} if held_out else set()))
     info = _inputs(recipe, opt, settings, corpus)
     if not force and opt.shard is None and _splits_finished(recipe, splits, info, log):
         return {}
@@ -244,18 +247,7 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
         log(f"prepare {corpus}: shard {opt.shard[0]}/{opt.shard[1]} done ({len(todo)} videos); "
             "run without --shard to merge")
         return {}
-    per_split: dict[str, tuple[list, list]] = {s: ([], []) for s in splits}
-    for it, res in zip(items, results, strict=True):
-        utts, skipped = per_split[split_map[it.split]]
-        if isinstance(res, str):
-            skipped.append(res)
-            continue
-        for r in res:
-            stem = Path(r["stem"])
-            rel = stem.relative_to(recipe.root) if stem.is_relative_to(recipe.root) else stem
-            utts.append(mf.Utterance(id=r["id"], video=str(rel.with_suffix(".mp4")), audio=str(rel.with_suffix(".wav")),
-                                     text=r["text"], num_frames=r["num_frames"], duration=r["duration"],
-                                     speaker=r["speaker"]))
+    per_split = _by_split(recipe, items, results, split_map, splits, opt.val_share if held_out else 0.0)
     summary = {}
     for split, (utts, skipped) in per_split.items():
         if not utts:
@@ -266,6 +258,45 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
             raise MavsrError(f"duplicate utterance ids in {corpus} {split}")
         summary[split] = write_split(recipe, split, sorted(utts, key=lambda u: u.id), skipped, info, log)
     return summary
+
+
+def _by_split(recipe: Recipe, items: list, results: list, split_map: dict, splits: list[str],
+              val_share: float) -> dict[str, tuple[list, list]]:
+    """Per manifest split: (utterances, skip reasons). `val_share` > 0 holds out that share of
+    trainval (by utterance id) as val, at least one utterance."""
+    per_split: dict[str, tuple[list, list]] = {s: ([], []) for s in splits}
+    for it, res in zip(items, results, strict=True):
+        utts, skipped = per_split[split_map[it.split]]
+        if val_share and it.split == "trainval" and not isinstance(res, str):
+            utts, skipped = per_split["val" if _held_out(res[0]["id"], val_share) else "train"]
+        if isinstance(res, str):
+            skipped.append(res)
+            continue
+        for r in res:
+            stem = Path(r["stem"])
+            rel = stem.relative_to(recipe.root) if stem.is_relative_to(recipe.root) else stem
+            utts.append(mf.Utterance(id=r["id"], video=str(rel.with_suffix(".mp4")), audio=str(rel.with_suffix(".wav")),
+                                     text=r["text"], num_frames=r["num_frames"], duration=r["duration"],
+                                     speaker=r["speaker"]))
+    if val_share and not per_split["val"][0]:  # a tiny corpus: one, at least
+        trainval = [u for u in per_split["train"][0] if "/trainval/" in f"/{u.video}"]
+        if len(trainval) > 1:
+            first = min(trainval, key=lambda u: _rank(u.id))
+            per_split["train"][0].remove(first)
+            per_split["val"][0].append(first)
+    return per_split
+
+
+def _rank(uid: str) -> float:
+    """A number in [0, 1) fixed by the utterance id: which utterances are held out does not depend
+    on the order they were listed in, and a larger corpus keeps the assignment of the smaller."""
+    import hashlib
+
+    return int(hashlib.sha256(uid.encode()).hexdigest()[:12], 16) / 16 ** 12
+
+
+def _held_out(uid: str, share: float) -> bool:
+    return _rank(uid) < share
 
 
 def run_csv(recipe: Recipe, csv_path: Path, data_root: Path, split: str, force: bool = False, log=print) -> dict:

@@ -88,8 +88,8 @@ def lm_warmup(path: Path, texts: list[str], prompt: str, epochs: int, seed: int,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, warmup=min(100, steps // 10)))
     loss_v = float("nan")
     with bar() as pbar:
-        task = pbar.add_task("LM warm-up", total=steps, info="")
-        for _ in range(epochs):
+        task = pbar.add_task("LLM warm-up (next-word loss on transcripts)", total=steps, info="")
+        for ep in range(epochs):
             order = torch.randperm(len(texts), generator=g).tolist()
             for i in range(0, len(order), bs):
                 batch = [warmup_sequence(tok, texts[j], prompt, rng, words) for j in order[i:i + bs]]
@@ -108,7 +108,7 @@ def lm_warmup(path: Path, texts: list[str], prompt: str, epochs: int, seed: int,
                 opt.step()
                 sched.step()
                 loss_v = loss.item()
-                pbar.update(task, advance=1, info=f"loss {loss_v:.3f}")
+                pbar.update(task, advance=1, info=f"epoch {ep + 1}/{epochs} loss {loss_v:.3f}")
     model.save_pretrained(path)
     log(f"tiny-models: LM warm-up done, final loss {loss_v:.3f}")
     return loss_v
@@ -157,8 +157,9 @@ def ctc_pretrain(name: str, encoder: torch.nn.Module, encode, inputs: list, targ
     encoder.train()
     loss_v = float("nan")
     with bar() as pbar:
-        task = pbar.add_task(f"pretrain {name} encoder (CTC)", total=steps, info="")
-        for _ in range(epochs):
+        objective = "word under each frame, cross-entropy" if framewise else "CTC"
+        task = pbar.add_task(f"pretrain {name} encoder ({objective})", total=steps, info="")
+        for ep in range(epochs):
             order = torch.randperm(len(inputs), generator=g).tolist()
             for b in range(0, len(order), batch_size):
                 idx = order[b:b + batch_size]
@@ -181,7 +182,7 @@ def ctc_pretrain(name: str, encoder: torch.nn.Module, encode, inputs: list, targ
                 opt.step()
                 sched.step()
                 loss_v = loss.item()
-                pbar.update(task, advance=1, info=f"loss {loss_v:.3f}")
+                pbar.update(task, advance=1, info=f"epoch {ep + 1}/{epochs} loss {loss_v:.3f}")
     encoder.eval().requires_grad_(False)
     log(f"tiny-models: {name} encoder {'framewise' if framewise else 'CTC'} pretraining done, final loss {loss_v:.3f}")
     return loss_v

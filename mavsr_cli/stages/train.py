@@ -28,7 +28,7 @@ from ..features import FeatureStore, cache_split, encoders_tag, provenance
 from ..fsutil import atomic_write_text
 from ..model.build import build_model
 from ..rates import select
-from ..recipe import Recipe, checksum_or_none, finished, mark_done, resolve_model, write_provenance
+from ..recipe import Recipe, checksum_or_none, finished, is_done, mark_done, resolve_model, write_provenance
 from ..train_loop import train
 
 
@@ -60,6 +60,19 @@ def _inputs(recipe: Recipe, cfg: Config, rates: list, cache: Path) -> dict:
             "features": checksum_or_none(cache / "provenance.json")}
 
 
+def _validation(recipe: Recipe, cfg: Config, enc_tag: str) -> tuple[FeatureStore, dict[str, str]] | None:
+    """The validation split's features and transcripts, when the recipe prepared one (train.val_split);
+    a prepared split without features is refused in one line rather than trained without."""
+    split = cfg.train.val_split
+    if not split or not recipe.manifest(split).is_file():
+        return None
+    cache = recipe.dump(enc_tag, cache_split(cfg, split))
+    if not is_done(cache):
+        raise MavsrError(f"data/{split} is prepared but has no features in {cache.relative_to(recipe.root)}: run "
+                         f"`mavsr extract-features --split {split}` (or set train.val_split: '' to train without)")
+    return FeatureStore(cache), {u.id: u.text for u in recipe.utterances(split)}
+
+
 def run(recipe: Recipe, cfg: Config, rates_spec: str, tag: str, force: bool = False, log=print) -> Path:
     grid = cfg.model.rate_grid()
     rates = select(rates_spec, grid)
@@ -70,6 +83,7 @@ def run(recipe: Recipe, cfg: Config, rates_spec: str, tag: str, force: bool = Fa
     inputs = _inputs(recipe, cfg, rates, cache)
     if not force and finished(exp, inputs, f"train: {exp.relative_to(recipe.root)}", log):
         return exp
+    val = _validation(recipe, cfg, enc_tag)  # checked before anything is written
     if main:
         if force and exp.exists():
             import shutil
@@ -106,7 +120,7 @@ def run(recipe: Recipe, cfg: Config, rates_spec: str, tag: str, force: bool = Fa
         "encoders_tag": enc_tag,
         "trained_parameters": n_train,
     }
-    ckpt = train(model, store, texts, cfg, rates, exp, meta, logger)
+    ckpt = train(model, store, texts, cfg, rates, exp, meta, logger, val)
     if not main:
         return exp
     atomic_write_text(exp / "meta.json", json.dumps({**meta, "checkpoint": ckpt.name}, indent=2) + "\n")

@@ -1,7 +1,8 @@
 """`mavsr transcribe VIDEO`: one media file through the encoders and a trained experiment.
 
 Any container PyAV reads. Video is resampled to 25 fps by timestamps, cut to the mouth region
-(`--roi x,y,w,h`; without it the whole frame, which suits videos that already are a mouth crop),
+(`--roi x,y,w,h`; without it the whole frame, for videos that already are a mouth crop: frames
+larger or far from square are refused, media.check_mouth_crop),
 resized to 96x96, centre-cropped and normalised as in extract-features; audio is mixed to mono at
 16 kHz. The experiment's own encoders run on the fly (the same code as `extract-features`).
 """
@@ -17,7 +18,7 @@ from ..clocks import SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME
 from ..decoding import Decoder, generate, max_new_tokens
 from ..errors import MavsrError
 from ..features import pad_batch
-from ..media import MediaError, crop_resize, normalise, read_audio, read_video_at, video_crop
+from ..media import MediaError, check_mouth_crop, crop_resize, normalise, read_audio, read_video_at, video_crop
 from ..model.audio_encoder import WhisperAudioEncoder
 from ..model.video_encoder import load_video_encoder
 from ..recipe import Recipe, resolve_model
@@ -35,19 +36,23 @@ def parse_roi(spec: str | None) -> tuple[int, int, int, int] | None:
 
 def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, video_rate: int | None = None,
         budget: float | None = None, roi: str | None = None, modality: str | None = None, beam: int | None = None,
-        max_tokens: int | None = None) -> dict:
-    """Decode one media file; beam and max_tokens default to the experiment's `decode:` config."""
+        max_tokens: int | None = None, log=lambda m: None) -> dict:
+    """Decode one media file; beam and max_tokens default to the experiment's `decode:` config.
+    `--budget` is counted for this clip's duration (decoding.Budget)."""
     media = Path(media)
     if not media.is_file():
         raise MavsrError(f"media file not found: {media}")
-    dec = Decoder(recipe, exp, None, log=lambda m: None)
+    dec = Decoder(recipe, exp, None, log=log)
     cfg, opts = dec.cfg, dec.options(beam=beam, max_new_tokens=max_tokens)
     trained_mod = cfg.model.modality
     modality = modality or trained_mod
     if modality != trained_mod:
         raise MavsrError(f"{dec.exp.name} is a {trained_mod!r} model; it cannot transcribe with modality {modality!r}")
-    rates = dec.requested_rates(audio_rate, video_rate, budget, "test")
-    rates = rates or max(dec.trained, key=lambda r: r.tokens_per_second())  # default: the least compression
+    if budget is None:  # refused before the media are read
+        rates = dec.requested_rates(audio_rate, video_rate, None)
+        rates = rates or max(dec.trained, key=lambda r: r.tokens_per_second())  # default: the least compression
+    elif audio_rate is not None or video_rate is not None:
+        dec.requested_rates(audio_rate, video_rate, budget, 1.0)  # the one refusal of both together
     t0 = time.perf_counter()
     feats, duration = {}, 0.0
     with torch.inference_mode():
@@ -60,11 +65,16 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
             feats["audio"] = pad_batch([enc(wav).float()])
         if modality in ("av", "v"):
             vc = cfg.video_encoder
-            frames = crop_resize(read_video_at(media, vc.fps), parse_roi(roi), 96)
+            frames = read_video_at(media, vc.fps)
+            if roi is None:
+                check_mouth_crop(frames, str(media), "give the mouth region with --roi x,y,w,h")
+            frames = crop_resize(frames, parse_roi(roi), 96)
             duration = max(duration, len(frames) / vc.fps)
             venc = load_video_encoder(resolve_model(recipe, vc.path)).eval()
             feats["video"] = pad_batch([venc(normalise(video_crop(frames, vc.crop), vc.mean, vc.std)).float()])
     t1 = time.perf_counter()
+    if budget is not None:
+        rates = dec.requested_rates(None, None, budget, duration)
     mnt = max_new_tokens(opts, [duration])
     with torch.inference_mode():
         hyps, n_in = generate(dec.model, feats, rates, mnt, beam=opts.beam)

@@ -3,10 +3,10 @@
 #   bash run.sh [--stage N] [--stop-stage M] [--conf conf/synth.yaml]
 # Stages (each skips work already done; rerun to resume):
 #   0 prepare synth      corpus/synth/ (LRS3 tree: face video, text, landmarks) -> corpus/lrs3/ (mouth
-#                        ROIs, through prepare lrs3's code) -> data/{train,test}/manifest.jsonl
+#                        ROIs, through prepare lrs3's code) -> data/{train,val,test}/manifest.jsonl
 #   1 tiny-models        models/{whisper,video,llm}: encoders pretrained on the word under each frame
 #                        (the corpus's word timings), then frozen; LM warm-up on the train text
-#   2 extract-features   dump/<encoders>/{train,test}/
+#   2 extract-features   dump/<encoders>/{train,val,test}/
 #   3 train --rates all  exp/<tag>/ (one Matryoshka checkpoint for every rate pair)
 #   4 decode --sweep     exp/<tag>/decode_<rates>_beam<B>/test/ for each trained pair
 #   5 score              wer.json per decode dir, exp/<tag>/RESULTS.md
@@ -45,7 +45,7 @@ if step 1; then
 fi
 if step 2; then
   echo "== stage 2: extract features [${SECONDS}s]"
-  mavsr extract-features --config "$conf" --split train --split test
+  mavsr extract-features --config "$conf"   # every prepared split: train, val, test
   du -sh dump | sed 's/^/   disk: /'
 fi
 if step 3; then
@@ -68,3 +68,5 @@ if step 6; then
   cat "exp/$tag/bench/REPORT.md"
 fi
 echo "== done in ${SECONDS}s"
+clip=$(ls corpus/lrs3/test/*/*.mp4 2>/dev/null | head -1)
+echo "try next: mavsr transcribe ${clip:-VIDEO} --exp exp/$tag --budget 20   # one clip at the best pair within 20 tokens/s"

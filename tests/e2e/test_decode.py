@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from e2e_helpers import mavsr, snapshot
 
+from mavsr_cli.rates import DecodeTag, Rates
+
 
 def hyps(path):
     return [{k: v for k, v in json.loads(x).items() if k != "time"} for x in path.read_text().splitlines()]
@@ -41,14 +43,56 @@ def test_sweep_decodes_the_whole_grid_and_budget_picks_within_it(recipe):
 
 
 def test_budget_prefers_the_lowest_known_wer_then_the_least_compression():
-    from mavsr_cli.decoding import pick_by_budget
+    from mavsr_cli.decoding import Budget, pick_by_budget
     from mavsr_cli.rates import Rates
 
     grid = [Rates(4, 2), Rates(4, 5), Rates(16, 2), Rates(16, 5)]
-    assert pick_by_budget(grid, 100) == Rates(4, 2)
-    assert pick_by_budget(grid, 20) == Rates(4, 5)  # 17.5 tokens/s, the most tokens that fit
-    assert pick_by_budget(grid, 20, {"a16v2": 3.0, "a4v5": 4.0}) == Rates(16, 2)  # better known WER
-    assert pick_by_budget(grid, 9) == Rates(16, 5)
+
+    def pick(limit, scores=None, fixed=0):
+        return pick_by_budget(grid, Budget(limit, fixed, 2.0), scores, "test")[0]
+
+    assert pick(100) == Rates(4, 2)
+    assert pick(20) == Rates(4, 5)  # 17.5 tokens/s, the most tokens that fit
+    assert pick(20, {"a16v2": 3.0, "a4v5": 4.0}) == Rates(16, 2)  # better known WER
+    assert pick(9) == Rates(16, 5)
+    # the prompt counts: 8 fixed tokens per 2 s utterance add 4 tokens/s, so 20 no longer fits (4,5)
+    assert pick(20, fixed=8) == Rates(16, 2) and pick(21.5, fixed=8) == Rates(4, 5)
+
+
+def test_budget_speaks_the_reports_unit_and_decode_and_transcribe_agree(recipe, tmp_path):
+    """--budget counts what RESULTS.md's tokens/s column counts (media + prompt), both commands rank
+    by the same scores, and the log says why a pair was chosen."""
+    d = tmp_path / "r"
+    shutil.copytree(recipe, d, ignore=shutil.ignore_patterns("decode_*", "RESULTS.md"))
+    for a, v in ((4, 2), (4, 5), (16, 2), (16, 5)):
+        mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", str(a), "--video-rate", str(v), "--beam", "1")
+    mavsr(d, "score", "--exp", "exp/t")
+    table = {row.split("|")[2].strip(): float(row.split("|")[11]) for row in
+             (d / "exp/t/RESULTS.md").read_text().splitlines() if row.startswith("| test | (")}
+    wer = {DecodeTag.parse(w.parent.parent.name).rates: json.loads(w.read_text())["wer"]
+           for w in (d / "exp/t").glob("decode_*/test/wer.json")}
+    assert len(table) == 4 and len(wer) == 4
+
+    def best(pairs):  # the rule: lowest WER, then the least compressed
+        return min(pairs, key=lambda r: (wer[r], -r.tokens_per_second())).tag
+
+    # a budget just above the reported tokens/s of (4,5) admits it and nothing costlier
+    limit = table["(4,5)"] + 0.05
+    fits = [r for r in wer if table[r.pair] <= limit]
+    assert Rates(4, 5) in fits and Rates(4, 2) not in fits
+    r = mavsr(d, "decode", "--exp", "exp/t", "--budget", f"{limit:.2f}", "--beam", "1")
+    said = r.stdout + r.stderr
+    assert "media + " in said and "prompt tokens" in said and "scored pairs that fit" in said
+    assert said.split("-> ")[1].split()[0] == best(fits)
+    # a budget between the media-only and the reported count of (4,5) no longer admits it
+    between = (Rates(4, 5).tokens_per_second() + table["(4,5)"]) / 2
+    r = mavsr(d, "decode", "--exp", "exp/t", "--budget", f"{between:.2f}", "--beam", "1")
+    assert r.stdout.split("-> ")[1].split()[0] in {x.tag for x in fits if table[x.pair] < table["(4,5)"]}
+    # transcribe of a test clip picks by the same rule (its own duration) and says why on stderr
+    u = json.loads((d / "data/test/manifest.jsonl").read_text().splitlines()[0])
+    r = mavsr(d, "transcribe", str(d / u["video"]), "--exp", "exp/t", "--budget", "1000", "--json")
+    assert json.loads(r.stdout)["rates"] == best(list(wer))
+    assert "lowest test WER" in r.stderr
 
 
 def test_sharded_decoding_merges_into_the_unsharded_result(recipe, tmp_path):
@@ -168,8 +212,10 @@ def test_transcribe_takes_other_frame_rates_sizes_and_a_roi(recipe, tmp_path):
               "--roi", "50,40,96,96", "--json")
     res = json.loads(r.stdout)
     assert res["duration"] == pytest.approx(rec["duration"], abs=0.1)
-    for bad, msg in (("--roi", "outside"), (None, "corrupt.mp4")):
-        if bad:
+    for bad, msg in (("--roi", "outside"), (None, "corrupt.mp4"), ("face", "200x160 frames are not a mouth crop")):
+        if bad == "face":  # the wide frame without --roi would be squashed to 96x96 as if it were the mouth
+            r = mavsr(d, "transcribe", str(path), "--exp", "exp/t", ok=False)
+        elif bad:
             r = mavsr(d, "transcribe", str(path), "--exp", "exp/t", "--roi", "150,100,96,96", ok=False)
         else:
             junk = tmp_path / "corrupt.mp4"
@@ -203,6 +249,8 @@ def test_bench_measures_every_pair_and_condition_in_one_run(recipe, tmp_path):
         assert abs(w["wer"] - float(x["wer"])) < 0.01
     report = (out / "REPORT.md").read_text()
     assert "| exp | modality | (A,V) | clean | 0 dB |" in report
+    assert "| t | av | (16,5) | " in report and "a16v5" not in report  # one notation for rate pairs
+    assert all(float(x["peak_mem_mb"]) > 50 for x in rows)  # the process's real peak, the model in it; never 0
     data = json.loads((out / "bench.json").read_text())
     assert len(data["rows"]) == 8 and data["environment"]["beam"] == 2
     try:

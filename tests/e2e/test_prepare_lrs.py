@@ -172,6 +172,8 @@ def test_prepare_dir_takes_any_folder_of_videos_with_transcripts(tmp_path):
     write_av(root / "bob/clip.mp4", frames[:, 32:128, 32:128], (0.1 * np.sin(2 * np.pi * 200 * t)).astype(np.float32))
     (root / "bob/clip.txt").write_text("hello there\n")  # plain text, no landmarks: used as a mouth crop
     write_av(root / "bob/orphan.mp4", frames, None)  # no transcript
+    write_av(root / "bob/face.mp4", frames, (0.1 * np.sin(2 * np.pi * 200 * t)).astype(np.float32))
+    (root / "bob/face.txt").write_text("a whole face\n")  # no landmarks, and not a mouth crop: skipped
     d = tmp_path / "recipe"
     d.mkdir()
     r = mavsr(d, "prepare", "dir", "--root", str(root), "--split", "dev", "--nj", "1")
@@ -179,7 +181,9 @@ def test_prepare_dir_takes_any_folder_of_videos_with_transcripts(tmp_path):
     assert set(utts) == {"alice-day1-take1", "bob-clip"}
     assert utts["bob-clip"]["text"] == "hello there" and utts["bob-clip"]["speaker"] == "bob"
     assert read_video_gray(d / utts["bob-clip"]["video"]).shape[1:] == (96, 96)
-    assert "orphan" in (d / "data/dev/skipped.txt").read_text() and "1 skipped" in r.stdout
+    skipped = (d / "data/dev/skipped.txt").read_text()
+    assert "orphan" in skipped and "2 skipped" in r.stdout
+    assert f"face.mp4: no landmarks: {frames.shape[2]}x{frames.shape[1]} frames are not a mouth crop" in skipped
 
 
 def test_an_llm_avsr_label_list_imports_as_a_manifest(tmp_path):

@@ -27,8 +27,14 @@ def final_state(exp):
     return load_file(exp / "ckpt" / meta["checkpoint"] / "model.safetensors")
 
 
+def records(exp, kind="step"):
+    """metrics.jsonl: the step records (`loss`) or the epoch records (`train_loss`, `val_loss`)."""
+    recs = [json.loads(x) for x in (exp / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if ("loss" in r) == (kind == "step")]
+
+
 def losses(exp):
-    return [json.loads(x)["loss_per_rate"] for x in (exp / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss_per_rate"] for r in records(exp)]
 
 
 def max_diff(a, b):
@@ -89,7 +95,7 @@ def test_two_gloo_processes_train_the_same_weights_as_one(recipe, ref, engine):
 
 def test_the_final_checkpoint_can_average_the_last_ones_and_decode_uses_it(recipe):
     d = recipe
-    mavsr(d, "train", "--config", conf(d, "avg", save_every=1, average_last=3), "--tag", "avg")
+    mavsr(d, "train", "--config", conf(d, "avg", save_every=1, average_last=3, select="last"), "--tag", "avg")
     exp = d / "exp/avg"
     meta = json.loads((exp / "meta.json").read_text())
     assert meta["checkpoint"] == "avg-000002-000004"
@@ -98,6 +104,34 @@ def test_the_final_checkpoint_can_average_the_last_ones_and_decode_uses_it(recip
     assert max_diff({k: v.double() for k, v in final_state(exp).items()}, want) < 1e-6
     mavsr(d, "decode", "--exp", "exp/avg", "--audio-rate", "16", "--video-rate", "5")
     assert "checkpoint: avg-000002-000004" in (exp / "decode_a16v5_beam15/test/config.yaml").read_text()
+
+
+def test_validation_loss_per_epoch_picks_the_best_checkpoints(recipe):
+    d = recipe
+    assert (d / "data/val/manifest.jsonl").is_file()  # prepare synth held out a seeded share
+    mavsr(d, "train", "--config", conf(d, "val1", epochs=4, keep_checkpoints=1), "--tag", "val1")
+    exp = d / "exp/val1"
+    epochs = records(exp, "epoch")
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
+    assert all(set(r["val_loss_per_rate"]) == {"a4v2", "a4v5", "a16v2", "a16v5"} for r in epochs)
+    log = (exp / "train.log").read_text()
+    assert "epoch 2/4 done: train loss " in log and "; val loss " in log and "a16v5=" in log
+    best = min(epochs, key=lambda r: (r["val_loss"], -r["step"]))
+    assert json.loads((exp / "meta.json").read_text())["checkpoint"] == f"step-{best['step']:06d}"
+    # the best N averaged: kept though older than keep_checkpoints, and averaged in step order
+    mavsr(d, "train", "--config", conf(d, "val2", epochs=4, keep_checkpoints=1, average_last=2), "--tag", "val2")
+    exp = d / "exp/val2"
+    two = sorted(sorted(records(exp, "epoch"), key=lambda r: (r["val_loss"], -r["step"]))[:2], key=lambda r: r["step"])
+    meta = json.loads((exp / "meta.json").read_text())
+    assert meta["checkpoint"] == f"avg-{two[0]['step']:06d}-{two[1]['step']:06d}"
+    assert all((exp / "ckpt" / f"step-{r['step']:06d}").is_dir() for r in two)
+    # a prepared val split without features is refused before anything is written
+    shutil.rmtree(av_dump(d) / "val")
+    try:
+        r = mavsr(d, "train", "--config", conf(d, "val3"), "--tag", "val3", ok=False)
+        assert r.returncode == 2 and "extract-features --split val" in r.stderr and not (d / "exp/val3").exists()
+    finally:
+        mavsr(d, "extract-features", "--config", "conf/tiny.yaml", "--split", "val")
 
 
 def test_frame_capped_batches_cover_every_utterance_once_within_the_cap(recipe):
@@ -118,8 +152,7 @@ def test_frame_capped_batches_cover_every_utterance_once_within_the_cap(recipe):
     assert all(len(b) >= 5 for b in merged) and sorted(u for b in merged for u in b) == ids
     d = recipe
     mavsr(d, "train", "--config", conf(d, "frames", max_frames=cap, epochs=1), "--tag", "frames")
-    recs = [json.loads(x) for x in (d / "exp/frames/metrics.jsonl").read_text().splitlines()]
-    assert sum(r["utts"] for r in recs) == len(ids)
+    assert sum(r["utts"] for r in records(d / "exp/frames")) == len(ids)
 
 
 def test_augmented_copies_are_cached_apart_and_drawn_in_training(recipe, tmp_path):

@@ -11,9 +11,10 @@ OPT = SynthOptions(num_utts=6, test_utts=3, speakers=2, seed=3, nj=1)
 def test_prepare_synth_writes_manifests_and_resumes(tmp_path):
     r = Recipe(tmp_path)
     summary = run_synth(r, OPT, log=lambda m: None)
-    assert summary == {"train": (6, 0), "test": (3, 0)}
-    train = mf.read(r.manifest("train"))
-    assert [u.speaker for u in train].count("spk00") == 3
+    assert summary == {"train": (5, 0), "val": (1, 0), "test": (3, 0)}  # a seeded share held out, one at least
+    train, val = mf.read(r.manifest("train")), mf.read(r.manifest("val"))
+    assert not {u.id for u in train} & {u.id for u in val}
+    assert [u.speaker for u in train + val].count("spk00") == 3
     for u in train:
         assert (tmp_path / u.video).is_file() and (tmp_path / u.audio).is_file()
         assert u.num_frames > 10 and u.text == u.text.lower()
@@ -72,9 +73,10 @@ def test_a_rerun_must_ask_for_the_same_corpus(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in spk.iterdir()} == before
     # more utterances of the same corpus are fine (the old ones are kept, the new ones added)
     more = SynthOptions(num_utts=8, test_utts=3, speakers=2, seed=3, nj=1)
-    assert run_synth(r, more, force=True, log=lambda m: None)["train"] == (8, 0)
+    got = run_synth(r, more, force=True, log=lambda m: None)
+    assert got["train"][0] + got["val"][0] == 8 and got["val"][0] >= 1
     assert all(spk.joinpath(n).stat().st_mtime_ns == t for n, t in before.items())
     # --force with another seed generates the corpus again
     texts = [u.text for u in mf.read(r.manifest("train"))]
-    assert run_synth(r, other, force=True, log=lambda m: None)["train"] == (6, 0)
+    assert run_synth(r, other, force=True, log=lambda m: None)["train"] == (5, 0)
     assert [u.text for u in mf.read(r.manifest("train"))] != texts[:6]
