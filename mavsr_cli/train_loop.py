@@ -312,6 +312,12 @@ class Trainer:
             with self.autocast():
                 sums += self.engine(feats, [vtargets[i] for i in chunk]).double().cpu()
             n_tok += sum(len(vtargets[i]) + 1 for i in chunk)
+        if self.fsdp:  # a forward without backward leaves the root's parameters gathered: shard them again
+            from torch.distributed.fsdp import FSDPModule
+
+            for m in self.engine.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
         self.engine.train()
         return (sums / max(n_tok, 1)).tolist()
 

@@ -84,8 +84,11 @@ def test_lrs3_tree_prepares_into_manifests_with_reasons_for_every_skip(lrs3_tree
     r = mavsr(d, "prepare", "lrs3", "--root", str(lrs3_tree), "--max-seconds", "1.0", "--nj", "1")
     train = [json.loads(x) for x in (d / "data/train/manifest.jsonl").read_text().splitlines()]
     test = [json.loads(x) for x in (d / "data/test/manifest.jsonl").read_text().splitlines()]
+    val = [json.loads(x)["id"] for x in (d / "data/val/manifest.jsonl").read_text().splitlines()]
     ids = [u["id"] for u in train]
-    assert "aBcDeFgHiJ0-00001" in ids and "zz_-9yXwVu1-00002" in ids
+    # a share of trainval is held out as val (one at least), never pretrain segments nor test
+    assert len(val) == 1 and val[0] in ("aBcDeFgHiJ0-00001", "zz_-9yXwVu1-00002") and not set(val) & set(ids)
+    assert {"aBcDeFgHiJ0-00001", "zz_-9yXwVu1-00002"} <= set(ids) | set(val)
     seg = sorted(i for i in ids if i.startswith("aBcDeFgHiJ0-00003_"))
     assert len(seg) >= 3  # 8 words over 2.4 s cut into segments of at most 1 s on word boundaries
     segs = [u for u in train if u["id"] in seg]
@@ -99,7 +102,10 @@ def test_lrs3_tree_prepares_into_manifests_with_reasons_for_every_skip(lrs3_tree
         assert any(utt in line and why in line for line in skipped.splitlines()), (utt, why, skipped)
     assert "5 skipped" not in r.stdout  # reported per split
     # the crop is centred on the mouth: a dark blob around the middle of a 96x96 frame
-    v = read_video_gray(d / train[0]["video"])
+    first = next(json.loads(x) for split in ("train", "val")
+                 for x in (d / f"data/{split}/manifest.jsonl").read_text().splitlines()
+                 if json.loads(x)["id"] == "aBcDeFgHiJ0-00001")
+    v = read_video_gray(d / first["video"])
     assert v.shape[1:] == (96, 96)
     ys, xs = np.nonzero(v[len(v) // 2] < 90)
     assert abs(xs.mean() - 47.5) < 4 and abs(ys.mean() - 47.5) < 4
@@ -172,7 +178,8 @@ def test_prepare_dir_takes_any_folder_of_videos_with_transcripts(tmp_path):
     write_av(root / "bob/clip.mp4", frames[:, 32:128, 32:128], (0.1 * np.sin(2 * np.pi * 200 * t)).astype(np.float32))
     (root / "bob/clip.txt").write_text("hello there\n")  # plain text, no landmarks: used as a mouth crop
     write_av(root / "bob/orphan.mp4", frames, None)  # no transcript
-    write_av(root / "bob/face.mp4", frames, (0.1 * np.sin(2 * np.pi * 200 * t)).astype(np.float32))
+    face = np.pad(frames, ((0, 0), (160, 480 - 160 - frames.shape[1]), (240, 640 - 240 - frames.shape[2])))
+    write_av(root / "bob/face.mp4", face, (0.1 * np.sin(2 * np.pi * 200 * t)).astype(np.float32))  # 640x480
     (root / "bob/face.txt").write_text("a whole face\n")  # no landmarks, and not a mouth crop: skipped
     d = tmp_path / "recipe"
     d.mkdir()
@@ -183,7 +190,7 @@ def test_prepare_dir_takes_any_folder_of_videos_with_transcripts(tmp_path):
     assert read_video_gray(d / utts["bob-clip"]["video"]).shape[1:] == (96, 96)
     skipped = (d / "data/dev/skipped.txt").read_text()
     assert "orphan" in skipped and "2 skipped" in r.stdout
-    assert f"face.mp4: no landmarks: {frames.shape[2]}x{frames.shape[1]} frames are not a mouth crop" in skipped
+    assert "face.mp4: no landmarks: 640x480 frames are not a mouth crop" in skipped
 
 
 def test_an_llm_avsr_label_list_imports_as_a_manifest(tmp_path):
