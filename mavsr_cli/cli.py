@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from typer.core import TyperCommand, TyperGroup
 
 from . import lifecycle
@@ -114,7 +113,6 @@ def _main(version: Annotated[bool, typer.Option("--version", "-V", is_eager=True
     """Adaptive audio-visual speech recognition with Matryoshka multimodal LLMs. Stages read and write
     files in a recipe directory: prepare -> tiny-models (synthetic recipe) -> extract-features ->
     train -> decode -> score; then transcribe, bench, claims."""
-out = Console(soft_wrap=True)  # log lines are never folded (they get grepped)
 
 DirOpt = Annotated[Path, typer.Option("--dir", "-d", help="Recipe directory holding data/, dump/, exp/.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c",
@@ -137,7 +135,9 @@ SYNTH, LRS, TINY, BENCH, BOUNDS = SynthOptions(), LrsOptions(Path(".")), TinyOpt
 
 
 def _log(msg: str) -> None:
-    out.print(msg, highlight=False, markup=False)
+    # plain print: while a progress bar is live, rich puts sys.stdout behind a proxy that prints the
+    # line above the bar; a second rich Console would write past the proxy and glue onto the bar
+    print(msg, flush=True)
 
 
 def _quiet_libraries() -> None:
@@ -306,8 +306,11 @@ def tiny_models(
     llm_layers: Annotated[int, typer.Option(help="Llama layers.")] = TINY.llm_layers,
     lm_epochs: Annotated[int, typer.Option(help="Language-model warm-up epochs on the train transcripts "
                                            "(0 = none).")] = TINY.lm_epochs,
-    encoder_epochs: Annotated[int, typer.Option(help="Pretraining epochs of each encoder (0 = keep random).")]
+    encoder_epochs: Annotated[int, typer.Option(help="Pretraining epochs of the audio encoder, and of the lip "
+                                                "encoder unless --video-epochs (0 = keep random).")]
     = TINY.encoder_epochs,
+    video_epochs: Annotated[int, typer.Option(help="Pretraining epochs of the lip encoder (-1: as --encoder-epochs).")]
+    = TINY.video_epochs,
     ctc_units: Annotated[CtcUnits, typer.Option(help="Encoder pretraining targets: char or word (CTC over the "
                                                 "transcript), or align (the word under each frame, from the Text: "
                                                 "files' word timings).")] = CtcUnits(TINY.ctc_units),
@@ -319,7 +322,7 @@ def tiny_models(
     from .stages import tiny_models as stage
 
     opt = TinyOptions(audio_dim, audio_layers, video_dim, video_layers, llm_hidden, llm_layers, lm_epochs,
-                      encoder_epochs, seed=seed, ctc_units=ctc_units.value)
+                      encoder_epochs, video_epochs=video_epochs, seed=seed, ctc_units=ctc_units.value)
     stage.run(_recipe(dir, "models"), opt, force, _log)
     _next("mavsr extract-features --config conf/synth.yaml")
 

@@ -77,10 +77,15 @@ class TinyOptions:
     llm_hidden: int = 192  # Llama hidden size
     llm_layers: int = 2  # Llama layers
     lm_epochs: int = 8  # language-model warm-up epochs over the training transcripts
-    encoder_epochs: int = 6  # character-CTC pretraining epochs of each encoder (0 = keep random)
+    encoder_epochs: int = 6  # pretraining epochs of the audio encoder (0 = keep random)
+    video_epochs: int = -1  # pretraining epochs of the lip encoder (-1: encoder_epochs)
     prompt: str = PROMPTS["av"]  # the prompt the warm-up puts before the text
     seed: int = 0  # initial weights and pretraining order
     ctc_units: str = CtcUnits.char.value  # encoder targets (CtcUnits)
+
+    @property
+    def lip_epochs(self) -> int:
+        return self.encoder_epochs if self.video_epochs < 0 else self.video_epochs
 
 
 @dataclass(frozen=True)

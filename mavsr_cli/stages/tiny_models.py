@@ -225,7 +225,7 @@ def run(recipe: Recipe, opt: TinyOptions, force: bool = False, log=print) -> Pat
         "whisper": lambda d: WhisperAudioEncoder.tiny(d, d_model=opt.audio_dim, layers=opt.audio_layers,
                                                       seed=opt.seed, pretrain=pretrain_audio if n > 0 else None),
         "video": lambda d: SmallVideoEncoder.tiny(d, seed=opt.seed + 1, dim=opt.video_dim, layers=opt.video_layers,
-                                                  pretrain=pretrain_video if n > 0 else None),
+                                                  pretrain=pretrain_video if opt.lip_epochs > 0 else None),
         "llm": lambda d: _llm(d, opt, words, texts, log),
     }
     for name, build in parts.items():
@@ -273,6 +273,6 @@ def _pretrainers(recipe: Recipe, opt: TinyOptions, utts: list, texts: list[str],
         crops = [video_crop(read_video_gray(recipe.resolve_media(u.video)), vc.crop)
                  for u in progress(utts, "mouth crops")]
         ctc_pretrain("video", enc, lambda c: enc(normalise(c, vc.mean, vc.std)), crops, targets[FPS], classes,
-                     opt.video_dim, n, opt.seed, log, framewise=framewise)
+                     opt.video_dim, opt.lip_epochs, opt.seed, log, framewise=framewise)
 
     return pretrain_audio, pretrain_video

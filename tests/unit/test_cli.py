@@ -76,3 +76,36 @@ def test_info_takes_dir_and_says_what_the_recipe_holds(tmp_path):
     assert r.exit_code == 0, r.output
     assert "data/train: done, 2 utterances" in r.output
     assert "exp/x: training unfinished, last checkpoint step-000020" in r.output
+
+
+def test_log_lines_never_glue_onto_a_live_progress_bar():
+    """On a terminal, a line logged while a bar is live starts a line of its own (it used to be
+    written past rich's stdout proxy, right after the bar's last frame)."""
+    import os
+    import pty
+    import re
+    import subprocess
+    import sys
+
+    code = ("import time\nfrom mavsr_cli.cli import _log\nfrom mavsr_cli.progress import bar\n"
+            "with bar() as p:\n    t = p.add_task('work', total=3, info='')\n    for i in range(3):\n"
+            "        p.advance(t)\n        time.sleep(0.15)\n        _log(f'logged line {i}')\n")
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "MAVSR_QUIET"}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=60)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.decode(errors="replace"))
+    lines = re.split(r"[\r\n]+", text)
+    assert "━" in text  # a bar was drawn (a terminal)
+    for i in range(3):
+        assert f"logged line {i}" in lines, [x for x in lines if "logged" in x]

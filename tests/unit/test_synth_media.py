@@ -112,3 +112,17 @@ def test_media_round_trip_and_errors(tmp_path):
     with pytest.raises(MediaError, match="no audio stream"):
         read_audio(tmp_path / "silent.mp4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "a.wav", "silent.mp4", "t.mp4", "z.mp4"]
+
+
+def test_gray_frames_reach_the_encoder_as_swscale_would_make_them():
+    import av
+    import numpy as np
+
+    from mavsr_cli.media import _yuv420p_frames
+
+    frames = np.random.default_rng(0).integers(0, 256, (12, 96, 96), dtype=np.uint8)
+    frames[0] = np.arange(96 * 96).reshape(96, 96) % 256  # every level
+    ours = list(_yuv420p_frames(frames))  # all kept before any is read: no shared buffer
+    for f, mine in zip(frames, ours, strict=True):
+        ref = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="gray").reformat(format="yuv420p")
+        assert (mine.to_ndarray() == ref.to_ndarray()).all()
