@@ -138,7 +138,7 @@ def run_synth(recipe: Recipe, opt: SynthOptions, force: bool = False, log=print)
     corpus = recipe.root / "corpus" / "synth"
     settings = {"corpus": "synth", **{k: v for k, v in opt.__dict__.items() if k != "nj"}}
     lrs_opt = LrsOptions(corpus, nj=opt.nj, val_share=opt.val_share)
-    if not force and _splits_finished(recipe, ("train", "test"), _inputs(recipe, lrs_opt, settings), log):
+    if not force and _splits_finished(recipe, _splits("lrs3", lrs_opt), _inputs(recipe, lrs_opt, settings), log):
         return {}
     clean_stale(corpus, recursive=True)
     generate_synth(corpus, opt, force=force, log=log)
@@ -220,7 +220,7 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
 
     split_map = SPLIT_MAP.get(corpus, {opt.split: opt.split})
     held_out = corpus == "lrs3" and opt.val_share > 0  # data/val: a share of trainval
-    splits = sorted(set(split_map.values()) | ({"val"} if held_out else set()))
+    splits = _splits(corpus, opt)
     info = _inputs(recipe, opt, settings, corpus)
     if not force and opt.shard is None and _splits_finished(recipe, splits, info, log):
         return {}
@@ -285,6 +285,12 @@ def _by_split(recipe: Recipe, items: list, results: list, split_map: dict, split
             per_split["train"][0].remove(first)
             per_split["val"][0].append(first)
     return per_split
+
+
+def _splits(corpus: str, opt: LrsOptions) -> list[str]:
+    """The manifest splits a corpus gives (lrs3: val too when a share of trainval is held out)."""
+    held_out = corpus == "lrs3" and opt.val_share > 0
+    return sorted(set(SPLIT_MAP.get(corpus, {opt.split: opt.split}).values()) | ({"val"} if held_out else set()))
 
 
 def _rank(uid: str) -> float:
