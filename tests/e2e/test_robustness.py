@@ -24,13 +24,19 @@ from safetensors.torch import load_file
 
 SEED = int(os.environ.get("MAVSR_TEST_SEED", "0"))
 SIGNALS = {"SIGINT": (signal.SIGINT, 130), "SIGTERM": (signal.SIGTERM, 143), "SIGKILL": (signal.SIGKILL, -9)}
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", MAVSR_QUIET="1")
+
+
+def env() -> dict:
+    """The environment of a mavsr process, read when it starts: conftest.py sets one thread per
+    process after collection when the reduced study runs beside the suite, and a reference run and
+    an interrupted one must use the same thread count to give bit-identical weights."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", MAVSR_QUIET="1")
 
 
 def interrupt(d: Path, args: list[str], ready, sig: str, rng: random.Random, max_delay: float = 0.3) -> str:
     """Run `mavsr args`, wait until ready() says its work is under way, wait a random moment more,
     send the signal; returns stderr. The process must die of it (not finish first)."""
-    p = subprocess.Popen(MAVSR + args + ["--dir", str(d)], cwd=d, env=ENV, stdout=subprocess.PIPE,
+    p = subprocess.Popen(MAVSR + args + ["--dir", str(d)], cwd=d, env=env(), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     while not ready():
@@ -232,9 +238,9 @@ def test_a_read_only_output_dir_fails_before_any_work(recipe, tmp_path):
 def test_out_of_memory_decode_retries_in_halves_with_the_same_result(recipe, tmp_path):
     d = copy_recipe(recipe, tmp_path / "r")
     shutil.rmtree(d / "exp/t/decode_a4v2_beam15")
-    env = dict(ENV, MAVSR_FAULT_OOM_ABOVE="1")  # every batch of more than one utterance runs out of memory
+    faulty = dict(env(), MAVSR_FAULT_OOM_ABOVE="1")  # every batch of more than one utterance runs out of memory
     r = subprocess.run(MAVSR + ["decode", "--exp", "exp/t", "--audio-rate", "4", "--video-rate", "2", "--batch-size",
-                                "4", "--dir", str(d)], cwd=d, env=env, capture_output=True, text=True)
+                                "4", "--dir", str(d)], cwd=d, env=faulty, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "out of memory on a batch of 4; retrying as 2 + 2" in r.stdout
     assert "out of memory on a batch of 2; retrying as 1 + 1" in r.stdout
@@ -244,9 +250,9 @@ def test_out_of_memory_decode_retries_in_halves_with_the_same_result(recipe, tmp
 
 def test_out_of_memory_in_training_names_the_batch(recipe, tmp_path):
     d = copy_recipe(recipe, tmp_path / "r", without=("exp",))
-    env = dict(ENV, MAVSR_FAULT_OOM_ABOVE="4")
-    r = subprocess.run(MAVSR + ["train", "--config", "conf/tiny.yaml", "--tag", "x", "--dir", str(d)], cwd=d, env=env,
-                       capture_output=True, text=True)
+    faulty = dict(env(), MAVSR_FAULT_OOM_ABOVE="4")
+    r = subprocess.run(MAVSR + ["train", "--config", "conf/tiny.yaml", "--tag", "x", "--dir", str(d)], cwd=d,
+                       env=faulty, capture_output=True, text=True)
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "out of memory at step 1 (epoch 1) on a micro-batch of 8 utterances" in err[0], r.stderr

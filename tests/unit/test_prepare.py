@@ -66,7 +66,7 @@ def test_a_rerun_must_ask_for_the_same_corpus(tmp_path):
         run_synth(r, other, log=lambda m: None)
     # an unfinished one (killed before its manifest): another seed in the same tree would keep the
     # old utterances beside new ones, a clear error instead
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         (r.data(split) / ".done").unlink()
     with pytest.raises(MavsrError, match="--seed 4 \\(was 3\\)"):
         run_synth(r, other, log=lambda m: None)
