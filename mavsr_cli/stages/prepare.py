@@ -219,7 +219,6 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
     from ..roi import load_mean_face
 
     split_map = SPLIT_MAP.get(corpus, {opt.split: opt.split})
-    held_out = corpus == "lrs3" and opt.val_share > 0  # data/val: a share of trainval
     splits = _splits(corpus, opt)
     info = _inputs(recipe, opt, settings, corpus)
     if not force and opt.shard is None and _splits_finished(recipe, splits, info, log):
@@ -247,7 +246,7 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
         log(f"prepare {corpus}: shard {opt.shard[0]}/{opt.shard[1]} done ({len(todo)} videos); "
             "run without --shard to merge")
         return {}
-    per_split = _by_split(recipe, items, results, split_map, splits, opt.val_share if held_out else 0.0)
+    per_split = _by_split(recipe, items, results, split_map, splits, _val_share(corpus, opt))
     summary = {}
     for split, (utts, skipped) in per_split.items():
         if not utts:
@@ -287,10 +286,15 @@ def _by_split(recipe: Recipe, items: list, results: list, split_map: dict, split
     return per_split
 
 
+def _val_share(corpus: str, opt: LrsOptions) -> float:
+    """The share of trainval held out as data/val: lrs3's (and synth's) only, 0 for the others."""
+    return opt.val_share if corpus == "lrs3" and opt.val_share > 0 else 0.0
+
+
 def _splits(corpus: str, opt: LrsOptions) -> list[str]:
     """The manifest splits a corpus gives (lrs3: val too when a share of trainval is held out)."""
-    held_out = corpus == "lrs3" and opt.val_share > 0
-    return sorted(set(SPLIT_MAP.get(corpus, {opt.split: opt.split}).values()) | ({"val"} if held_out else set()))
+    val = {"val"} if _val_share(corpus, opt) else set()
+    return sorted(set(SPLIT_MAP.get(corpus, {opt.split: opt.split}).values()) | val)
 
 
 def _rank(uid: str) -> float:
