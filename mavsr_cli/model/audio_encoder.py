@@ -92,14 +92,30 @@ class WhisperAudioEncoder(nn.Module):
 
     def encode_mel(self, mel: torch.Tensor) -> torch.Tensor:
         """The fast path: (80, F) log-mel -> (F/2, d_model), positions sliced to the true length."""
+        return self.encode_mels([mel])[0][0]
+
+    def encode_mels(self, mels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fast path on a batch: B log-mels (80, F_b) -> ((B, T, d_model), lengths (B,)), T the
+        longest F_b / 2. Each row equals `encode_mel` of its mel on its first F_b / 2 frames: the
+        mels are padded with zeros, as the convolutions pad their edges, and the attention does not
+        look at the padded frames (measured: at most 1e-6 apart)."""
         enc = self.encoder
-        mel = mel[None].to(enc.conv1.weight.device, enc.conv1.weight.dtype)
-        max_frames = 2 * enc.embed_positions.num_embeddings
-        if mel.shape[-1] > max_frames:
-            raise MavsrError(f"audio of {mel.shape[-1] / 100:.1f} s is longer than Whisper's 30 s window")
-        h = nn.functional.gelu(enc.conv1(mel))
-        h = nn.functional.gelu(enc.conv2(h)).permute(0, 2, 1)  # (1, T, D)
+        w = enc.conv1.weight
+        longest = max(m.shape[-1] for m in mels)
+        if longest > 2 * enc.embed_positions.num_embeddings:
+            raise MavsrError(f"audio of {longest / 100:.1f} s is longer than Whisper's 30 s window")
+        x = torch.zeros(len(mels), mels[0].shape[0], longest + longest % 2, dtype=w.dtype, device=w.device)
+        for b, m in enumerate(mels):
+            x[b, :, : m.shape[-1]] = m
+        lens = torch.tensor([m.shape[-1] // 2 for m in mels], device=w.device)
+        h = nn.functional.gelu(enc.conv1(x))
+        h = nn.functional.gelu(enc.conv2(h)).permute(0, 2, 1)  # (B, T, D)
         h = h + enc.embed_positions.weight[: h.shape[1]]
+        mask = None
+        if len(mels) > 1:  # additive (B, 1, T, T): padded key frames get -inf
+            pad = torch.arange(h.shape[1], device=w.device)[None] >= lens[:, None]
+            mask = torch.zeros(len(mels), 1, h.shape[1], h.shape[1], dtype=h.dtype, device=w.device)
+            mask.masked_fill_(pad[:, None, None, :], float("-inf"))
         for layer in enc.layers:
-            h = layer(h, None)
-        return enc.layer_norm(h)[0]
+            h = layer(h, mask)
+        return enc.layer_norm(h), lens

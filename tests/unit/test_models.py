@@ -49,6 +49,32 @@ def test_whisper_loads_with_real_weights(parts):
     assert enc(wav).shape == (100, 32)
 
 
+def test_whisper_batched_fast_path_equals_one_utterance_at_a_time(parts):
+    enc = WhisperAudioEncoder.load(str(parts / "whisper"))
+    rng = np.random.default_rng(1)
+    mels = [enc.mel(rng.normal(0, 0.1, n).astype(np.float32)) for n in (16000, 5120, 24960)]
+    h, lens = enc.encode_mels(mels)  # padded to the longest
+    assert h.shape == (3, 78, 32) and lens.tolist() == [50, 16, 78]
+    for k, m in enumerate(mels):
+        one = enc.encode_mel(m)
+        assert one.shape == (lens[k], 32)
+        assert torch.allclose(h[k, : lens[k]], one, atol=1e-5)  # padding changes nothing it keeps
+
+
+def test_lm_warmup_batches_hold_similar_lengths_and_every_example_once():
+    from mavsr_cli.stages.tiny_models import length_batches
+
+    rng = np.random.default_rng(0)
+    examples = [(list(range(int(n))), [k]) for k, n in enumerate(rng.integers(5, 90, 300))]
+    batches = length_batches(examples, 32, torch.Generator().manual_seed(0))
+    assert len(batches) == 10 and sorted(y[0] for b in batches for _, y in b) == list(range(300))
+    padded = sum(max(len(x) for x, _ in b) * len(b) for b in batches)
+    shuffled = sum(max(len(x) for x, _ in examples[i:i + 32]) * len(examples[i:i + 32]) for i in range(0, 300, 32))
+    assert padded < 0.7 * shuffled  # lengths drawn evenly: random batches pad to about twice the mean
+    again = length_batches(examples, 32, torch.Generator().manual_seed(0))
+    assert [[y for _, y in b] for b in again] == [[y for _, y in b] for b in batches]  # a function of the seed
+
+
 def test_whisper_without_encoder_weights_is_refused(parts, tmp_path):
     import shutil
 
