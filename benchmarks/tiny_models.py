@@ -76,7 +76,7 @@ def lm_steps(reps: int, n_examples: int) -> tuple[dict[str, list[float]], dict[s
     with tempfile.TemporaryDirectory() as tmp:
         model, tok = llm_mod.load(str(llm_mod.tiny(Path(tmp) / "llm", words, hidden=opt.llm_hidden,
                                                    layers=opt.llm_layers)))
-    model.train()
+    model.requires_grad_(True).train()  # loaded frozen, as the trainer wants it; the warm-up trains it all
     rng = np.random.default_rng(0)
     texts = [synth.sentence(rng) for _ in range(n_examples)]
     examples = [warmup_sequence(tok, t, PROMPTS["av"], rng, synth.vocabulary()) for t in texts]

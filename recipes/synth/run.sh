@@ -18,7 +18,7 @@ cd "$(dirname "$0")"
 stage=0
 stop_stage=100
 conf=conf/synth.yaml
-num_utts=${NUM_UTTS:-360}       # train utterances (5% of them held out as data/val)
+num_utts=${NUM_UTTS:-360}       # train utterances (about 5% held out as data/val, by a hash of the id)
 test_utts=${TEST_UTTS:-100}     # test utterances
 speakers=${SPEAKERS:-4}
 words_per_slot=${WORDS_PER_SLOT:-5}  # each grammar slot drawn from its first 5 words: 66 words, as the

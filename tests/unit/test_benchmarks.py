@@ -20,3 +20,15 @@ def test_param_counts_builds_llama_at_its_published_size_and_ms_costs_nothing_at
     assert float(rows["mss"][-1]) > 1.0  # two adapters active
     trained = {k: float(v[6].strip().rstrip("M").replace(",", "")) for k, v in rows.items()}
     assert trained["ms"] < trained["ss"] < trained["mss"] < trained["separate models"]
+
+
+def test_tiny_models_benchmark_reports_both_ways_and_length_batches_pad_less():
+    r = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks/tiny_models.py"), "--reps", "1",
+                        "--audio-batches", "1", "--lm-examples", "256"],
+                       capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in lines}
+    assert {"one utterance at a time", "one padded batch", "shuffled order", "similar lengths"} <= set(rows)
+    padding = {k: float(rows[k][1]) for k in ("shuffled order", "similar lengths")}
+    assert padding["similar lengths"] < padding["shuffled order"] - 0.3  # a function of the seed, not of timing
