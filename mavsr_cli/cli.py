@@ -57,9 +57,11 @@ EXAMPLES = {  # shown under each command's --help; the synthetic recipe's comman
                       "mavsr prepare synth --num-utts 16 --test-utts 4 --speakers 2   # a minute's smoke test"],
     "prepare lrs3": ["mavsr prepare lrs3 --root /data/LRS3 --landmarks /data/LRS3_landmarks --nj 8"],
     "prepare lrs2": ["mavsr prepare lrs2 --root /data/LRS2 --landmarks /data/LRS2_landmarks --nj 8"],
-    "prepare dir": ["mavsr prepare dir --root my_videos --split dev   # .mp4 + .txt (+ .pkl landmarks) each"],
+    "prepare dir": ["mavsr prepare dir --root my_videos --split dev   # .mp4 + .txt (+ .pkl landmarks) each",
+                    "mavsr prepare dir --root my_crops --split dev --mouth-crops   # videos that are mouth crops"],
     "prepare csv": ["mavsr prepare csv --csv lrs3_test.csv --root /data/preprocessed --split test"],
-    "tiny-models": ["mavsr tiny-models --ctc-units align --encoder-epochs 12 --lm-epochs 32   # as run.sh"],
+    "tiny-models": ["mavsr tiny-models --ctc-units align --encoder-epochs 12 --video-epochs 3 --lm-epochs 32"
+                    "   # as run.sh"],
     "extract-features": ["mavsr extract-features --config conf/synth.yaml",
                          "mavsr extract-features --config conf/synth.yaml --shard 0/4   # one of 4 workers"],
     "train": ["mavsr train --config conf/synth.yaml --rates all --tag synth_ms_all",
@@ -68,7 +70,8 @@ EXAMPLES = {  # shown under each command's --help; the synthetic recipe's comman
                "mavsr decode --exp exp/synth_ms_all --sweep --snr 0   # every pair, 0 dB babble",
                "mavsr decode --exp exp/synth_ms_all --budget 25   # the best pair within 25 tokens/s"],
     "score": ["mavsr score --exp exp/synth_ms_all && cat exp/synth_ms_all/RESULTS.md"],
-    "transcribe": ["mavsr transcribe clip.mp4 --exp exp/synth_ms_all --roi 210,300,120,120",
+    "transcribe": ["mavsr transcribe phone.mp4 --exp exp/synth_ms_all --save-roi mouth.mp4   # face found for you",
+                   "mavsr transcribe clip.mp4 --exp exp/synth_ms_all --roi 210,300,120,120",
                    "mavsr transcribe mouth.mp4 --exp exp/synth_ms_all --budget 15 --json"],
     "bench": ["mavsr bench --exp exp/synth_ms_all --snr clean,10,0,-5",
               "mavsr bench --exp exp/synth_ms_all --exp exp/synth_a_ms_all --out bench/"],
@@ -192,7 +195,9 @@ app.add_typer(prepare_app, name="prepare")
 RootOpt = Annotated[Path | None, typer.Option(help="The corpus as distributed (e.g. the dir holding pretrain/, "
                                               "trainval/, test/).")]
 LandmarksOpt = Annotated[Path | None, typer.Option(help="Dir of landmark pickles at the videos' relative paths "
-                                                   f"(default: a .pkl beside each video); each is {LANDMARKS}.")]
+                                                   f"(default: a .pkl beside each video); each is {LANDMARKS}. "
+                                                   "A video without one goes through face detection (the faces "
+                                                   "extra), its landmarks cached under corpus/<name>/landmarks/.")]
 MeanFaceOpt = Annotated[Path | None, typer.Option(help="Reference face (68 x 2, .npy or text) for the mouth "
                                                   "alignment (default: mavsr's template).")]
 MaxSecondsOpt = Annotated[float, typer.Option(help="Cut pretrain utterances into segments of at most this many "
@@ -228,13 +233,13 @@ def prepare_synth(
 
 def _prepare_tree(corpus: str, dir: Path, root: Path | None, landmarks: Path | None, mean_face: Path | None,
                   max_seconds: float, shard: str | None, split: str, nj: int, force: bool,
-                  val_share: float = 0.0) -> None:
+                  val_share: float = 0.0, mouth_crops: bool = False) -> None:
     from .stages import prepare as stage
 
     recipe = _recipe(dir, "data", "corpus")
     if root is None:
         raise MavsrError(f"prepare {corpus} needs --root (the corpus folder)")
-    opt = LrsOptions(root, landmarks, mean_face, max_seconds, nj, parse_shard(shard), split, val_share)
+    opt = LrsOptions(root, landmarks, mean_face, max_seconds, nj, parse_shard(shard), split, val_share, mouth_crops)
     stage.run_lrs(recipe, corpus, opt, force, _log)
     if shard is None:
         _next(f"mavsr extract-features --config conf/{corpus if corpus != 'dir' else '<yours>'}.yaml")
@@ -264,15 +269,20 @@ def prepare_lrs2(dir: DirOpt = Path("."), root: RootOpt = None, landmarks: Landm
 def prepare_dir(
     dir: DirOpt = Path("."),
     root: Annotated[Path | None, typer.Option(help="A folder of videos, each with a .txt transcript beside it "
-                                              "and a .pkl of landmarks (see --landmarks). A video without "
-                                              f"landmarks must be a mouth crop already: {MOUTH_CROP}, at most "
-                                              f"{MOUTH_CROP_MAX_SIDE} px a side; any other is skipped.")] = None,
+                                              "and optionally a .pkl of landmarks (see --landmarks). A video "
+                                              "without landmarks is taken as a mouth crop if it has that size "
+                                              f"({MOUTH_CROP}, at most {MOUTH_CROP_MAX_SIDE} px a side); any "
+                                              "other goes through face detection.")] = None,
     split: Annotated[str, typer.Option(help="The split the folder becomes (data/<split>/).")] = LRS.split,
     landmarks: LandmarksOpt = None, mean_face: MeanFaceOpt = None, max_seconds: MaxSecondsOpt = LRS.max_seconds,
     shard: ShardOpt = None, nj: JobsOpt = default_jobs(), force: ForceOpt = False,
+    mouth_crops: Annotated[bool, typer.Option("--mouth-crops", help="Videos without landmarks are mouth crops: "
+                                              "never detect a face; a video larger than a mouth crop is "
+                                              "skipped.")] = False,
 ) -> None:
     """Any folder of videos with a .txt transcript beside each -> data/<split>/manifest.jsonl."""
-    _prepare_tree("dir", dir, root, landmarks, mean_face, max_seconds, shard, split, nj, force)
+    _prepare_tree("dir", dir, root, landmarks, mean_face, max_seconds, shard, split, nj, force,
+                  mouth_crops=mouth_crops)
 
 
 @prepare_app.command("csv", cls=_Command, epilog=_examples("prepare csv"))
@@ -448,9 +458,14 @@ def transcribe(
     budget: Annotated[float | None, typer.Option(help="LLM input tokens per second of this clip (media + prompt, "
                                                  "as the reports count): the most accurate trained configuration "
                                                  "that fits (its reason goes to stderr).")] = None,
-    roi: Annotated[str | None, typer.Option(help="Mouth region x,y,w,h in pixels. Default: the whole frame, for "
-                                            f"videos that are a mouth crop ({MOUTH_CROP}, at most "
-                                            f"{MOUTH_CROP_MAX_SIDE} px a side; others are refused).")] = None,
+    roi: Annotated[str | None, typer.Option(help="Mouth region x,y,w,h in pixels. Default: a video of mouth-crop "
+                                            f"size ({MOUTH_CROP}, at most {MOUTH_CROP_MAX_SIDE} px a side) is "
+                                            "used whole; any other goes through face detection (the faces "
+                                            "extra).")] = None,
+    mouth_crop: Annotated[bool, typer.Option("--mouth-crop", help="The video is a mouth crop: use the whole frame, "
+                                             "never detect.")] = False,
+    save_roi: Annotated[Path | None, typer.Option(help="Also write the 96x96 mouth crop that was decoded to this mp4 "
+                                                  "file.")] = None,
     modality: Annotated[Modality | None, typer.Option(help="av, a or v; must be the experiment's (default: the "
                                                       "experiment's).")] = None,
     beam: BeamOpt = None,
@@ -465,7 +480,8 @@ def transcribe(
     from .stages import transcribe as stage
 
     res = stage.run(_recipe(dir), exp, media, audio_rate, video_rate, budget, roi, _value(modality), beam,
-                    max_new_tokens, log=lambda m: print(m, file=sys.stderr))
+                    max_new_tokens, log=lambda m: print(m, file=sys.stderr), mouth_crop=mouth_crop,
+                    save_roi=save_roi)
     _log(json.dumps(res, ensure_ascii=False) if json_out else res["text"])
 
 

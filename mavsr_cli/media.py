@@ -80,12 +80,17 @@ def read_video_at(path: Path, fps: int = FPS) -> np.ndarray:
     return np.stack([frames[i] for i in np.clip(idx, 0, len(frames) - 1)])
 
 
+def looks_like_mouth_crop(frames: np.ndarray) -> bool:
+    """At most MOUTH_CROP_MAX_SIDE a side and roughly square: what a mouth crop can be."""
+    h, w = frames.shape[1:3]
+    return max(h, w) <= MOUTH_CROP_MAX_SIDE and 0.75 <= w / h <= 4 / 3
+
+
 def check_mouth_crop(frames: np.ndarray, what: str, remedy: str) -> None:
     """Refuse in one line a video that cannot be a mouth crop (a full face squashed to 96x96 would
-    decode as nonsense, without a word): one used as such must be at most MOUTH_CROP_MAX_SIDE a
-    side and roughly square."""
+    decode as nonsense, without a word)."""
     h, w = frames.shape[1:3]
-    if max(h, w) > MOUTH_CROP_MAX_SIDE or not 0.75 <= w / h <= 4 / 3:
+    if not looks_like_mouth_crop(frames):
         raise MediaError(f"{what}: {w}x{h} frames are not a mouth crop ({MOUTH_CROP}); {remedy}")
 
 

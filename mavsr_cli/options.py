@@ -66,6 +66,7 @@ class LrsOptions:
     shard: Shard | None = None  # (i, N): process only every N-th utterance; rerun without to merge
     split: str = "train"  # prepare dir: the manifest split the folder becomes
     val_share: float = 0.04  # lrs3: share of trainval held out as data/val (about 1,200 utterances, as usual)
+    mouth_crops: bool = False  # prepare dir: videos without landmarks are mouth crops, never face-detected
 
 
 @dataclass(frozen=True)

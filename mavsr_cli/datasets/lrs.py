@@ -21,7 +21,7 @@ import numpy as np
 from ..clocks import FPS, SAMPLE_RATE
 from ..errors import MavsrError
 from ..fsutil import inside
-from ..media import check_mouth_crop, crop_resize, read_audio, read_video_at, write_av, write_wav
+from ..media import check_mouth_crop, crop_resize, looks_like_mouth_crop, read_audio, read_video_at, write_av, write_wav
 from .lrs_text import clean_transcript, parse_text
 
 LRS3_SPLITS = ("pretrain", "trainval", "test")
@@ -132,33 +132,26 @@ def landmark_path(item: Item, landmarks_dir: Path | None) -> Path:
 
 
 def process(item: Item, root: Path, out_dir: Path, landmarks_dir: Path | None, mean_face: np.ndarray | None,
-            max_seconds: float, custom: bool = False) -> list[dict] | str:
+            max_seconds: float, custom: bool = False, mouth_crops: bool = False) -> list[dict] | str:
     """One utterance -> records {id, video, audio, text, num_frames, duration, speaker} of its
     written segments, or the reason it is skipped (a string).
 
-    `custom` (prepare dir): plain-text transcripts are accepted, and a video without landmarks
-    is taken to be a mouth crop already (resized to 96x96) instead of being skipped."""
+    Landmarks come from the pickle at the video's relative path (under --landmarks DIR or beside
+    the video), else from face detection (the `faces` extra), cached as a pickle under
+    <out_dir>/landmarks/ so a rerun does not detect again. `custom` (prepare dir): plain-text
+    transcripts are accepted, and a video without landmarks whose frames are mouth-crop sized is
+    taken as a mouth crop (resized to 96x96); `mouth_crops` takes every such video as one, as
+    before face detection existed."""
     from ..roi import mouth_rois
-    from ..safe_pickle import load_numpy_pickle
 
     rel = item.video.relative_to(root) if item.video.is_relative_to(root) else item.video
+    found = None
     try:
         text, words = (read_transcript if custom else parse_text)(item.video.with_suffix(".txt"))
         frames = read_video_at(item.video, FPS)
         audio = read_audio(item.video)
-        lp = landmark_path(item, landmarks_dir)
-        if custom and not lp.is_file():
-            check_mouth_crop(frames, "no landmarks", "give them (a .pkl beside the video, or --landmarks DIR)")
-            rois = crop_resize(frames, None, 96)
-        else:
-            if not lp.is_file():
-                raise MavsrError(f"no landmarks ({lp.name} not found; give --landmarks DIR)")
-            lms = load_numpy_pickle(lp)
-            if not isinstance(lms, (list, tuple)):
-                raise MavsrError(f"{lp.name} does not hold a per-frame list")
-            if len(lms) < len(frames):
-                raise MavsrError(f"landmark list has {len(lms)} frames, the video {len(frames)}")
-            rois = mouth_rois(frames, list(lms), mean_face)
+        lms, found = _landmarks(item, frames, landmarks_dir, out_dir, custom, mouth_crops)
+        rois = crop_resize(frames, None, 96) if lms is None else mouth_rois(frames, list(lms), mean_face)
     except MavsrError as e:
         return f"{rel}: {e}"
     duration = max(len(frames) / FPS, len(audio) / SAMPLE_RATE)
@@ -179,7 +172,66 @@ def process(item: Item, root: Path, out_dir: Path, landmarks_dir: Path | None, m
         base = item.uid or f"{item.speaker}-{item.utt}"
         recs.append({"id": base if len(segs) == 1 else f"{base}_{k:02d}", "stem": stem, "text": seg_text.lower(),
                      "num_frames": (f1 - f0) if len(segs) > 1 else len(rois),
-                     "duration": round((e - s) if len(segs) > 1 else duration, 3), "speaker": item.speaker})
+                     "duration": round((e - s) if len(segs) > 1 else duration, 3), "speaker": item.speaker,
+                     **({"faces": found} if found and k == 0 else {})})
     if not recs:
         return f"{rel}: no segment left to write"
     return recs
+
+
+def detected_path(out_dir: Path, item: Item) -> Path:
+    """Where face detection caches a video's landmarks: the pickle layout of --landmarks DIR."""
+    return (out_dir / "landmarks" / item.rel).with_suffix(".pkl")
+
+
+def _landmarks(item: Item, frames: np.ndarray, landmarks_dir: Path | None, out_dir: Path, custom: bool,
+               mouth_crops: bool) -> tuple[list | None, dict | None]:
+    """(per-frame landmarks, or None for a video taken as a mouth crop; what detection found, or
+    None when it did not run)."""
+    from ..safe_pickle import load_numpy_pickle
+
+    lp = landmark_path(item, landmarks_dir)
+    cached = detected_path(out_dir, item)
+    if not lp.is_file() and cached.is_file() and not mouth_crops:  # found by an earlier run's detection
+        lp = cached
+    if lp.is_file():
+        lms = load_numpy_pickle(lp)
+        if not isinstance(lms, (list, tuple)):
+            raise MavsrError(f"{lp.name} does not hold a per-frame list")
+        if len(lms) < len(frames):
+            raise MavsrError(f"landmark list has {len(lms)} frames, the video {len(frames)}")
+        return list(lms), None
+    if custom and (mouth_crops or looks_like_mouth_crop(frames)):
+        check_mouth_crop(frames, "no landmarks", "give them (a .pkl beside the video, or --landmarks DIR), "
+                         "or leave out --mouth-crops to detect the face")
+        return None, None
+    from .. import faces
+
+    if not faces.available():
+        raise MavsrError(f"no landmarks ({lp.name} not found; give --landmarks DIR, or {faces.EXTRA_HINT})")
+    track = faces.detect(frames, _landmarker())
+    write_pickle(cached, [None if p is None else p.astype(np.float32) for p in track.landmarks])
+    return track.landmarks, {"frames": len(frames), "missed": track.missed, "several": track.several}
+
+
+_LANDMARKER = None
+
+
+def _landmarker():
+    """One detector per process: loading the 68-point model takes about a second."""
+    global _LANDMARKER
+    if _LANDMARKER is None:
+        from ..faces import FaceLandmarker
+
+        _LANDMARKER = FaceLandmarker()
+    return _LANDMARKER
+
+
+def write_pickle(path: Path, obj) -> None:
+    import pickle
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+    tmp.replace(path)

@@ -149,7 +149,8 @@ def _inputs(recipe: Recipe, opt: LrsOptions, settings: dict | None, corpus: str 
     """What a prepared split is made from (its config.yaml, and its .done to compare on a rerun)."""
     return {**(settings or {"corpus": corpus}), "root": str(opt.root), "landmarks": str(opt.landmarks),
             "mean_face": str(opt.mean_face), "max_seconds": opt.max_seconds,
-            **({"val_share": opt.val_share} if corpus == "lrs3" else {})}
+            **({"val_share": opt.val_share} if corpus == "lrs3" else {}),
+            **({"mouth_crops": opt.mouth_crops} if corpus == "dir" else {})}
 
 
 def _marker(recipe: Recipe, settings: dict) -> dict:
@@ -200,12 +201,11 @@ def _lrs_one(args):
     import json
 
     from ..datasets import lrs
-    item, root, out_dir, rec_path, landmarks, mean_face, max_seconds, custom = args
+    item, root, out_dir, rec_path, landmarks, mean_face, max_seconds, custom, mouth_crops = args
     if rec_path.is_file():
         return json.loads(rec_path.read_text())
     max_s = max_seconds if item.split == "pretrain" or custom else float("inf")  # test etc. stay whole
-    res = lrs.process(item, root, out_dir, landmarks, mean_face, max_s,
-                      custom=custom)
+    res = lrs.process(item, root, out_dir, landmarks, mean_face, max_s, custom=custom, mouth_crops=mouth_crops)
     if isinstance(res, list):
         res = [{**r, "stem": str(r["stem"])} for r in res]
     atomic_write_text(rec_path, json.dumps(res))
@@ -240,8 +240,9 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
         shutil.rmtree(records)
     todo = items if opt.shard is None else items[opt.shard[0]::opt.shard[1]]
     args = [(it, root, out_dir, records / it.split / (it.uid or f"{it.speaker}/{it.utt}") / "record.json",
-             opt.landmarks, mean_face, opt.max_seconds, corpus == "dir") for it in todo]
+             opt.landmarks, mean_face, opt.max_seconds, corpus == "dir", opt.mouth_crops) for it in todo]
     results = list(parallel_map(_lrs_one, args, opt.nj, f"prepare {corpus} ({len(todo)} videos)"))
+    _log_detection(corpus, results, log)
     if opt.shard is not None:
         log(f"prepare {corpus}: shard {opt.shard[0]}/{opt.shard[1]} done ({len(todo)} videos); "
             "run without --shard to merge")
@@ -257,6 +258,16 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
             raise MavsrError(f"duplicate utterance ids in {corpus} {split}")
         summary[split] = write_split(recipe, split, sorted(utts, key=lambda u: u.id), skipped, info, log)
     return summary
+
+
+def _log_detection(corpus: str, results: list, log) -> None:
+    """One line on the videos whose landmarks came from face detection, if any did."""
+    found = [r[0]["faces"] for r in results if isinstance(r, list) and r and "faces" in r[0]]
+    if found:
+        frames, missed, several = (sum(f[k] for f in found) for k in ("frames", "missed", "several"))
+        log(f"prepare {corpus}: faces detected in {len(found)} videos without landmarks (cached under "
+            f"corpus/{corpus}/landmarks/): {missed} of {frames} frames without a face (filled in from their "
+            f"neighbours), {several} with several faces (the one nearest the last kept)")
 
 
 def _by_split(recipe: Recipe, items: list, results: list, split_map: dict, splits: list[str],

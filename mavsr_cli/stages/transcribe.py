@@ -1,10 +1,15 @@
 """`mavsr transcribe VIDEO`: one media file through the encoders and a trained experiment.
 
-Any container PyAV reads. Video is resampled to 25 fps by timestamps, cut to the mouth region
-(`--roi x,y,w,h`; without it the whole frame, for videos that already are a mouth crop: frames
-larger or far from square are refused, media.check_mouth_crop),
-resized to 96x96, centre-cropped and normalised as in extract-features; audio is mixed to mono at
-16 kHz. The experiment's own encoders run on the fly (the same code as `extract-features`).
+Any container PyAV reads. Video is resampled to 25 fps by timestamps and cut to the mouth:
+  --roi x,y,w,h   that fixed region, resized to 96x96;
+  --mouth-crop    the whole frame, for a video that already is a mouth crop (media.check_mouth_crop);
+  neither         a frame of mouth-crop size is taken as one; any other video goes through face
+                  detection (the `faces` extra): 68-point landmarks tracked per frame, then the
+                  aligned 96x96 mouth ROI that `prepare lrs3` cuts from landmark pickles (roi.py).
+Then centre-cropped and normalised as in extract-features; audio is mixed to mono at 16 kHz.
+`--save-roi FILE` writes the mouth crop that was decoded (an mp4 at 25 fps, with the audio), to
+look at or to transcribe again with --mouth-crop.
+The experiment's own encoders run on the fly (the same code as `extract-features`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,17 @@ from ..clocks import SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME
 from ..decoding import Decoder, generate, max_new_tokens
 from ..errors import MavsrError
 from ..features import pad_batch
-from ..media import MediaError, check_mouth_crop, crop_resize, normalise, read_audio, read_video_at, video_crop
+from ..media import (
+    MediaError,
+    check_mouth_crop,
+    crop_resize,
+    looks_like_mouth_crop,
+    normalise,
+    read_audio,
+    read_video_at,
+    video_crop,
+    write_av,
+)
 from ..model.audio_encoder import WhisperAudioEncoder
 from ..model.video_encoder import load_video_encoder
 from ..recipe import Recipe, resolve_model
@@ -34,9 +49,33 @@ def parse_roi(spec: str | None) -> tuple[int, int, int, int] | None:
     return x, y, w, h
 
 
+def mouth_frames(frames, media: Path, roi: str | None, mouth_crop: bool, log) -> tuple:
+    """(T, H, W) frames -> ((T, 96, 96) mouth crops, how they were found)."""
+    if roi is not None:
+        return crop_resize(frames, parse_roi(roi), 96), "roi"
+    if mouth_crop or looks_like_mouth_crop(frames):
+        check_mouth_crop(frames, str(media), "leave out --mouth-crop to detect the face, or give --roi x,y,w,h")
+        return crop_resize(frames, None, 96), "mouth crop"
+    from .. import faces
+    from ..roi import mouth_rois
+
+    if not faces.available():
+        raise MavsrError(f"{media}: {frames.shape[2]}x{frames.shape[1]} frames are a whole scene, not a mouth crop; "
+                         f"{faces.EXTRA_HINT}, or give --roi x,y,w,h")
+    try:
+        track = faces.detect(frames, faces.FaceLandmarker())
+    except MavsrError as e:
+        raise MavsrError(f"{media}: {e}; give the mouth region with --roi x,y,w,h") from None
+    if track.missed or track.several:
+        log(f"transcribe: face detection: {track.missed} of {len(frames)} frames without a face (filled in from "
+            f"their neighbours), {track.several} with several faces (the one nearest the last kept)")
+    return mouth_rois(frames, track.landmarks), "detected"
+
+
 def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, video_rate: int | None = None,
         budget: float | None = None, roi: str | None = None, modality: str | None = None, beam: int | None = None,
-        max_tokens: int | None = None, log=lambda m: None) -> dict:
+        max_tokens: int | None = None, log=lambda m: None, mouth_crop: bool = False,
+        save_roi: Path | None = None) -> dict:
     """Decode one media file; beam and max_tokens default to the experiment's `decode:` config.
     `--budget` is counted for this clip's duration (decoding.Budget)."""
     media = Path(media)
@@ -54,7 +93,7 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
     elif audio_rate is not None or video_rate is not None:
         dec.requested_rates(audio_rate, video_rate, budget, 1.0)  # the one refusal of both together
     t0 = time.perf_counter()
-    feats, duration = {}, 0.0
+    feats, duration, wav = {}, 0.0, None
     with torch.inference_mode():
         if modality in ("av", "a"):
             wav = read_audio(media)
@@ -65,10 +104,9 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
             feats["audio"] = pad_batch([enc(wav).float()])
         if modality in ("av", "v"):
             vc = cfg.video_encoder
-            frames = read_video_at(media, vc.fps)
-            if roi is None:
-                check_mouth_crop(frames, str(media), "give the mouth region with --roi x,y,w,h")
-            frames = crop_resize(frames, parse_roi(roi), 96)
+            frames, found = mouth_frames(read_video_at(media, vc.fps), media, roi, mouth_crop, log)
+            if save_roi is not None:  # with the audio decoded beside it: a clip transcribe takes back
+                write_av(Path(save_roi), frames, wav if modality == "av" else None, fps=vc.fps)
             duration = max(duration, len(frames) / vc.fps)
             venc = load_video_encoder(resolve_model(recipe, vc.path)).eval()
             feats["video"] = pad_batch([venc(normalise(video_crop(frames, vc.crop), vc.mean, vc.std)).float()])
@@ -81,4 +119,5 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
     t2 = time.perf_counter()
     return {"text": hyps[0], "media": str(media), "rates": rates.tag, "pair": rates.pair, "beam": opts.beam,
             "duration": round(duration, 3), "tokens_in": int(n_in[0]),
-            "time": {"encode": round(t1 - t0, 3), "decode": round(t2 - t1, 3)}, "checkpoint": dec.ckpt.name}
+            "time": {"encode": round(t1 - t0, 3), "decode": round(t2 - t1, 3)}, "checkpoint": dec.ckpt.name,
+            **({"mouth": found} if modality in ("av", "v") else {})}

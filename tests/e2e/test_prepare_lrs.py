@@ -98,7 +98,8 @@ def test_lrs3_tree_prepares_into_manifests_with_reasons_for_every_skip(lrs3_tree
     assert [u["id"] for u in test] == ["zz_-9yXwVu1-00001"]
     skipped = (d / "data/train/skipped.txt").read_text() + (d / "data/test/skipped.txt").read_text()
     for utt, why in (("00004", "Text:"), ("00005", "no audio"), ("00006", "landmark list has"),
-                     ("00007", "no landmarks"), ("00008", "00008.mp4")):
+                     ("00007", "no face found"), ("00008", "00008.mp4")):  # 00007: no pickle, and the
+        # detector does not take the drawn face for one
         assert any(utt in line and why in line for line in skipped.splitlines()), (utt, why, skipped)
     assert "5 skipped" not in r.stdout  # reported per split
     # the crop is centred on the mouth: a dark blob around the middle of a 96x96 frame
@@ -180,7 +181,7 @@ def test_prepare_dir_takes_any_folder_of_videos_with_transcripts(tmp_path):
     write_av(root / "bob/orphan.mp4", frames, None)  # no transcript
     face = np.pad(frames, ((0, 0), (160, 480 - 160 - frames.shape[1]), (240, 640 - 240 - frames.shape[2])))
     write_av(root / "bob/face.mp4", face, (0.1 * np.sin(2 * np.pi * 200 * t)).astype(np.float32))  # 640x480
-    (root / "bob/face.txt").write_text("a whole face\n")  # no landmarks, and not a mouth crop: skipped
+    (root / "bob/face.txt").write_text("a whole face\n")  # no landmarks, not a mouth crop, no face the detector finds
     d = tmp_path / "recipe"
     d.mkdir()
     r = mavsr(d, "prepare", "dir", "--root", str(root), "--split", "dev", "--nj", "1")
@@ -190,7 +191,7 @@ def test_prepare_dir_takes_any_folder_of_videos_with_transcripts(tmp_path):
     assert read_video_gray(d / utts["bob-clip"]["video"]).shape[1:] == (96, 96)
     skipped = (d / "data/dev/skipped.txt").read_text()
     assert "orphan" in skipped and "2 skipped" in r.stdout
-    assert "face.mp4: no landmarks: 640x480 frames are not a mouth crop" in skipped
+    assert "face.mp4: no face found in any of 20 frames" in skipped
 
 
 def test_an_llm_avsr_label_list_imports_as_a_manifest(tmp_path):

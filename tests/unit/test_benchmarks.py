@@ -32,3 +32,13 @@ def test_tiny_models_benchmark_reports_both_ways_and_length_batches_pad_less():
     assert {"one utterance at a time", "one padded batch", "shuffled order", "similar lengths"} <= set(rows)
     padding = {k: float(rows[k][1]) for k in ("shuffled order", "similar lengths")}
     assert padding["similar lengths"] < padding["shuffled order"] - 0.3  # a function of the seed, not of timing
+
+
+def test_faces_benchmark_measures_where_the_crop_lands():
+    script = str(ROOT / "benchmarks/faces.py")
+    r = subprocess.run([sys.executable, "-W", "ignore", script, "--reps", "1", "--every", "5"], capture_output=True,
+                       text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and "x" in line[:12]]
+    assert [row[0].strip() for row in rows] == ["224x224", "640x480"]
+    assert all(float(row[-1]) < 6 for row in rows)  # the largest crop error, in pixels: not a timing

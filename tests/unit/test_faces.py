@@ -1,0 +1,103 @@
+"""Face detection on real photographs (the `faces` extra): where the mouth crop lands, and the
+failures, each one line."""
+
+import numpy as np
+import pytest
+from face_videos import MOUTH, marker_offset, photo, talking_face
+
+from mavsr_cli import faces
+from mavsr_cli.errors import MavsrError
+from mavsr_cli.media import read_video_at
+from mavsr_cli.roi import MOUTH as MOUTH_POINTS
+from mavsr_cli.roi import mouth_rois
+
+
+@pytest.fixture(scope="module")
+def landmarker():
+    return faces.FaceLandmarker()
+
+
+def gray(rgb: np.ndarray) -> np.ndarray:
+    return (rgb @ [0.299, 0.587, 0.114]).round().astype(np.uint8)
+
+
+def test_the_extra_is_installed_and_loads_without_downloading():
+    assert faces.available(), faces.EXTRA_HINT
+
+
+def test_the_mouth_of_the_photograph_is_found_where_it_is(landmarker):
+    img = gray(photo(marker=False))
+    boxes = landmarker.faces(img)
+    assert len(boxes) == 1
+    pts = landmarker.points(img, boxes[0])
+    centre = pts[MOUTH_POINTS].mean(0)
+    assert np.hypot(*(centre - MOUTH)) < 6, centre  # within 6 px of the mouth read off the photograph
+    assert 50 < faces.mouth_width([pts]) < 90
+
+
+@pytest.mark.parametrize("size,fps", [((640, 480), 30), ((320, 240), 25), ((1280, 720), 24)])
+def test_the_mouth_crop_follows_a_moving_face(tmp_path, landmarker, size, fps):
+    video = tmp_path / "face.mp4"
+    talking_face(video, size=size, fps=fps, seconds=2.0, scale=0.8 * size[1] / 480)
+    frames = read_video_at(video, 25)
+    track = faces.detect(frames, landmarker)
+    assert track.missed == 0 and track.several == 0
+    assert track.detections <= len(frames) // landmarker.opt.every + 1  # the tracker carries the rest
+    rois = mouth_rois(frames, track.landmarks)
+    offsets = [marker_offset(r) for r in rois]
+    assert rois.shape == (len(frames), 96, 96)
+    assert max(offsets) < 5, offsets  # the mouth at the centre of every 96x96 crop
+
+
+def test_a_face_lost_for_a_stretch_is_filled_in_and_counted(tmp_path, landmarker):
+    video = tmp_path / "lost.mp4"
+    talking_face(video, fps=25, seconds=2.0, lost=(20, 30))
+    frames = read_video_at(video, 25)
+    track = faces.detect(frames, landmarker)
+    assert track.missed == 10 and all(track.landmarks[i] is None for i in range(20, 30))
+    rois = mouth_rois(frames, track.landmarks)  # the gap is interpolated, as for pickles
+    assert max(marker_offset(r) for i, r in enumerate(rois) if not 20 <= i < 30) < 5
+
+
+def test_of_two_faces_the_larger_is_kept_and_the_frames_counted(tmp_path, landmarker):
+    video = tmp_path / "two.mp4"
+    talking_face(video, fps=25, seconds=1.0, amount=0.5, second_face=True)
+    frames = read_video_at(video, 25)
+    track = faces.detect(frames, landmarker)
+    assert track.several == track.detections > 0
+    assert max(marker_offset(r) for r in mouth_rois(frames, track.landmarks)) < 5
+
+
+def test_no_face_and_a_tiny_face_are_refused_in_one_line(tmp_path, landmarker):
+    blank = np.full((10, 240, 320), 90, np.uint8)
+    with pytest.raises(MavsrError, match="no face found in any of 10 frames"):
+        faces.detect(blank, landmarker)
+    video = tmp_path / "far.mp4"
+    talking_face(video, size=(640, 480), fps=25, seconds=0.4, scale=0.8, audio=False)
+    frames = read_video_at(video, 25)
+    strict = faces.FaceLandmarker(faces.DetectOptions(min_mouth=80))
+    with pytest.raises(MavsrError, match=r"too small to crop: its mouth is \d+ px wide, at least 80"):
+        faces.detect(frames, strict)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(MavsrError, match="every must be >= 1"):
+        faces.FaceLandmarker(faces.DetectOptions(every=0))
+
+
+def test_without_the_extra_each_path_says_how_to_get_it_in_one_line(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from mavsr_cli.datasets import lrs
+    from mavsr_cli.stages.transcribe import mouth_frames
+
+    monkeypatch.setattr(faces, "available", lambda: False)
+    scene = np.zeros((5, 240, 320), np.uint8)
+    with pytest.raises(MavsrError, match=r"x.mp4: 320x240 frames are a whole scene.*pip install 'mavsr\[faces\]'"):
+        mouth_frames(scene, Path("x.mp4"), None, False, print)
+    assert mouth_frames(scene[:, :96, :96], Path("x.mp4"), None, False, print)[1] == "mouth crop"  # no detector needed
+    with pytest.raises(MavsrError, match=r"pip install 'mavsr\[faces\]'"):
+        faces.FaceLandmarker()
+    item = lrs.Item("trainval", "spk", "00001", tmp_path / "00001.mp4", Path("trainval/spk/00001"))
+    with pytest.raises(MavsrError, match=r"no landmarks \(00001.pkl not found; give --landmarks DIR, or face"):
+        lrs._landmarks(item, scene, None, tmp_path / "out", False, False)
