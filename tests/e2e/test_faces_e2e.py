@@ -115,3 +115,26 @@ def test_prepare_lrs3_without_pickles_matches_the_tree_with_them(tmp_path):
             crops = read_video_gray(runs["detected"] / json.loads(x)["video"])
             assert max(marker_offset(c) for c in crops) < 5
     assert (runs["detected"] / "corpus/lrs3/landmarks/trainval/aaaaaaaaaaa/00000.pkl").is_file()
+
+
+def test_detection_runs_in_parallel_workers_and_in_shards(tmp_path):
+    from mavsr_cli.datasets.lrs_text import format_text
+
+    tree = tmp_path / "lrs3"
+    for k in range(4):
+        stem = tree / "trainval" / "ccccccccccc" / f"{k:05d}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        talking_face(stem.with_suffix(".mp4"), size=(320, 240), fps=25, seconds=0.8, scale=0.4, amount=k / 3)
+        stem.with_suffix(".txt").write_text(format_text("hello", [("HELLO", 0.1, 0.6)]))
+    one, sharded = tmp_path / "one", tmp_path / "sharded"
+    one.mkdir()
+    sharded.mkdir()
+    r = mavsr(one, "prepare", "lrs3", "--root", str(tree), "--nj", "2")  # two spawned workers, one detector each
+    assert "faces detected in 4 videos" in r.stdout
+    for i in (0, 1):
+        mavsr(sharded, "prepare", "lrs3", "--root", str(tree), "--nj", "1", "--shard", f"{i}/2")
+    assert len(list((sharded / "corpus/lrs3/landmarks").rglob("*.pkl"))) == 4  # each shard cached its own
+    mavsr(sharded, "prepare", "lrs3", "--root", str(tree), "--nj", "1")  # the merge
+    for split in ("train", "val"):
+        a, b = ((d / f"data/{split}/manifest.jsonl").read_text() for d in (one, sharded))
+        assert a == b, split
