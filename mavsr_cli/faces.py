@@ -10,8 +10,9 @@ Per video, `track` returns one (68, 2) array per frame, or None where no face wa
 the detector every `every` frames, on a copy scaled to at most `max_side` pixels. In between, the
 shape predictor follows the face from the previous frame's points, so detection costs a fraction
 of the frames. With several faces, the one nearest the previous face is kept (the largest at the
-start), and such frames are counted. The gaps are filled and smoothed by `roi.mouth_rois`, as for
-landmarks read from pickles.
+start), and such frames are counted. A face lost for less than `keep_speaker` frames is looked
+for where it was: a face found elsewhere meanwhile (another person) is not taken. The gaps are
+filled and smoothed by `roi.mouth_rois`, as for landmarks read from pickles.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class DetectOptions:
     every: int = 5  # run the face detector on every k-th frame; the shape predictor tracks in between
     max_side: int = 480  # the detector sees frames scaled to at most this many pixels a side
     min_mouth: float = 12.0  # pixels: a mouth narrower than this (median over frames) is too small to crop
+    keep_speaker: int = 50  # frames: a face lost this recently is looked for where it was, not elsewhere
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Track:
     detections: int = 0  # frames the detector ran on
     missed: int = 0  # frames without a face
     several: int = 0  # detector frames with more than one face (the nearest to the last one kept)
+    others: int = 0  # detector frames where only faces far from the lost one were seen (not taken)
     notes: list[str] = field(default_factory=list)
 
 
@@ -101,26 +104,36 @@ class FaceLandmarker:
         predictor fits some of them badly (measured on the test photograph: a box 20% larger put
         the mouth 33 px low, on the chin)."""
         out = Track([])
-        prev, anchor = None, None
+        prev, anchor, last, lost = None, None, None, 0
         for i, frame in enumerate(frames):
             box = None if prev is None else _follow(anchor, prev)
             if i % self.opt.every == 0 or prev is None:
                 found = self.faces(frame)
                 out.detections += 1
                 out.several += len(found) > 1
-                near = _nearest(found, prev)
+                near = _nearest(found, prev if prev is not None else last)
                 if near is None or box is None or _overlap(near, box) < 0.5:
+                    if near is not None and last is not None and lost < self.opt.keep_speaker and _far(near, last):
+                        near = None  # another person: the speaker turned away or left, for now
+                        out.others += 1
                     box, anchor = near, None  # a new face, or none: restart from the detector's box
             if box is None:
                 out.landmarks.append(None)
                 out.missed += 1
-                prev = None
+                prev, lost = None, lost + 1
                 continue
-            prev = self.points(frame, box)
+            prev, lost = self.points(frame, box), 0
+            last = prev
             if anchor is None:  # the detector's box and the points it gave: later boxes follow the points
                 anchor = (box, prev.mean(0), _spread(prev))
             out.landmarks.append(prev)
         return out
+
+
+def _far(box, points: np.ndarray) -> bool:
+    """The box's centre more than a face's width (about 3 spreads) from where the points were."""
+    c = points.mean(0)
+    return float(np.hypot((box[0] + box[2]) / 2 - c[0], (box[1] + box[3]) / 2 - c[1])) > 3 * _spread(points)
 
 
 def _overlap(a, b) -> float:

@@ -173,7 +173,7 @@ def process(item: Item, root: Path, out_dir: Path, landmarks_dir: Path | None, m
         recs.append({"id": base if len(segs) == 1 else f"{base}_{k:02d}", "stem": stem, "text": seg_text.lower(),
                      "num_frames": (f1 - f0) if len(segs) > 1 else len(rois),
                      "duration": round((e - s) if len(segs) > 1 else duration, 3), "speaker": item.speaker,
-                     **({"faces": found} if found and k == 0 else {})})
+                     **({"faces": found} if found and not recs else {})})
     if not recs:
         return f"{rel}: no segment left to write"
     return recs
@@ -181,7 +181,7 @@ def process(item: Item, root: Path, out_dir: Path, landmarks_dir: Path | None, m
 
 def detected_path(out_dir: Path, item: Item) -> Path:
     """Where face detection caches a video's landmarks: the pickle layout of --landmarks DIR."""
-    return (out_dir / "landmarks" / item.rel).with_suffix(".pkl")
+    return out_dir / "landmarks" / item.rel.parent / f"{item.rel.name}.pkl"  # rel has no suffix: keep its dots
 
 
 def _landmarks(item: Item, frames: np.ndarray, landmarks_dir: Path | None, out_dir: Path, custom: bool,
@@ -230,8 +230,7 @@ def _landmarker():
 def write_pickle(path: Path, obj) -> None:
     import pickle
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    from ..fsutil import atomic_file
+
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:  # a crash leaves no truncated cache behind
         pickle.dump(obj, f, protocol=2)
-    tmp.replace(path)

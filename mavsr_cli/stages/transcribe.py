@@ -67,8 +67,9 @@ def mouth_frames(frames, media: Path, roi: str | None, mouth_crop: bool, log) ->
     except MavsrError as e:
         raise MavsrError(f"{media}: {e}; give the mouth region with --roi x,y,w,h") from None
     if track.missed or track.several:
-        log(f"transcribe: face detection: {track.missed} of {len(frames)} frames without a face (filled in from "
-            f"their neighbours), {track.several} with several faces (the one nearest the last kept)")
+        log(f"transcribe: face detection: {track.missed} of {len(frames)} frames without the face (filled in from "
+            f"their neighbours; in {track.others} only another face was seen), {track.several} with several faces "
+            "(the one nearest the last kept)")
     return mouth_rois(frames, track.landmarks), "detected"
 
 

@@ -101,3 +101,19 @@ def test_without_the_extra_each_path_says_how_to_get_it_in_one_line(monkeypatch,
     item = lrs.Item("trainval", "spk", "00001", tmp_path / "00001.mp4", Path("trainval/spk/00001"))
     with pytest.raises(MavsrError, match=r"no landmarks \(00001.pkl not found; give --landmarks DIR, or face"):
         lrs._landmarks(item, scene, None, tmp_path / "out", False, False)
+
+
+def test_a_speaker_who_is_lost_is_not_swapped_for_another_face(tmp_path, landmarker):
+    from face_videos import place, write_video
+
+    img = photo()
+    # the speaker on the left; for frames 20-34 only another face on the right; then the speaker again
+    frames = [place(img, (640, 480), 0.6, 0.0, 150.0 if 20 <= i < 35 else -150.0, 0.0)[0] for i in range(50)]
+    write_video(tmp_path / "swap.mp4", frames, 25)
+    video = read_video_at(tmp_path / "swap.mp4", 25)
+    track = faces.detect(video, landmarker)
+    assert track.missed == 15 and track.others == 15
+    assert all(track.landmarks[i] is None for i in range(20, 35))
+    assert all(track.landmarks[i][:, 0].mean() < 320 for i in (*range(20), *range(35, 50)))  # the left face
+    eager = faces.detect(video, faces.FaceLandmarker(faces.DetectOptions(keep_speaker=0)))
+    assert eager.missed == 0 and eager.others == 0  # told not to wait, it takes the other face at once
