@@ -18,12 +18,13 @@ filled and smoothed by `roi.mouth_rois`, as for landmarks read from pickles.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import MavsrError
+from .media import resize
 
 EXTRA_HINT = "face detection needs the faces extra: pip install 'mavsr[faces]' (make install adds it)"
 PREDICTOR = "shape_predictor_68_face_landmarks.dat"
@@ -46,7 +47,6 @@ class Track:
     missed: int = 0  # frames without a face
     several: int = 0  # detector frames with more than one face (the nearest to the last one kept)
     others: int = 0  # detector frames where only faces far from the lost one were seen (not taken)
-    notes: list[str] = field(default_factory=list)
 
 
 def available() -> bool:
@@ -85,7 +85,7 @@ class FaceLandmarker:
         """Face boxes (left, top, right, bottom) in frame pixels, largest first. frame: (H, W) uint8."""
         h, w = frame.shape
         scale = min(1.0, self.opt.max_side / max(h, w))
-        small = frame if scale == 1.0 else _resize(frame, scale)
+        small = frame if scale == 1.0 else resize(frame[None], (max(1, round(h * scale)), max(1, round(w * scale))))[0]
         boxes = [(r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale)
                  for r in self.detector(small, 0)]
         return sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
@@ -132,8 +132,7 @@ class FaceLandmarker:
 
 def _far(box, points: np.ndarray) -> bool:
     """The box's centre more than a face's width (about 3 spreads) from where the points were."""
-    c = points.mean(0)
-    return float(np.hypot((box[0] + box[2]) / 2 - c[0], (box[1] + box[3]) / 2 - c[1])) > 3 * _spread(points)
+    return float(np.hypot(*(_centre(box) - points.mean(0)))) > 3 * _spread(points)
 
 
 def _overlap(a, b) -> float:
@@ -145,14 +144,8 @@ def _overlap(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _resize(frame: np.ndarray, scale: float) -> np.ndarray:
-    import torch
-
-    h, w = frame.shape
-    size = (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
-    x = torch.from_numpy(np.ascontiguousarray(frame)).float()[None, None]
-    x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-    return x[0, 0].round().clamp(0, 255).to(torch.uint8).numpy()
+def _centre(box) -> np.ndarray:
+    return np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
 
 
 def _spread(points: np.ndarray) -> float:
@@ -166,14 +159,14 @@ def _nearest(boxes: list, prev: np.ndarray | None):
     if prev is None:
         return boxes[0]
     c = prev.mean(0)
-    return min(boxes, key=lambda b: float(np.hypot((b[0] + b[2]) / 2 - c[0], (b[1] + b[3]) / 2 - c[1])))
+    return min(boxes, key=lambda b: float(np.hypot(*(_centre(b) - c))))
 
 
 def _follow(anchor, prev: np.ndarray):
     """The detector box moved and scaled as the points moved since the detection."""
     (x0, y0, x1, y1), c0, s0 = anchor
     c, k = prev.mean(0), _spread(prev) / max(s0, 1e-6)
-    bx, by = (x0 + x1) / 2 + c[0] - c0[0], (y0 + y1) / 2 + c[1] - c0[1]
+    bx, by = _centre(anchor[0]) + c - c0
     hw, hh = (x1 - x0) / 2 * k, (y1 - y0) / 2 * k
     return bx - hw, by - hh, bx + hw, by + hh
 

@@ -44,6 +44,16 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def atomic_write_pickle(path: Path, obj) -> None:
+    """Pickle `obj` (protocol 2, as the LRS landmark pickles) so readers never see a part."""
+    import pickle
+
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

@@ -97,7 +97,6 @@ def check_mouth_crop(frames: np.ndarray, what: str, remedy: str) -> None:
 def crop_resize(frames: np.ndarray, roi: tuple[int, int, int, int] | None, size: int = 96) -> np.ndarray:
     """Cut the (x, y, w, h) region (the whole frame if None) and resize it to size x size (area-
     averaging when shrinking), (T, size, size) uint8."""
-    import torch
 
     t, h, w = frames.shape
     if roi is not None:
@@ -105,8 +104,15 @@ def crop_resize(frames: np.ndarray, roi: tuple[int, int, int, int] | None, size:
         if rw <= 0 or rh <= 0 or x < 0 or y < 0 or x + rw > w or y + rh > h:
             raise MediaError(f"--roi {x},{y},{rw},{rh} is outside the {w}x{h} video")
         frames = frames[:, y:y + rh, x:x + rw]
+    return resize(frames, (size, size))
+
+
+def resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(T, H, W) uint8 -> (T, height, width) uint8, bilinear with area-averaging when shrinking."""
+    import torch
+
     v = torch.from_numpy(np.ascontiguousarray(frames)).float()[:, None]
-    v = torch.nn.functional.interpolate(v, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    v = torch.nn.functional.interpolate(v, size=size, mode="bilinear", antialias=True, align_corners=False)
     return v[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()
 
 

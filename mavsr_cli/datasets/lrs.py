@@ -20,7 +20,7 @@ import numpy as np
 
 from ..clocks import FPS, SAMPLE_RATE
 from ..errors import MavsrError
-from ..fsutil import inside
+from ..fsutil import atomic_write_pickle, inside
 from ..media import check_mouth_crop, crop_resize, looks_like_mouth_crop, read_audio, read_video_at, write_av, write_wav
 from .lrs_text import clean_transcript, parse_text
 
@@ -210,7 +210,7 @@ def _landmarks(item: Item, frames: np.ndarray, landmarks_dir: Path | None, out_d
     if not faces.available():
         raise MavsrError(f"no landmarks ({lp.name} not found; give --landmarks DIR, or {faces.EXTRA_HINT})")
     track = faces.detect(frames, _landmarker())
-    write_pickle(cached, [None if p is None else p.astype(np.float32) for p in track.landmarks])
+    atomic_write_pickle(cached, [None if p is None else p.astype(np.float32) for p in track.landmarks])
     return track.landmarks, {"frames": len(frames), "missed": track.missed, "several": track.several}
 
 
@@ -226,11 +226,3 @@ def _landmarker():
         _LANDMARKER = FaceLandmarker()
     return _LANDMARKER
 
-
-def write_pickle(path: Path, obj) -> None:
-    import pickle
-
-    from ..fsutil import atomic_file
-
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:  # a crash leaves no truncated cache behind
-        pickle.dump(obj, f, protocol=2)

@@ -23,7 +23,7 @@ from ..clocks import FPS
 from ..datasets import synth
 from ..datasets.lrs_text import format_text
 from ..errors import MavsrError
-from ..fsutil import atomic_write_text, clean_stale, inside, sha256_file
+from ..fsutil import atomic_write_pickle, atomic_write_text, clean_stale, inside, sha256_file
 from ..media import write_av
 from ..options import LrsOptions, SynthOptions
 from ..progress import bar, progress
@@ -97,17 +97,12 @@ SYNTH_DIRS = {"train": "trainval", "test": "test"}  # LRS3's split dirs
 def _synth_one(args) -> None:
     """Worker: synthesize one utterance; write its full-face mp4 (with audio), landmark pickle and
     (last, marking it done) txt."""
-    import pickle
-
     text, spk, seed, stem = args
     rng = np.random.default_rng(seed)
     u = synth.synthesize(text, spk, rng)
     frames, lms = synth.face_video(u.frames, spk, rng)
     write_av(stem.with_suffix(".mp4"), frames, u.audio)
-    tmp = stem.with_suffix(".pkl.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(lms, f, protocol=2)
-    tmp.replace(stem.with_suffix(".pkl"))
+    atomic_write_pickle(stem.with_suffix(".pkl"), lms)
     atomic_write_text(stem.with_suffix(".txt"), format_text(u.text, u.words))
 
 
