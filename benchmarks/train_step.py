@@ -82,7 +82,7 @@ def main() -> None:
         tag = encoders_tag(provenance(recipe, cfg))
         store = FeatureStore(recipe.dump(tag, "train"))
         utts = {u.id: u for u in mf.read(recipe.require_manifest("train"))}
-        audio_enc = WhisperAudioEncoder.load(cfg.audio_encoder.path, cfg.audio_encoder.mode)
+        audio_enc = WhisperAudioEncoder.from_config(cfg.audio_encoder.path, cfg.audio_encoder)
         video_enc = load_video_encoder(cfg.video_encoder.path).eval()
         dims = store.provenance["dims"]
         model = build_model(cfg, dims["audio"], dims["video"], seed=0)

@@ -50,6 +50,8 @@ class AudioEncoderConfig:
     # faithful: pad to 30 s as Whisper was trained; fast: encoder layers on the true length only
     # (benchmarks/whisper_modes.md)
     mode: str = "faithful"
+    # zero-mean, unit-variance waveform before the log-mel (reference code, train and test); False: raw
+    normalize: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class VideoEncoderConfig:
 class LoraConfig:
     strategy: str = "ms"  # ms: one shared LoRA; ss: one per configuration; mss: shared + per configuration
     rank: int = 64  # LoRA bottleneck (64 for Llama 3.2-1B in the reference code)
-    alpha: int = 8  # LoRA scaling numerator (scale = alpha / rank)
+    alpha: float = 8  # LoRA scaling numerator (scale = alpha / rank)
     dropout: float = 0.05  # dropout on the LoRA input
     targets: tuple[str, ...] = ("q_proj", "v_proj")  # attention projections adapted (paper.md, LLM)
 
@@ -107,6 +109,9 @@ class TrainConfig:
     pack_rates: bool = False  # one batched LLM pass for all configurations: same loss; slower on CPU (padding)
     accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation; same gradient as one batch)
     max_frames: int = 0  # >0: dynamic batches of at most this many video frames (25 per s) instead of batch_size
+    # what max_frames caps: step = one global step, the same batches on any number of GPUs (mavsr);
+    # gpu = each process's micro-batch, so a step holds max_frames x processes x accum_steps (reference code)
+    max_frames_per: str = "step"
     save_every: int = 0  # steps between checkpoints (0 = at the end of every epoch)
     average_last: int = 0  # >1: the final checkpoint averages N checkpoints, the last or the best (`select`)
     select: str = "best"  # best: lowest validation loss (epoch checkpoints; the last without a val split), or last
@@ -354,6 +359,8 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     if t.precision not in ("auto", "fp32", "bf16"):
         raise MavsrError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    if t.max_frames_per not in ("step", "gpu"):
+        raise MavsrError(f"train.max_frames_per must be step or gpu, got {t.max_frames_per!r}")
     if t.select not in ("best", "last"):
         raise MavsrError(f"train.select must be best or last, got {t.select!r}")
     if t.distributed not in ("ddp", "fsdp"):

@@ -47,7 +47,7 @@ class Encoders:
     def load(self) -> None:
         if self.audio is None and self.prov["audio"]:
             a = self.cfg.audio_encoder
-            self.audio = WhisperAudioEncoder.load(resolve_model(self.recipe, a.path), a.mode)
+            self.audio = WhisperAudioEncoder.from_config(resolve_model(self.recipe, a.path), a)
         if self.video is None and self.prov["video"]:
             self.video = load_video_encoder(resolve_model(self.recipe, self.cfg.video_encoder.path))
 

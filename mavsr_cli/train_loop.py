@@ -48,6 +48,12 @@ def lr_lambda(total: int, warmup: int):
     return f
 
 
+def step_frames(t, world: int) -> int:
+    """The video frames one global step may hold: train.max_frames, or that many per process and
+    micro-batch (train.max_frames_per gpu, the reference code's per-GPU batches)."""
+    return t.max_frames * (world * t.accum_steps if t.max_frames_per == "gpu" else 1)
+
+
 def plan_epoch(store: FeatureStore, ids: list[str], batch_size: int, max_frames: int, seed: int, epoch: int,
                min_batch: int = 1) -> list[list[str]]:
     """The global batches of one epoch, a function of (seed, epoch) only.
@@ -193,7 +199,8 @@ class Trainer:
 
     def plan(self, epoch: int) -> list[list[str]]:
         t = self.t
-        return plan_epoch(self.store, self.ids, t.batch_size, t.max_frames, t.seed, epoch, self.min_batch)
+        return plan_epoch(self.store, self.ids, t.batch_size, step_frames(t, self.world), t.seed, epoch,
+                          self.min_batch)
 
     # ---- resume --------------------------------------------------------------------------------
     def resume(self) -> None:

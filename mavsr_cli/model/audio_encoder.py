@@ -4,6 +4,9 @@ Whisper's encoder insists on 30 s of log-mel (3000 frames). Two ways to encode s
   faithful: pad to 30 s as Whisper was trained, run the model, keep the frames of the true length;
   fast:     drive the conv stem and layers directly on the true length, with the positional
             embeddings sliced to it (design.md, "Whisper and Llama").
+`normalize` scales each waveform to zero mean and unit variance before the log-mel, as the
+reference code does for training and test (a layer norm over the whole clip, eps 1e-8); without
+it the raw waveform goes in, as Whisper itself was trained.
 Output: 50 tokens per second of audio, (T, d_model).
 """
 
@@ -20,15 +23,21 @@ from ..errors import MavsrError
 
 
 class WhisperAudioEncoder(nn.Module):
-    def __init__(self, extractor, encoder, mode: str = "fast") -> None:
+    def __init__(self, extractor, encoder, mode: str = "fast", normalize: bool = False) -> None:
         super().__init__()
         self.extractor = extractor
         self.encoder = encoder.eval().requires_grad_(False)
         self.mode = mode
+        self.normalize = normalize
         self.dim = encoder.config.d_model
 
     @classmethod
-    def load(cls, name_or_path: str, mode: str = "fast") -> WhisperAudioEncoder:
+    def from_config(cls, path: str, cfg) -> WhisperAudioEncoder:
+        """The encoder an `audio_encoder:` config section describes, loaded from `path` (its resolved path)."""
+        return cls.load(path, cfg.mode, cfg.normalize)
+
+    @classmethod
+    def load(cls, name_or_path: str, mode: str = "fast", normalize: bool = False) -> WhisperAudioEncoder:
         from transformers import WhisperFeatureExtractor, WhisperModel
 
         try:
@@ -43,7 +52,7 @@ class WhisperAudioEncoder(nn.Module):
             raise MavsrError(f"Whisper checkpoint {name_or_path!r} lacks encoder weights: {', '.join(missing[:3])}")
         encoder = model.encoder
         del model  # the decoder is not needed
-        return cls(extractor, encoder, mode)
+        return cls(extractor, encoder, mode, normalize)
 
     @staticmethod
     def tiny(out_dir: Path, d_model: int = 128, layers: int = 2, heads: int = 4, seed: int = 0,
@@ -78,16 +87,23 @@ class WhisperAudioEncoder(nn.Module):
         enc = self.encoder
         dev = enc.conv1.weight.device
         if self.mode == "faithful":
-            mel = self.extractor(wav, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+            mel = self.extractor(self.prepared(wav), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
             out = enc(mel.to(dev, enc.conv1.weight.dtype)).last_hidden_state[0]
             return out[:n_tokens]
         return self.encode_mel(self.mel(wav))
 
+    def prepared(self, wav: np.ndarray) -> np.ndarray:
+        """The waveform the log-mel is taken of: as it is, or normalised over the clip (`normalize`)."""
+        if not self.normalize:
+            return wav
+        x = np.asarray(wav, dtype=np.float64)
+        return ((x - x.mean()) / np.sqrt(x.var() + 1e-8)).astype(np.float32)
+
     def mel(self, wav: np.ndarray) -> torch.Tensor:
         """Whisper log-mel of the true length, (80, 2 * tokens)."""
         n_tokens = max(1, len(wav) // SAMPLES_PER_AUDIO_FRAME)
-        mel = self.extractor(wav, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="longest",
-                             truncation=False).input_features  # (1, 80, frames)
+        mel = self.extractor(self.prepared(wav), sampling_rate=SAMPLE_RATE, return_tensors="pt",
+                             padding="longest", truncation=False).input_features  # (1, 80, frames)
         return mel[0, :, : 2 * n_tokens]
 
     def encode_mel(self, mel: torch.Tensor) -> torch.Tensor:

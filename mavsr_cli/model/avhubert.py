@@ -38,6 +38,9 @@ class AVHubertConfig:
     conv_pos: int = 128  # kernel of the convolutional relative positions
     conv_pos_groups: int = 16  # groups of that convolution
     resnet_channels: int = 64  # channels of the 3-D stem and the first trunk stage (64 in the release)
+    # pre-LN transformer layers and a final norm (every released checkpoint); False: post-LN layers,
+    # the norm before them (fairseq's TransformerEncoder reads the same flag)
+    layer_norm_first: bool = True
 
     @classmethod
     def from_checkpoint_cfg(cls, model_cfg) -> "AVHubertConfig":
@@ -144,10 +147,11 @@ class SelfAttention(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """wav2vec 2.0 / AV-HuBERT transformer layer with layer_norm_first = True."""
+    """wav2vec 2.0 / AV-HuBERT transformer layer: pre-LN (layer_norm_first) or post-LN."""
 
-    def __init__(self, dim: int, ffn: int, heads: int) -> None:
+    def __init__(self, dim: int, ffn: int, heads: int, pre_ln: bool = True) -> None:
         super().__init__()
+        self.pre_ln = pre_ln
         self.self_attn = SelfAttention(dim, heads)
         self.self_attn_layer_norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, ffn)
@@ -155,6 +159,9 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        if not self.pre_ln:  # norms after each residual sum
+            x = self.self_attn_layer_norm(x + self.self_attn(x, pad))
+            return self.final_layer_norm(x + self.fc2(nn.functional.gelu(self.fc1(x))))
         x = x + self.self_attn(self.self_attn_layer_norm(x), pad)
         return x + self.fc2(nn.functional.gelu(self.fc1(self.final_layer_norm(x))))
 
@@ -164,17 +171,20 @@ class Encoder(nn.Module):
         super().__init__()
         d = cfg.encoder_embed_dim
         self.pos_conv = nn.Sequential(PosConv(d, cfg.conv_pos, cfg.conv_pos_groups))
-        self.layers = nn.ModuleList(EncoderLayer(d, cfg.encoder_ffn_embed_dim, cfg.encoder_attention_heads)
-                                    for _ in range(cfg.encoder_layers))
+        self.layers = nn.ModuleList(EncoderLayer(d, cfg.encoder_ffn_embed_dim, cfg.encoder_attention_heads,
+                                                 cfg.layer_norm_first) for _ in range(cfg.encoder_layers))
         self.layer_norm = nn.LayerNorm(d)
+        self.pre_ln = cfg.layer_norm_first
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:  # (B, T, D)
         if pad is not None:
             x = x.masked_fill(pad[..., None], 0.0)
         x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+        if not self.pre_ln:  # post-LN: the encoder's norm comes before the layers
+            x = self.layer_norm(x)
         for layer in self.layers:
             x = layer(x, pad)
-        return self.layer_norm(x)  # layer_norm_first: the final norm comes after the layers
+        return self.layer_norm(x) if self.pre_ln else x  # pre-LN: the final norm comes after the layers
 
 
 class AVHubertVideoEncoder(nn.Module):

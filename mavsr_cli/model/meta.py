@@ -20,7 +20,8 @@ LLAMA = {
     "Llama-3.1-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, tie_word_embeddings=False),
 }
-WHISPER = {"whisper-small": (768, 12, 12), "whisper-medium": (1024, 24, 16), "whisper-large-v3": (1280, 32, 20)}
+WHISPER = {"whisper-small": (768, 12, 12), "whisper-medium": (1024, 24, 16), "whisper-large-v3": (1280, 32, 20),
+           "whisper-small.en": (768, 12, 12), "whisper-medium.en": (1024, 24, 16)}  # .en: the same encoders
 PUBLISHED_M = {"Llama-3.2-1B": 1235.8, "Llama-3.2-3B": 3212.7, "Llama-3.1-8B": 8030.3}  # parameters, millions
 
 

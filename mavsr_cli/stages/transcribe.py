@@ -101,7 +101,7 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
             if len(wav) < SAMPLES_PER_AUDIO_FRAME:
                 raise MediaError(f"{media}: audio shorter than one encoder frame (20 ms)")
             duration = len(wav) / SAMPLE_RATE
-            enc = WhisperAudioEncoder.load(resolve_model(recipe, cfg.audio_encoder.path), cfg.audio_encoder.mode)
+            enc = WhisperAudioEncoder.from_config(resolve_model(recipe, cfg.audio_encoder.path), cfg.audio_encoder)
             feats["audio"] = pad_batch([enc(wav).float()])
         if modality in ("av", "v"):
             vc = cfg.video_encoder

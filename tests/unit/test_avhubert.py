@@ -58,14 +58,14 @@ class _FakeFairseq:
                 sys.modules[n] = m
 
 
-def write_checkpoint(path, model, old_style=False):
+def write_checkpoint(path, model, old_style=False, layer_norm_first=True):
     with _FakeFairseq() as Dictionary:
         ckpt = {"model": model.fairseq_state(), "task_state": {"dictionaries": [Dictionary()]}}
         if old_style:
-            ckpt["args"] = argparse.Namespace(**TINY, _name="av_hubert")
+            ckpt["args"] = argparse.Namespace(**TINY, _name="av_hubert", layer_norm_first=layer_norm_first)
         else:
             ckpt["cfg"] = {"model": {**TINY, "_name": "av_hubert", "modality_fuse": "concat",
-                                     "layer_norm_first": True}, "task": {"labels": ["km"]}}
+                                     "layer_norm_first": layer_norm_first}, "task": {"labels": ["km"]}}
         torch.save(ckpt, path)
     assert "fairseq" not in sys.modules
 
@@ -84,6 +84,45 @@ def test_tiny_checkpoint_round_trip_without_fairseq(tmp_path, old_style):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), m(x))
     assert loaded(x).shape == (12, 32)
+
+
+def _torch_post_ln_layer(layer):
+    """torch's own post-LN transformer layer holding the weights of one AV-HuBERT layer."""
+    a = layer.self_attn
+    d = a.q_proj.weight.shape[0]
+    ref = torch.nn.TransformerEncoderLayer(d, a.heads, layer.fc1.weight.shape[0], dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=False).eval()
+    with torch.no_grad():
+        ref.self_attn.in_proj_weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+        ref.self_attn.in_proj_bias.copy_(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
+        ref.self_attn.out_proj.load_state_dict(a.out_proj.state_dict())
+        for name in ("fc1", "fc2"):
+            getattr(ref, {"fc1": "linear1", "fc2": "linear2"}[name]).load_state_dict(getattr(layer, name).state_dict())
+        ref.norm1.load_state_dict(layer.self_attn_layer_norm.state_dict())
+        ref.norm2.load_state_dict(layer.final_layer_norm.state_dict())
+    return ref
+
+
+@pytest.mark.parametrize("old_style", [False, True])
+def test_a_post_ln_checkpoint_is_read_as_post_ln(tmp_path, old_style):
+    """layer_norm_first comes from the checkpoint's own config: a post-LN one (False) computes the
+    norm before the layers and after each residual sum, as torch's post-LN layer does."""
+    torch.manual_seed(0)
+    m = AVHubertVideoEncoder(AVHubertConfig(**TINY)).eval()
+    for p in m.parameters():  # norms away from identity, so the order of operations shows
+        p.data.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "post_ln.pt"
+    write_checkpoint(path, m, old_style, layer_norm_first=False)
+    post = load_video_encoder(str(path))
+    assert post.cfg.layer_norm_first is False
+    x = torch.randn(10, 88, 88)
+    with torch.no_grad():
+        h = torch.randn(1, 10, 32)
+        want = post.encoder.layer_norm(h + post.encoder.pos_conv(h.transpose(1, 2)).transpose(1, 2))
+        for layer in post.encoder.layers:
+            want = _torch_post_ln_layer(layer)(want)
+        torch.testing.assert_close(post.encoder(h), want, atol=1e-5, rtol=1e-5)
+        assert (post(x) - m(x)).abs().max() > 1e-2  # the same tensors, read as pre-LN, compute another thing
 
 
 def test_wrong_or_missing_tensors_are_named(tmp_path):

@@ -81,3 +81,16 @@ def test_decode_options_are_checked_and_the_pool_tag_is_clean():
             C.check_decode(C.DecodeConfig(**bad))
     with pytest.raises(MavsrError, match="rate tag"):
         C.check_decode(C.DecodeConfig(pool="fast"))
+
+
+def test_max_frames_caps_a_step_or_each_gpu():
+    """train.max_frames_per: step (mavsr: the same batches on any number of processes) or gpu (the
+    reference code's per-GPU cap: a step holds max_frames per process and micro-batch)."""
+    from mavsr_cli.train_loop import step_frames
+
+    step = C.from_dict({"train": {"max_frames": 1500, "accum_steps": 2}}).train
+    gpu = C.from_dict({"train": {"max_frames": 1500, "accum_steps": 2, "max_frames_per": "gpu"}}).train
+    assert [step_frames(step, w) for w in (1, 8)] == [1500, 1500]
+    assert [step_frames(gpu, w) for w in (1, 8)] == [3000, 24000]
+    with pytest.raises(MavsrError, match="max_frames_per must be step or gpu"):
+        C.validate(C.from_dict({"train": {"max_frames_per": "node"}}))

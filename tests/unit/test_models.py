@@ -49,6 +49,23 @@ def test_whisper_loads_with_real_weights(parts):
     assert enc(wav).shape == (100, 32)
 
 
+@pytest.mark.parametrize("mode", ["fast", "faithful"])
+def test_whisper_input_normalisation_is_the_reference_codes_layer_norm(parts, mode):
+    """audio_encoder.normalize: the clip is scaled to zero mean and unit variance (layer_norm over
+    the waveform, eps 1e-8, as the reference code) before the log-mel; off, the raw clip goes in."""
+    from mavsr_cli.config import AudioEncoderConfig
+
+    raw = WhisperAudioEncoder.load(str(parts / "whisper"), mode)
+    norm = WhisperAudioEncoder.from_config(str(parts / "whisper"), AudioEncoderConfig(mode=mode, normalize=True))
+    wav = np.random.default_rng(2).normal(0.02, 0.05, 16000).astype(np.float32)
+    t = torch.from_numpy(wav)
+    by_torch = torch.nn.functional.layer_norm(t, t.shape, eps=1e-8).numpy()
+    with torch.no_grad():
+        torch.testing.assert_close(norm(wav), raw(by_torch), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(norm(wav * 3 + 0.1), norm(wav), atol=1e-3, rtol=1e-3)  # level-free
+    assert (norm.mel(wav) - raw.mel(wav)).mean() > 0.3  # a clip at 0.05 rms: the whole log-mel shifts up
+
+
 def test_whisper_batched_fast_path_equals_one_utterance_at_a_time(parts):
     enc = WhisperAudioEncoder.load(str(parts / "whisper"))
     rng = np.random.default_rng(1)
