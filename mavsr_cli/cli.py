@@ -32,8 +32,8 @@ from .options import (
 )
 from .sharding import parse_shard
 
-STAGE_ORDER = ("prepare", "tiny-models", "extract-features", "train", "decode", "score", "transcribe", "bench",
-               "claims", "info")
+STAGE_ORDER = ("prepare", "tiny-models", "extract-features", "train", "import", "decode", "score", "transcribe",
+               "bench", "claims", "info")
 
 
 class _Flags:
@@ -69,6 +69,13 @@ EXAMPLES = {  # shown under each command's --help; the synthetic recipe's comman
     "decode": ["mavsr decode --exp exp/synth_ms_all --audio-rate 16 --video-rate 5",
                "mavsr decode --exp exp/synth_ms_all --sweep --snr 0   # every pair, 0 dB babble",
                "mavsr decode --exp exp/synth_ms_all --budget 25   # the best pair within 25 tokens/s"],
+    "import omni-avsr": ["mavsr import omni-avsr model_avg_1.pth --exp exp/mtsk --llm meta-llama/Llama-3.2-1B "
+                         "--audio-encoder openai/whisper-medium.en --video-encoder models/large_vox_iter5.pt "
+                         "--audio-rates 4,16 --video-rates 2,5",
+                         "mavsr extract-features --config exp/mtsk/config.yaml --split test "
+                         "&& mavsr decode --exp exp/mtsk --sweep"],
+    "import llama-avsr": ["mavsr import llama-avsr ASR_Whisper-M_Llama3.1-8B_down3.pth --exp exp/lavsr_asr "
+                          "--llm meta-llama/Llama-3.1-8B --audio-encoder openai/whisper-medium.en"],
     "score": ["mavsr score --exp exp/synth_ms_all && cat exp/synth_ms_all/RESULTS.md"],
     "transcribe": ["mavsr transcribe phone.mp4 --exp exp/synth_ms_all --save-roi mouth.mp4   # face found for you",
                    "mavsr transcribe clip.mp4 --exp exp/synth_ms_all --roi 210,300,120,120",
@@ -179,11 +186,13 @@ def _value(choice):
 
 # ---- prepare: one command per corpus ----------------------------------------------------------
 class _Corpora(_Flags, TyperGroup):
-    """`mavsr prepare <corpus>`: an unknown corpus is refused naming the ones there are."""
+    """`mavsr prepare <corpus>` (and `mavsr import <flavour>`): an unknown one is refused naming the
+    ones there are."""
 
     def resolve_command(self, ctx, args: list[str]):
         if args and args[0] not in self.commands and not args[0].startswith("-"):
-            raise MavsrError(f"unknown corpus {args[0]!r} (available: {', '.join(self.commands)})")
+            what = "checkpoint flavour" if ctx.info_name == "import" else "corpus"
+            raise MavsrError(f"unknown {what} {args[0]!r} (available: {', '.join(self.commands)})")
         return super().resolve_command(ctx, args)
 
 
@@ -302,6 +311,73 @@ def prepare_csv(
     if csv is None or root is None:
         raise MavsrError("prepare csv needs --csv (the label list) and --root (its data root)")
     stage.run_csv(recipe, csv, root, split, force, _log)
+
+
+# ---- import: the authors' checkpoints ------------------------------------------------------------
+import_app = typer.Typer(cls=_Corpora, no_args_is_help=True, help="Turn a checkpoint trained by the authors' code "
+                         "into an experiment dir that decode and transcribe use: omni-avsr (Omni-AVSR's "
+                         "Llama-AVSR / Llama-MTSK scripts), llama-avsr (the Llama-AVSR repository).")
+app.add_typer(import_app, name="import")
+CkptArg = Annotated[Path, typer.Argument(help="Their checkpoint: model_avg_N.pth (a flat tensor dict) or a Lightning "
+                                         "epoch=K.ckpt (whose hyper-parameters then fill the options below).")]
+ImportExpOpt = Annotated[Path, typer.Option(help="Experiment dir to create (exp/<tag>), relative to --dir or "
+                                            "absolute.")]
+LlmOpt = Annotated[str, typer.Option(help="The LLM it was trained on: hub id or local dir (checked against the "
+                                     "checkpoint's copy).")]
+AudioEncOpt = Annotated[str | None, typer.Option(help="The Whisper it was trained with: hub id or local dir "
+                                                 "(audio models; checked against the checkpoint's copy).")]
+VideoEncOpt = Annotated[str | None, typer.Option(help="The AV-HuBERT .pt it was trained from, for its hyper-parameters "
+                                                 "(default: read off the tensor shapes); the weights are the "
+                                                 "checkpoint's own.")]
+RatesOpt = Annotated[str | None, typer.Option(help="Comma-separated, in the order of the training command's "
+                                              "--downsample-ratio-{audio,video} (needed for a .pth with "
+                                              "average pooling).")]
+CompressionOpt = Annotated[str | None, typer.Option(help="avg or stack (default: the .ckpt's --compression-mode, "
+                                                    "else avg for omni-avsr, stack for llama-avsr).")]
+LoraScaleOpt = Annotated[float | None, typer.Option(help="Their LoRA's alpha / rank (default: the .ckpt's, else "
+                                                    "0.125, which every published command uses).")]
+
+
+def _import(flavour: str, ckpt: Path, exp: Path, dir: Path, llm: str, audio_encoder: str | None,
+            video_encoder: str | None, audio_rates: str | None, video_rates: str | None, compression: str | None,
+            lora_scale: float | None, force: bool) -> None:
+    _quiet_libraries()
+    from . import authors
+    from .stages import imports as stage
+
+    def ints(spec: str | None, what: str):
+        try:
+            return None if spec is None else tuple(int(x) for x in spec.split(","))
+        except ValueError:
+            raise MavsrError(f"--{what} must be comma-separated whole numbers, got {spec!r}") from None
+
+    if compression not in (None, "avg", "stack"):
+        raise MavsrError(f"--compression must be avg or stack, got {compression!r}")
+    hints = authors.Hints(ints(audio_rates, "audio-rates"), ints(video_rates, "video-rates"), compression, lora_scale)
+    src = stage.Sources(llm, audio_encoder, video_encoder)
+    stage.run(_recipe(dir, exp), flavour, ckpt, exp, src, hints, force, _log)
+    _next(f"mavsr extract-features --config {exp}/config.yaml --split test", f"mavsr decode --exp {exp} --sweep")
+
+
+@import_app.command("omni-avsr", cls=_Command, epilog=_examples("import omni-avsr"))
+def import_omni(ckpt: CkptArg, exp: ImportExpOpt, llm: LlmOpt, dir: DirOpt = Path("."),
+                audio_encoder: AudioEncOpt = None, video_encoder: VideoEncOpt = None, audio_rates: RatesOpt = None,
+                video_rates: RatesOpt = None, compression: CompressionOpt = None, lora_scale: LoraScaleOpt = None,
+                force: ForceOpt = False) -> None:
+    """A Llama-AVSR or Llama-MTSK checkpoint of Omni-AVSR's train_LlamaAVSR.py -> exp/<tag>/ (config.yaml, meta.json,
+    video_encoder.pt, ckpt/imported/)."""
+    _import("omni-avsr", ckpt, exp, dir, llm, audio_encoder, video_encoder, audio_rates, video_rates, compression,
+            lora_scale, force)
+
+
+@import_app.command("llama-avsr", cls=_Command, epilog=_examples("import llama-avsr"))
+def import_llama_avsr(ckpt: CkptArg, exp: ImportExpOpt, llm: LlmOpt, dir: DirOpt = Path("."),
+                      audio_encoder: AudioEncOpt = None, video_encoder: VideoEncOpt = None,
+                      audio_rates: RatesOpt = None, video_rates: RatesOpt = None, compression: CompressionOpt = None,
+                      lora_scale: LoraScaleOpt = None, force: ForceOpt = False) -> None:
+    """A checkpoint of the Llama-AVSR repository's train.py (e.g. its model zoo's .pth) -> exp/<tag>/."""
+    _import("llama-avsr", ckpt, exp, dir, llm, audio_encoder, video_encoder, audio_rates, video_rates, compression,
+            lora_scale, force)
 
 
 # ---- the other stages ---------------------------------------------------------------------------

@@ -67,6 +67,13 @@ _ALLOWED = {
     ("torch", "device"): torch.device,
 }
 _INERT_MODULE_PREFIXES = ("fairseq", "omegaconf", "argparse", "hydra")
+# Lightning checkpoints (the authors' epoch=K.ckpt) keep their hyper-parameters in an AttributeDict,
+# a dict subclass: rebuilt as a plain dict
+_DICT_MODULE_PREFIXES = ("lightning", "lightning_fabric", "pytorch_lightning")
+
+
+class InertDict(dict):
+    """Stands in for a dict subclass we do not import."""
 
 
 class Refused(pickle.UnpicklingError):
@@ -74,6 +81,8 @@ class Refused(pickle.UnpicklingError):
 
 
 def _reconstructor(cls, base, state):
+    if isinstance(cls, type) and issubclass(cls, InertDict) and base is dict:
+        return cls()
     if not (isinstance(cls, type) and issubclass(cls, Inert)) or base is not object:
         raise Refused(f"refused to rebuild {cls!r}")
     return cls.__new__(cls)
@@ -90,6 +99,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if module.split(".")[0] in _INERT_MODULE_PREFIXES:
             return _inert(module, name)
+        if module.split(".")[0] in _DICT_MODULE_PREFIXES and name == "AttributeDict":
+            return InertDict
         raise Refused(f"refused to load global {module}.{name}")
 
 
