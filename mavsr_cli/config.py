@@ -52,6 +52,9 @@ class AudioEncoderConfig:
     mode: str = "faithful"
     # zero-mean, unit-variance waveform before the log-mel (reference code, train and test); False: raw
     normalize: bool = False
+    # audio-visual models: the audio cut or zero-padded to 640 samples per video frame before it is
+    # encoded, as the reference code's AV data are; False: the clip as it is
+    fit_video: bool = False
 
 
 @dataclass(frozen=True)

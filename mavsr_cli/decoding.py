@@ -124,12 +124,11 @@ def generate(model, feats: dict, rates: Rates, max_new_tokens: int, beam: int = 
     or mavsr's batched beam search."""
     emb, mask, _ = model.build(feats, rates, None, left_pad=True, pool=pool)  # (B, L, D), (B, L)
     tok = model.tokenizer
+    llm = _causal_lm(model.llm)
     if beam > 1:
-        ids = beam_search(model.llm, emb, mask, tok.eos_token_id, beam, max_new_tokens)
+        ids = beam_search(llm, emb, mask, tok.eos_token_id, beam, max_new_tokens)
     else:
-        ids = model.llm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, num_beams=1, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)
+        ids = greedy_search(llm, emb, mask, tok.eos_token_id, max_new_tokens)
     texts = tok.batch_decode(ids, skip_special_tokens=True)
     return [" ".join(t.split()) for t in texts], mask.sum(1).tolist()
 
@@ -201,6 +200,82 @@ class _Beams:
         return out
 
 
+def _causal_lm(llm):
+    """The causal LM under peft's wrapper (its LoRA layers are inside it, active as set): calling it
+    directly skips the wrapper's per-call bookkeeping, which a search pays once per token."""
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
+@torch.no_grad()
+def greedy_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, max_new_tokens: int) -> list[list[int]]:
+    """The most likely token at every step, with the in-place KV cache; token for token what
+    transformers' greedy `generate` gives (tested). emb (B, L, D) left-padded, mask (B, L)."""
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = _in_place_cache(max_new_tokens)
+    out = llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+              logits_to_keep=1)
+    full = _search_mask(mask, max_new_tokens)
+    done = torch.zeros(emb.shape[0], dtype=torch.bool)
+    seqs: list[list[int]] = [[] for _ in range(emb.shape[0])]
+    for step in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1)  # (B,)
+        for i in (~done).nonzero().squeeze(1).tolist():
+            if nxt[i] != eos:
+                seqs[i].append(int(nxt[i]))
+        done |= nxt == eos
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        out = llm(inputs_embeds=llm.get_input_embeddings()(nxt[:, None]), position_ids=pos[:, -1:] + step + 1,
+                  attention_mask=full[..., : mask.shape[1] + step + 1], cache=cache, use_cache=True)
+    return seqs
+
+
+def _search_mask(mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """(B, 1, 1, L + max_new_tokens) True where a one-token step may attend: the prompt's mask (left
+    padding) and every generated token. Built once, sliced per step, and given to the LLM as the
+    prepared 4-D mask it would otherwise rebuild from the 2-D one at every step."""
+    return torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens)], dim=1).bool()[:, None, None, :]
+
+
+def _in_place_cache(extra: int):
+    """A KV cache whose storage is allocated once for the prompt and `extra` generated tokens: a step
+    writes its keys and values in place (no concatenation), and a reorder copies only the rows whose
+    beam changed parent (all rows only when finished utterances leave the batch)."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class InPlaceLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                b, h, n, d = key_states.shape
+                self.buf = [key_states.new_empty(b, h, n + extra, d), value_states.new_empty(b, h, n + extra, d)]
+                self.n = 0
+            t = key_states.shape[-2]
+            self.buf[0][:, :, self.n:self.n + t] = key_states
+            self.buf[1][:, :, self.n:self.n + t] = value_states
+            self.n += t
+            return self._views()
+
+        def _views(self):
+            self.keys, self.values = (x[:, :, : self.n] for x in self.buf)
+            return self.keys, self.values
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self.buf = [x.repeat_interleave(repeats, dim=0) for x in self.buf]
+            self.prompt = self.n  # every beam of an utterance holds the same prompt from here on
+            self._views()
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            if len(beam_idx) != self.buf[0].shape[0]:  # rows leave: one gather of what remains
+                self.buf = [x.index_select(0, beam_idx) for x in self.buf]
+            else:  # beams move only within their utterance, whose rows share the prompt: gather the rest
+                for x in self.buf:
+                    x[:, :, self.prompt:self.n] = x[:, :, self.prompt:self.n].index_select(0, beam_idx)
+            self._views()
+
+    return Cache(layer_class_to_replicate=InPlaceLayer)
+
+
 @torch.no_grad()
 def beam_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, beam: int, max_new_tokens: int,
                 length_penalty: float = 1.0) -> list[list[int]]:
@@ -216,11 +291,12 @@ def beam_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, beam: int,
     """
     b, k = emb.shape[0], beam
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache = out.past_key_values
+    cache = _in_place_cache(max_new_tokens)
+    out = llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+              logits_to_keep=1)
     logp = torch.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(k, 0)  # (B*K, V)
     cache.batch_repeat_interleave(k)
-    mask = mask.repeat_interleave(k, 0)
+    full = _search_mask(mask, max_new_tokens).repeat_interleave(k, 0)
     last_pos = pos[:, -1].repeat_interleave(k)
     beams = _Beams(b, k, eos, length_penalty)
     for step in range(max_new_tokens):
@@ -229,11 +305,12 @@ def beam_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, beam: int,
             break
         idx = torch.tensor(rows)
         cache.reorder_cache(idx)  # reorders beams and drops the rows of finished utterances
-        mask = torch.cat([mask[idx], mask.new_ones(len(rows), 1)], dim=1)
+        if len(rows) != full.shape[0]:  # a beam's rows share their utterance's mask: only leaving rows change it
+            full = full[idx]
         last_pos = last_pos[idx] + 1
         step_emb = llm.get_input_embeddings()(torch.tensor(toks)[:, None])
-        out = llm(inputs_embeds=step_emb, attention_mask=mask, position_ids=last_pos[:, None],
-                  cache=cache, use_cache=True)
+        out = llm(inputs_embeds=step_emb, attention_mask=full[..., : mask.shape[1] + step + 1],
+                  position_ids=last_pos[:, None], cache=cache, use_cache=True)
         logp = torch.log_softmax(out.logits[:, -1].float(), -1)
     return beams.best(b)
 

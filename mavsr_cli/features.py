@@ -134,6 +134,8 @@ def provenance(recipe: Recipe, cfg: Config) -> dict:
         audio = {"path": a.path, "mode": a.mode, "digest": model_digest(resolve_model(recipe, a.path))}
         if a.normalize:  # named only when on, so caches made before the option keep their tags
             audio["normalize"] = True
+        if a.fit_video and use_v:
+            audio["fit_video"] = True
     if use_v:
         video = {"path": v.path, "crop": v.crop, "mean": v.mean, "std": v.std,
                  "digest": model_digest(resolve_model(recipe, v.path))}

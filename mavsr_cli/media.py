@@ -116,6 +116,12 @@ def resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return v[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+def fit_audio(wav: np.ndarray, n_frames: int, fps: int = FPS) -> np.ndarray:
+    """The audio cut or zero-padded to exactly the video's length (640 samples per frame at 25 fps)."""
+    n = n_frames * SAMPLE_RATE // fps
+    return wav[:n] if len(wav) >= n else np.pad(wav, (0, n - len(wav)))
+
+
 def read_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """The first audio stream, mixed to mono and resampled, as float32 in [-1, 1], (T,)."""
     chunks = []

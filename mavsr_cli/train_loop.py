@@ -48,6 +48,12 @@ def lr_lambda(total: int, warmup: int):
     return f
 
 
+def optimizer(params: list, t, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW as the reference code sets it; fused (one kernel over every tensor, where the device has
+    one) unless the parameters are FSDP shards."""
+    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, fused=fused or None)
+
+
 def step_frames(t, world: int) -> int:
     """The video frames one global step may hold: train.max_frames, or that many per process and
     micro-batch (train.max_frames_per gpu, the reference code's per-GPU batches)."""
@@ -185,7 +191,7 @@ class Trainer:
         self.engine = wrap(MatryoshkaLoss(model, rates, t.pack_rates), cfg, self.device, self.world)
         self.fsdp = self.world > 1 and t.distributed == "fsdp"
         self.params = [p for p in self.engine.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.opt = optimizer(self.params, t, fused=not self.fsdp)
         self.min_batch = self.world * t.accum_steps
         self.steps_per_epoch = len(self.plan(0))
         self.total = t.epochs * self.steps_per_epoch

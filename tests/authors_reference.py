@@ -5,8 +5,9 @@ Written from umbertocappellazzo/Omni-AVSR @7de6be2 (Omni_AVSR/modeling_LlamaAVSR
 Omni_AVSR/Llama_LoRA.py, datamodule/transforms.py, utils/avg_checkpoints.py) and
 umbertocappellazzo/Llama-AVSR @410842d (models/modeling_AVSRLLM.py), read, not copied:
 
-- audio: the waveform layer-normed over the clip (eps 1e-8) -> WhisperFeatureExtractor (padded to
-  30 s) -> Whisper encoder -> the first max(int(n / 16000 * 50), 25) frames
+- audio: with video, first cut or zero-padded to 640 samples per video frame (datamodule/av_dataset.py);
+  the waveform layer-normed over the clip (eps 1e-8) -> WhisperFeatureExtractor (padded to 30 s)
+  -> Whisper encoder -> the first max(int(n / 16000 * 50), 25) frames (clips here are over 0.5 s)
 - video: AV-HuBERT's final layer on the normalised 88x88 crops; with --use-lora-avhubert,
   q += 2 * up_Q(down_Q(x)) and v += 2 * up_V(down_V(x)) in every layer; BatchNorm statistics are
   whatever training left (here: random, not the pretrained file's)
@@ -49,17 +50,18 @@ class AuthorsAVSR(nn.Module):
 
     def __init__(self, llm, tokenizer, whisper_encoder, extractor, video_encoder, audio_rates, video_rates,
                  matryoshka: bool = True, layernorm: bool = True, compression: str = "avg", hidden: int = 48,
-                 reduction: int = 4, alpha: float = 0.5, avhubert_lora: bool = True, seed: int = 0) -> None:
+                 reduction: int = 4, alpha: float = 0.5, avhubert_lora: bool = True, seed: int = 0,
+                 added: tuple[str, ...] = tuple(ADDED)) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.tokenizer, self.extractor = tokenizer, extractor
         self.base_vocab = llm.get_input_embeddings().weight.shape[0]
-        # their tokenizer.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": [...]}) on a
-        # Llama 3 vocabulary (no pad token): five new ids after the LLM's, in this order
-        self.ids = {t: self.base_vocab + i for i, t in enumerate(ADDED)}
-        llm.resize_token_embeddings(self.base_vocab + 5, mean_resizing=False)
+        # their tokenizer.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": [...]}): on a
+        # Llama 3 vocabulary (no pad token) five new ids after the LLM's, in this order; four where a pad exists
+        self.ids = {t: self.base_vocab + i for i, t in enumerate(added)}
+        llm.resize_token_embeddings(self.base_vocab + len(added), mean_resizing=False)
         with torch.no_grad():  # their added rows: random, never trained
-            llm.get_input_embeddings().weight[self.base_vocab:] = torch.randn(5, llm.config.hidden_size) * 0.02
+            llm.get_input_embeddings().weight[self.base_vocab:] = torch.randn(len(added), llm.config.hidden_size) * 0.02
         self.llm = llm
         self.audio_encoder, self.video_encoder = whisper_encoder, video_encoder
         self.rates = {"audio": list(audio_rates), "video": list(video_rates)}
@@ -92,7 +94,10 @@ class AuthorsAVSR(nn.Module):
             _lora(layer.self_attn, "v_proj", cfg.hidden_size, kv, r, scale, "V", 0.05)
 
     # ---- their test-time forward ---------------------------------------------------------------
-    def audio_features(self, wav: np.ndarray) -> torch.Tensor:
+    def audio_features(self, wav: np.ndarray, video_frames: int | None = None) -> torch.Tensor:
+        if video_frames is not None:  # their cut_or_pad of AV samples
+            n = video_frames * 640
+            wav = wav[:n] if len(wav) >= n else np.pad(wav, (0, n - len(wav)))
         x = torch.nn.functional.layer_norm(torch.from_numpy(wav).float(), (len(wav),), eps=1e-8)
         mel = self.extractor(x.numpy(), return_tensors="pt", sampling_rate=16000).input_features
         out = self.audio_encoder(mel).last_hidden_state

@@ -87,10 +87,55 @@ class WhisperAudioEncoder(nn.Module):
         enc = self.encoder
         dev = enc.conv1.weight.device
         if self.mode == "faithful":
-            mel = self.extractor(self.prepared(wav), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
-            out = enc(mel.to(dev, enc.conv1.weight.dtype)).last_hidden_state[0]
-            return out[:n_tokens]
+            mel = self.extractor(self.prepared(wav), sampling_rate=SAMPLE_RATE, return_tensors="pt",
+                                 device="cpu").input_features
+            return self.encode_windows(mel.to(dev, enc.conv1.weight.dtype), n_tokens)[0]
         return self.encode_mel(self.mel(wav))
+
+    def encode_windows(self, mel: torch.Tensor, keep: int) -> torch.Tensor:
+        """The faithful path: 30 s log-mel windows (B, 80, 3000) -> their first `keep` frames (B, keep, D).
+
+        Every layer but the last runs on the whole window, as Whisper does; the last one computes
+        its queries, feed-forward and output only for the frames kept (its keys and values still
+        come from the whole window), the same numbers with a fraction of that layer's work."""
+        enc = self.encoder
+        h = nn.functional.gelu(enc.conv2(nn.functional.gelu(enc.conv1(mel)))).permute(0, 2, 1)  # (B, 1500, D)
+        h = h + enc.embed_positions.weight[: h.shape[1]]
+        for layer in enc.layers[:-1]:
+            h = layer(h, None)
+        last = enc.layers[-1]
+        a, x = last.self_attn, last.self_attn_layer_norm(h)
+        b, t, d = x.shape
+
+        def heads(y):  # (B, n, D) -> (B, H, n, D/H)
+            return y.view(b, -1, a.num_heads, d // a.num_heads).transpose(1, 2)
+
+        q, k, v = heads(a.q_proj(x[:, :keep])), heads(a.k_proj(x)), heads(a.v_proj(x))
+        y = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, keep, d)
+        h = h[:, :keep] + a.out_proj(y)
+        h = h + last.fc2(last.activation_fn(last.fc1(last.final_layer_norm(h))))
+        return enc.layer_norm(h)
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a clip's features are the same to the bit in any batch: faithful clips are each
+        one padded 30 s window (measured on CPU; GPU kernels may vary with the batch size)."""
+        return self.mode == "faithful"
+
+    def encode_batch(self, wavs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Several utterances in one encoder call -> ((B, T, d_model) zero-padded, lengths (B,)); each
+        row equals `forward` of its utterance within fp32 tolerance (tested). faithful: one batch of
+        30 s windows; fast: the masked batch of `encode_mels`."""
+        lens = [max(1, len(w) // SAMPLES_PER_AUDIO_FRAME) for w in wavs]
+        if self.mode != "faithful":
+            h, n = self.encode_mels([self.mel(w) for w in wavs])
+            return _zero_padding(h, n), n
+        enc = self.encoder
+        mel = self.extractor([self.prepared(w) for w in wavs], sampling_rate=SAMPLE_RATE, return_tensors="pt",
+                             device="cpu").input_features  # (B, 80, 3000)
+        h = self.encode_windows(mel.to(enc.conv1.weight.device, enc.conv1.weight.dtype), max(lens))
+        n = torch.tensor(lens, device=h.device)
+        return _zero_padding(h, n), n
 
     def prepared(self, wav: np.ndarray) -> np.ndarray:
         """The waveform the log-mel is taken of: as it is, or normalised over the clip (`normalize`)."""
@@ -135,3 +180,9 @@ class WhisperAudioEncoder(nn.Module):
         for layer in enc.layers:
             h = layer(h, mask)
         return enc.layer_norm(h), lens
+
+
+def _zero_padding(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) with the frames past each row's length set to zero, as `pad_batch` leaves them."""
+    keep = torch.arange(h.shape[1], device=h.device)[None] < lengths[:, None]
+    return h * keep[..., None].to(h.dtype)

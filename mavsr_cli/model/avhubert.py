@@ -200,11 +200,26 @@ class AVHubertVideoEncoder(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """(T, 88, 88) normalised mouth crops -> (T, D)."""
-        x = frames[None, None]  # (1, 1, T, H, W)
-        video = self.feature_extractor_video.proj(self.feature_extractor_video.resnet(x))  # (1, T, D)
-        fused = torch.cat([torch.zeros_like(video), video], dim=-1)  # (1, T, 2D): [audio, video]
-        x = self.post_extract_proj(self.layer_norm(fused))
-        return self.encoder(x)[0]
+        return self._encode(frames[None, None], None)[0]
+
+    def encode_batch(self, clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Several clips (T_b, 88, 88) in one call -> ((B, T, D) zero-padded, lengths (B,)). Padding
+        frames are zeros, which the 3-D stem and the positional convolution also pad with, and the
+        transformer's attention masks them: each row equals `forward` of its clip (tested)."""
+        lens = torch.tensor([c.shape[0] for c in clips])
+        x = torch.zeros(len(clips), 1, int(lens.max()), *clips[0].shape[1:], dtype=clips[0].dtype,
+                        device=clips[0].device)
+        for b, c in enumerate(clips):
+            x[b, 0, : c.shape[0]] = c
+        pad = torch.arange(x.shape[2])[None] >= lens[:, None]  # (B, T) True = padding
+        h = self._encode(x, pad.to(x.device) if len(clips) > 1 else None)
+        return h.masked_fill(pad[..., None].to(h.device), 0.0), lens
+
+    def _encode(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        """(B, 1, T, H, W) crops -> (B, T, D)."""
+        video = self.feature_extractor_video.proj(self.feature_extractor_video.resnet(x))  # (B, T, D)
+        fused = torch.cat([torch.zeros_like(video), video], dim=-1)  # (B, T, 2D): [audio, video]
+        return self.encoder(self.post_extract_proj(self.layer_norm(fused)), pad)
 
     @classmethod
     def load(cls, path: str | Path) -> "AVHubertVideoEncoder":

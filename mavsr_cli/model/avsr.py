@@ -72,25 +72,21 @@ class AVSRModel(nn.Module):
                 p.copy_(state[n].to(p.dtype))
 
     # ---- inputs --------------------------------------------------------------------------
-    def _media_tokens(self, feats: dict, rates: Rates, pool: Rates | None = None) -> list[list[torch.Tensor]]:
-        """Per utterance, the marker-wrapped compressed token blocks: list of (n_i, D) pieces.
+    def _media_blocks(self, feats: dict, rates: Rates, pool: Rates | None = None) -> list[tuple]:
+        """Per stream present: (projected tokens (B, T', D), lengths (B,), its two marker rows).
 
         `pool` (inference only): compress at these rates but use the projectors of `rates`, the
         paper's baseline of pooling a model trained at one rate to another at decode time."""
-        pieces: list[list[torch.Tensor]] = None
         pool = pool or rates
-        for modality, rate, prate, (m_open, m_close) in (("audio", rates.audio, pool.audio, (0, 1)),
-                                                         ("video", rates.video, pool.video, (2, 3))):
+        blocks = []
+        for modality, rate, prate, marks in (("audio", rates.audio, pool.audio, (0, 1)),
+                                             ("video", rates.video, pool.video, (2, 3))):
             if rate is None:
                 continue
             x, lengths = feats[modality]  # (B, T, Din), (B,)
             y, ylen = compress(x, lengths, prate, self.compression)  # (B, T', Din*)
-            y = self.projectors[proj.key(modality[0], rate)](y)  # (B, T', D)
-            if pieces is None:
-                pieces = [[] for _ in range(y.shape[0])]
-            for i in range(y.shape[0]):
-                pieces[i] += [self.markers[m_open:m_open + 1], y[i, : ylen[i]], self.markers[m_close:m_close + 1]]
-        return pieces
+            blocks.append((self.projectors[proj.key(modality[0], rate)](y), ylen.tolist(), marks))  # (B, T', D)
+        return blocks
 
     def _embed(self, ids: list[int], device) -> torch.Tensor:
         emb = self.llm.get_input_embeddings()
@@ -100,36 +96,54 @@ class AVSRModel(nn.Module):
               pool: Rates | None = None):
         """-> inputs_embeds (B, L, D), attention_mask (B, L), labels (B, L) or None.
 
-        Also activates the configuration's adapters for the LLM pass that follows."""
+        Also activates the configuration's adapters for the LLM pass that follows. Every row of the
+        batch is gathered at once from one table of the rows it is made of: the markers, BOS and
+        prompt, each stream's tokens, the transcripts (+ EOS) and a zero row for padding."""
         self.use_rates(rates)
-        pieces = self._media_tokens(feats, rates, pool)
-        device = self.markers.device
-        tok = self.tokenizer
-        bos = self._embed([tok.bos_token_id], device)
-        prompt = self._embed(self.prompt_ids, device)
-        seqs, labels = [], []
-        for i, p in enumerate(pieces):
-            prefix = torch.cat([bos] + p + [prompt])  # (P, D)
-            if targets is not None:
-                tgt = targets[i] + [tok.eos_token_id]
-                seqs.append(torch.cat([prefix, self._embed(tgt, device)]))
-                labels.append([-100] * prefix.shape[0] + tgt)
-            else:
-                seqs.append(prefix)
-        longest = max(s.shape[0] for s in seqs)
-        width = seqs[0].shape[1]
-        b = len(seqs)
-        emb = torch.zeros(b, longest, width, dtype=seqs[0].dtype, device=device)
-        mask = torch.zeros(b, longest, dtype=torch.long, device=device)
-        lab = torch.full((b, longest), -100, dtype=torch.long, device=device) if targets is not None else None
-        for i, s in enumerate(seqs):
-            n = s.shape[0]
-            sl = slice(longest - n, longest) if left_pad else slice(0, n)
-            emb[i, sl] = s
+        blocks = self._media_blocks(feats, rates, pool)
+        device, tok = self.markers.device, self.tokenizer
+        b = blocks[0][0].shape[0]
+        tgts = [t + [tok.eos_token_id] for t in targets] if targets is not None else [[] for _ in range(b)]
+        parts = [self.markers, self._embed([tok.bos_token_id] + self.prompt_ids, device)]
+        parts += [y.reshape(-1, y.shape[-1]) for y, _, _ in blocks]
+        parts.append(self._embed(sum(tgts, []), device) if targets is not None else parts[1][:0])
+        width = parts[1].shape[1]
+        table = torch.cat(parts + [parts[1].new_zeros(1, width)])  # (rows, D); the last row pads
+        rows, labels = self._rows(blocks, tgts, table.shape[0] - 1)
+        longest = max(len(r) for r in rows)
+        idx = torch.full((b, longest), table.shape[0] - 1, dtype=torch.long)
+        mask = torch.zeros(b, longest, dtype=torch.long)
+        lab = torch.full((b, longest), -100, dtype=torch.long)
+        for i, r in enumerate(rows):
+            sl = slice(longest - len(r), longest) if left_pad else slice(0, len(r))
+            idx[i, sl] = torch.tensor(r)
             mask[i, sl] = 1
-            if lab is not None:
-                lab[i, sl] = torch.tensor(labels[i], device=device)
-        return emb, mask, lab
+            lab[i, sl] = torch.tensor(labels[i])
+        emb = table[idx.to(device)]  # (B, L, D)
+        return emb, mask.to(device), (lab.to(device) if targets is not None else None)
+
+    def _rows(self, blocks: list[tuple], tgts: list[list[int]], end: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Per utterance, the table rows of [BOS] <audio> A </audio> <video> V </video> prompt transcript
+        EOS (`end`: the table's length without its padding row), and its labels (-100 before the
+        transcript)."""
+        n_prompt = len(self.prompt_ids)
+        base = len(MARKERS) + 1 + n_prompt  # the media tokens start after markers, BOS and prompt
+        offsets, start = [], base
+        for y, _, _ in blocks:
+            offsets.append(start)
+            start += y.shape[0] * y.shape[1]
+        rows, labels, t0 = [], [], start
+        for i, tgt in enumerate(tgts):
+            r = [len(MARKERS)]  # BOS
+            for (y, ylen, (m_open, m_close)), off in zip(blocks, offsets, strict=True):
+                first = off + i * y.shape[1]
+                r += [m_open] + list(range(first, first + ylen[i])) + [m_close]
+            r += list(range(len(MARKERS) + 1, base))  # the prompt
+            labels.append([-100] * len(r) + tgt)
+            rows.append(r + list(range(t0, t0 + len(tgt))))
+            t0 += len(tgt)
+        assert t0 == end
+        return rows, labels
 
     def ce_sums(self, feats: dict, grid: list[Rates], targets: list[list[int]],
                 packed: bool = False) -> list[torch.Tensor]:
@@ -165,7 +179,13 @@ class AVSRModel(nn.Module):
         return out
 
     def _token_ce(self, emb, mask, lab) -> torch.Tensor:
-        logits = self.llm(inputs_embeds=emb, attention_mask=mask).logits[:, :-1]  # (B, L-1, V)
+        """(B, L-1) cross-entropy of each next token, 0 where there is no target. The output layer
+        runs only at the positions the loss reads (the transcript's and EOS): at Llama 3's 128,256-wide
+        vocabulary, logits over the media and prompt positions would be most of a step's memory."""
+        lm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        h = lm.get_decoder()(inputs_embeds=emb, attention_mask=mask).last_hidden_state[:, :-1]  # (B, L-1, D)
         gold = lab[:, 1:]
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), gold.reshape(-1),
-                                                 ignore_index=-100, reduction="none").view(gold.shape)
+        keep = gold != -100  # (B, L-1)
+        logits = lm.get_output_embeddings()(h[keep])  # (N, V)
+        ce = torch.nn.functional.cross_entropy(logits.float(), gold[keep], reduction="none")  # (N,)
+        return torch.zeros(gold.shape, dtype=ce.dtype, device=ce.device).masked_scatter(keep, ce)

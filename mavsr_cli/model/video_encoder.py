@@ -49,12 +49,26 @@ class SmallVideoEncoder(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """(T, H, W) float, normalised -> (T, dim)."""
-        t = frames.shape[0]
-        x = self.stem(frames[None, None])  # (1, C, T, H/4, W/4)
-        x = x[0].transpose(0, 1)  # (T, C, H/4, W/4)
-        x = self.pool(self.conv(x)).reshape(t, -1)  # (T, C*16)
-        x = self.proj(x)[None]  # (1, T, dim)
-        return self.norm(self.encoder(x))[0]
+        return self._encode(frames[None, None], None)[0]
+
+    def encode_batch(self, clips: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Several clips in one call -> ((B, T, dim) zero-padded, lengths (B,)); zero frames pad as the
+        stem's convolution does and the attention masks them, so each row equals `forward`'s."""
+        lens = torch.tensor([c.shape[0] for c in clips])
+        x = torch.zeros(len(clips), 1, int(lens.max()), *clips[0].shape[1:], dtype=clips[0].dtype)
+        for b, c in enumerate(clips):
+            x[b, 0, : c.shape[0]] = c
+        pad = torch.arange(x.shape[2])[None] >= lens[:, None]  # (B, T) True = padding
+        h = self._encode(x, pad if len(clips) > 1 else None)
+        return h.masked_fill(pad[..., None], 0.0), lens
+
+    def _encode(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        """(B, 1, T, H, W) -> (B, T, dim)."""
+        b, t = x.shape[0], x.shape[2]
+        x = self.stem(x)  # (B, C, T, H/4, W/4)
+        x = x.transpose(1, 2).reshape(b * t, *x.shape[1:2], *x.shape[3:])  # (B*T, C, H/4, W/4)
+        x = self.proj(self.pool(self.conv(x)).reshape(b, t, -1))  # (B, T, dim)
+        return self.norm(self.encoder(x, src_key_padding_mask=pad))
 
     def save(self, out_dir: Path) -> Path:
         out = Path(out_dir)

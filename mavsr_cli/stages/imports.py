@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -50,6 +51,8 @@ def run(recipe: Recipe, flavour: str, ckpt: Path, exp: Path, src: Sources, hints
     exp = exp if exp.is_absolute() else recipe.root / exp
     if exp.exists() and not force:
         raise MavsrError(f"{exp} exists; use --force to replace it or another --exp")
+    if exp.exists() and (exp.resolve() == recipe.root.resolve() or not (exp / "config.yaml").is_file()):
+        raise MavsrError(f"{exp} is not an experiment dir (no config.yaml); --force replaces experiments only")
     state, hp = authors.read(ckpt)
     layout = authors.describe(state, hp, flavour, hints)
     if "a" in layout.modality and not src.audio_encoder:
@@ -86,7 +89,8 @@ def _config(recipe: Recipe, exp: Path, layout: authors.Layout, src: Sources) -> 
     data = {"model": model, "decode": {"beam": layout.beam, "max_new_tokens": layout.max_new_tokens},
             "augment": {"noisy_copies": 0}, "train": {"val_split": ""}}
     if src.audio_encoder:
-        data["audio_encoder"] = {"path": src.audio_encoder, "mode": "faithful", "normalize": True}
+        data["audio_encoder"] = {"path": src.audio_encoder, "mode": "faithful", "normalize": True,
+                                 "fit_video": layout.modality == "av"}
     if "v" in layout.modality:
         data["video_encoder"] = {"path": str(rel / "video_encoder.pt")}
     cfg = config_mod.from_dict(data)
@@ -121,25 +125,40 @@ def _video_encoder(recipe: Recipe, state: dict, src: Sources) -> AVHubertVideoEn
 
 def _write(recipe: Recipe, exp: Path, cfg: Config, trained: dict, dims: dict, video, ckpt: Path, flavour: str,
            force: bool) -> None:
-    """Everything, or nothing: a failure removes the half-written dir."""
-    if force and exp.exists():
-        shutil.rmtree(exp)
-    exp.mkdir(parents=True)
+    """Everything, or nothing: the experiment is written beside its place and moved there whole, so a
+    failure leaves no half-written dir and (with --force) the experiment it was to replace intact."""
+    tmp = exp.parent / f".{exp.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     try:
+        prov = provenance(recipe, cfg) if video is None else None
         if video is not None:
             torch.save({"model": video.state_dict(), "cfg": {"model": dataclasses.asdict(video.cfg)}},
-                       exp / "video_encoder.pt")
+                       tmp / "video_encoder.pt")
+            prov = _provenance_at(recipe, cfg, tmp / "video_encoder.pt")
         source = {"flavour": flavour, "file": str(ckpt.resolve()), "sha256": sha256_file(ckpt)}
         meta = {"mavsr_version": __version__, "rates": [r.tag for r in cfg.model.rate_grid()], "strategy": "ms",
                 "modality": cfg.model.modality, "llm": cfg.model.llm,
                 "audio_encoder": cfg.audio_encoder.path if dims["audio"] else None,
                 "video_encoder": cfg.video_encoder.path if dims["video"] else None, "dims": dims,
-                "encoders_tag": encoders_tag(provenance(recipe, cfg)),
+                "encoders_tag": encoders_tag(prov),
                 "trained_parameters": sum(t.numel() for t in trained.values()), "imported_from": source}
-        checkpoint.save_named(exp / "ckpt", CHECKPOINT, trained, meta)
-        write_provenance(exp, cfg.dump())
-        atomic_write_text(exp / "meta.json", json.dumps({**meta, "checkpoint": CHECKPOINT}, indent=2) + "\n")
-        mark_done(exp, {"imported_from": source})
+        checkpoint.save_named(tmp / "ckpt", CHECKPOINT, trained, meta)
+        write_provenance(tmp, cfg.dump())
+        atomic_write_text(tmp / "meta.json", json.dumps({**meta, "checkpoint": CHECKPOINT}, indent=2) + "\n")
+        mark_done(tmp, {"imported_from": source})
+        if force and exp.exists():
+            shutil.rmtree(exp)
+        os.replace(tmp, exp)
     except BaseException:
-        shutil.rmtree(exp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _provenance_at(recipe: Recipe, cfg: Config, written: Path) -> dict:
+    """What extract-features will record of these encoders once the AV-HuBERT lies at its place:
+    the provenance of the file as written, under the path the config names."""
+    placed = dataclasses.replace(cfg, video_encoder=dataclasses.replace(cfg.video_encoder, path=str(written)))
+    prov = provenance(recipe, placed)
+    prov["video"]["path"] = cfg.video_encoder.path
+    return prov

@@ -27,6 +27,7 @@ from ..media import (
     MediaError,
     check_mouth_crop,
     crop_resize,
+    fit_audio,
     looks_like_mouth_crop,
     normalise,
     read_audio,
@@ -96,21 +97,24 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
     t0 = time.perf_counter()
     feats, duration, wav = {}, 0.0, None
     with torch.inference_mode():
+        vc = cfg.video_encoder
         if modality in ("av", "a"):
             wav = read_audio(media)
             if len(wav) < SAMPLES_PER_AUDIO_FRAME:
                 raise MediaError(f"{media}: audio shorter than one encoder frame (20 ms)")
             duration = len(wav) / SAMPLE_RATE
-            enc = WhisperAudioEncoder.from_config(resolve_model(recipe, cfg.audio_encoder.path), cfg.audio_encoder)
-            feats["audio"] = pad_batch([enc(wav).float()])
         if modality in ("av", "v"):
-            vc = cfg.video_encoder
             frames, found = mouth_frames(read_video_at(media, vc.fps), media, roi, mouth_crop, log)
             if save_roi is not None:  # with the audio decoded beside it: a clip transcribe takes back
                 write_av(Path(save_roi), frames, wav if modality == "av" else None, fps=vc.fps)
             duration = max(duration, len(frames) / vc.fps)
             venc = load_video_encoder(resolve_model(recipe, vc.path)).eval()
             feats["video"] = pad_batch([venc(normalise(video_crop(frames, vc.crop), vc.mean, vc.std)).float()])
+            if wav is not None and cfg.audio_encoder.fit_video:
+                wav = fit_audio(wav, len(frames), vc.fps)
+        if wav is not None:
+            enc = WhisperAudioEncoder.from_config(resolve_model(recipe, cfg.audio_encoder.path), cfg.audio_encoder)
+            feats["audio"] = pad_batch([enc(wav).float()])
     t1 = time.perf_counter()
     if budget is not None:
         rates = dec.requested_rates(None, None, budget, duration)

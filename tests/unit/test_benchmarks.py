@@ -42,3 +42,15 @@ def test_faces_benchmark_measures_where_the_crop_lands():
     rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and "x" in line[:12]]
     assert [row[0].strip() for row in rows] == ["224x224", "640x480"]
     assert all(float(row[-1]) < 6 for row in rows)  # the largest crop error, in pixels: not a timing
+
+
+def test_the_side_by_side_benchmark_times_every_row_and_compares_hypotheses(tmp_path):
+    r = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks/vs_authors.py"), "--tree",
+                        f"a={ROOT}", "--tree", f"b={ROOT}", "--rounds", "1", "--reps", "1", "--out",
+                        str(tmp_path / "r.md")], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = (tmp_path / "r.md").read_text()
+    for row in ("train_cache", "train_faithful", "beam15_b8", "beam15_b1_fly", "greedy_b1_fly"):
+        assert f"| {row} |" in text
+    assert "hypotheses of b equal a's on every decode row" in text  # the same code: the same hypotheses

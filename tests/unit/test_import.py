@@ -18,6 +18,7 @@ from mavsr_cli import authors
 from mavsr_cli.decoding import Decoder, generate
 from mavsr_cli.errors import MavsrError
 from mavsr_cli.features import pad_batch
+from mavsr_cli.media import fit_audio
 from mavsr_cli.model import llm as llm_mod
 from mavsr_cli.model.audio_encoder import WhisperAudioEncoder
 from mavsr_cli.model.avhubert import AVHubertConfig, AVHubertVideoEncoder
@@ -26,7 +27,7 @@ from mavsr_cli.recipe import Recipe
 from mavsr_cli.stages import imports
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from authors_reference import AuthorsAVSR  # noqa: E402
+from authors_reference import ADDED, AuthorsAVSR  # noqa: E402
 
 AVH = dict(encoder_layers=2, encoder_embed_dim=32, encoder_ffn_embed_dim=64, encoder_attention_heads=2,
            conv_pos=16, conv_pos_groups=4, resnet_channels=8)
@@ -70,6 +71,8 @@ def mavsr_features(root: Path, exp: Path, wav, frames) -> dict:
     with torch.no_grad():
         if "a" in dec.cfg.model.modality:
             enc = WhisperAudioEncoder.from_config(str(root / dec.cfg.audio_encoder.path), dec.cfg.audio_encoder)
+            if dec.cfg.audio_encoder.fit_video and "v" in dec.cfg.model.modality:
+                wav = fit_audio(wav, len(frames))
             feats["audio"] = pad_batch([enc(wav)])
         if "v" in dec.cfg.model.modality:
             feats["video"] = pad_batch([load_video_encoder(root / dec.cfg.video_encoder.path)(frames)])
@@ -79,11 +82,11 @@ def mavsr_features(root: Path, exp: Path, wav, frames) -> dict:
 CASES = {  # flavour, the reference's settings, what the command line says of a .pth
     "mtsk-av": ("omni-avsr", dict(audio_rates=[4, 16], video_rates=[2, 5]),
                 authors.Hints(audio_rates=(4, 16), video_rates=(2, 5))),
-    "mtsk-a": ("omni-avsr", dict(audio_rates=[4, 16], video_rates=[], avhubert_lora=False),
-               authors.Hints(audio_rates=(4, 16))),
+    "mtsk-a": ("omni-avsr", dict(audio_rates=[4, 16], video_rates=[], avhubert_lora=False, alpha=2.0),
+               authors.Hints(audio_rates=(4, 16), lora_scale=0.5)),  # their --alpha 2 --rank 4
     "lavsr-stack": ("llama-avsr", dict(audio_rates=[3], video_rates=[2], matryoshka=False, layernorm=False,
-                                       compression="stack", reduction=8, alpha=1.0),
-                    authors.Hints()),  # stacking: the rates are read off the projectors' input widths
+                                       compression="stack", reduction=8, alpha=1.0, added=ADDED[1:]),
+                    authors.Hints()),  # stacking: the rates read off the input widths; a tokenizer with a pad
 }
 
 
@@ -100,7 +103,7 @@ def test_an_imported_checkpoint_computes_the_authors_forward(root, tmp_path, cas
     wav, frames = media()
     dec, feats = mavsr_features(root, exp, wav, frames)
     model, vocab = dec.model, ref.base_vocab
-    a_ref = ref.audio_features(wav) if kw["audio_rates"] else None
+    a_ref = ref.audio_features(wav, len(frames) if kw["video_rates"] else None) if kw["audio_rates"] else None
     for rates in dec.trained:
         with torch.no_grad():
             emb_ref = ref.embeddings(a_ref, frames if kw["video_rates"] else None, (rates.audio, rates.video),
@@ -210,6 +213,9 @@ def test_foreign_or_unmappable_checkpoints_are_refused_in_one_line(root, tmp_pat
     whisper = dict(good)
     whisper["audio_encoder.conv1.weight"] = whisper["audio_encoder.conv1.weight"] * 2
     _refused(root, tmp_path, whisper, "audio_encoder.conv1.weight differs from --audio-encoder")
+    no_avh = {k: v for k, v in good.items() if not k.startswith("video_encoder.")}
+    _refused(root, tmp_path, no_avh, "video projectors but no AV-HuBERT",
+             src=imports.Sources(SRC.llm, SRC.audio_encoder, None))
     short = {k: v for k, v in good.items() if k != "video_encoder.encoder.layers.1.fc2.weight"}
     _refused(root, tmp_path, short, r"AV-HuBERT does not match its config .*video_encoder\.encoder\.layers\.1\.fc2")
 
@@ -223,3 +229,35 @@ def test_the_command_line_refuses_in_one_line(root, tmp_path):
     r = subprocess.run([sys.executable, "-m", "mavsr_cli", "import", "espnet", "x.pth", "--exp", "e", "--llm", "l",
                         "--dir", str(root)], capture_output=True, text=True)
     assert r.returncode != 0 and "unknown checkpoint flavour 'espnet' (available: omni-avsr, llama-avsr)" in r.stderr
+
+
+def test_force_replaces_an_experiment_whole_and_nothing_else(root, tmp_path):
+    ref = reference(root, **CASES["mtsk-a"][1])
+    torch.save(ref.checkpoint_state(), tmp_path / "model_avg_1.pth")
+    hints = CASES["mtsk-a"][2]
+    src = imports.Sources("models/llm", "models/whisper", None)
+    exp = imports.run(Recipe(root), "omni-avsr", tmp_path / "model_avg_1.pth", Path("exp/forced"), src, hints,
+                      log=lambda m: None)
+    before = (exp / "meta.json").read_text()
+    with pytest.raises(MavsrError, match="exists; use --force"):
+        imports.run(Recipe(root), "omni-avsr", tmp_path / "model_avg_1.pth", Path("exp/forced"), src, hints)
+    for target in (Path("."), Path("models")):  # never a dir that is not an experiment
+        with pytest.raises(MavsrError, match="not an experiment dir"):
+            imports.run(Recipe(root), "omni-avsr", tmp_path / "model_avg_1.pth", target, src, hints, force=True)
+    assert (root / "models/llm").is_dir()
+    bad = ref.checkpoint_state()
+    bad["audio_encoder.conv1.weight"] = bad["audio_encoder.conv1.weight"] * 2
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(MavsrError, match="differs from --audio-encoder"):
+        imports.run(Recipe(root), "omni-avsr", tmp_path / "bad.pth", Path("exp/forced"), src, hints, force=True)
+    assert (exp / "meta.json").read_text() == before  # a refused --force leaves the old experiment as it was
+    imports.run(Recipe(root), "omni-avsr", tmp_path / "model_avg_1.pth", Path("exp/forced"), src, hints,
+                force=True, log=lambda m: None)
+    assert not list(exp.parent.glob(".forced.tmp-*"))
+
+
+def test_audio_is_fitted_to_the_video_as_the_authors_av_data_are():
+    wav = np.arange(1000, dtype=np.float32)
+    assert np.array_equal(fit_audio(wav, 1), wav[:640])
+    padded = fit_audio(wav, 2)
+    assert len(padded) == 1280 and np.array_equal(padded[:1000], wav) and not padded[1000:].any()

@@ -11,7 +11,7 @@ import torch
 
 from mavsr_cli import config as C
 from mavsr_cli.datasets import synth
-from mavsr_cli.decoding import beam_search, generate
+from mavsr_cli.decoding import beam_search, generate, greedy_search
 from mavsr_cli.errors import MavsrError
 from mavsr_cli.model import llm as llm_mod
 from mavsr_cli.model.audio_encoder import WhisperAudioEncoder
@@ -64,6 +64,43 @@ def test_whisper_input_normalisation_is_the_reference_codes_layer_norm(parts, mo
         torch.testing.assert_close(norm(wav), raw(by_torch), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(norm(wav * 3 + 0.1), norm(wav), atol=1e-3, rtol=1e-3)  # level-free
     assert (norm.mel(wav) - raw.mel(wav)).mean() > 0.3  # a clip at 0.05 rms: the whole log-mel shifts up
+
+
+@pytest.mark.parametrize("mode", ["fast", "faithful"])
+def test_whisper_encode_batch_equals_one_utterance_at_a_time(parts, mode):
+    """extract-features encodes several clips per call (faithful: one batch of 30 s windows)."""
+    enc = WhisperAudioEncoder.load(str(parts / "whisper"), mode)
+    rng = np.random.default_rng(4)
+    wavs = [rng.normal(0, 0.1, n).astype(np.float32) for n in (16000, 5120, 24960)]
+    with torch.no_grad():
+        h, lens = enc.encode_batch(wavs)
+        assert h.shape == (3, 78, 32) and lens.tolist() == [50, 16, 78]
+        for k, w in enumerate(wavs):
+            torch.testing.assert_close(h[k, : lens[k]], enc(w), atol=1e-5, rtol=1e-5)
+            assert not h[k, lens[k]:].any()  # padded as pad_batch pads
+        if enc.batch_invariant:  # extract-features batches only such an encoder: a cache is the same to the bit
+            for grp in ([0, 1], [2, 0, 1], [1]):
+                g, n = enc.encode_batch([wavs[i] for i in grp])
+                assert all(torch.equal(g[j, : n[j]], h[i, : lens[i]]) for j, i in enumerate(grp))
+
+
+def test_video_encoders_encode_batch_equals_one_clip_at_a_time(parts):
+    from mavsr_cli.model.avhubert import AVHubertConfig, AVHubertVideoEncoder
+
+    torch.manual_seed(0)
+    avh = AVHubertVideoEncoder(AVHubertConfig(encoder_layers=2, encoder_embed_dim=32, encoder_ffn_embed_dim=64,
+                                              encoder_attention_heads=2, conv_pos=16, conv_pos_groups=4,
+                                              resnet_channels=8)).eval()
+    small = SmallVideoEncoder.load(parts / "video").eval()
+    g = torch.Generator().manual_seed(5)
+    clips = [torch.randn(n, 88, 88, generator=g) for n in (30, 12, 21)]
+    for enc in (avh, small):
+        with torch.no_grad():
+            h, lens = enc.encode_batch(clips)
+            assert lens.tolist() == [30, 12, 21] and h.shape[1] == 30
+            for k, c in enumerate(clips):
+                torch.testing.assert_close(h[k, : lens[k]], enc(c), atol=1e-5, rtol=1e-5)
+                assert not h[k, lens[k]:].any()
 
 
 def test_whisper_batched_fast_path_equals_one_utterance_at_a_time(parts):
@@ -254,6 +291,36 @@ def test_mss_adds_the_shared_and_the_specific_delta(parts):
     assert all(p.requires_grad for p in m._trainable)  # switching adapters never freezes trained tensors
 
 
+def test_the_loss_from_transcript_logits_only_equals_the_full_output_layers(parts):
+    """The output layer runs only where the loss reads (the transcript and EOS): the summed losses and
+    every trained tensor's gradient equal those of logits over the whole sequence."""
+    m = _strategy_model(parts, "mss")
+    m.train()
+    tok = m.tokenizer
+    tg = [tok("anna found the apple near the kitchen", add_special_tokens=False).input_ids,
+          tok("please move", add_special_tokens=False).input_ids]
+
+    def full_logits_ce(r):  # the loss as mavsr computed it before: every position's logits
+        emb, mask, lab = m.build(_feats(), r, tg)
+        logits = m.llm(inputs_embeds=emb, attention_mask=mask).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                 lab[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+
+    def grads(losses):
+        m.zero_grad()
+        torch.stack(losses).sum().backward()
+        return torch.stack(losses).detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    torch.manual_seed(0)
+    ce0, g0 = grads([full_logits_ce(r) for r in m.grid])
+    torch.manual_seed(0)
+    ce1, g1 = grads(m.ce_sums(_feats(), m.grid, tg))
+    torch.testing.assert_close(ce1, ce0, rtol=1e-5, atol=1e-5)
+    assert set(g1) == set(g0) and len(g0) > 10
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_packing_is_refused_for_per_configuration_adapters(parts):
     m = _strategy_model(parts, "ss")
     with pytest.raises(ValueError, match="ms"):
@@ -413,6 +480,7 @@ def test_beam_search_of_width_one_is_greedy_search(parts):
     ref = [[t for t in row.tolist() if t not in (tok.eos_token_id, tok.pad_token_id)] for row in ref]
     got = beam_search(m.llm, emb, mask, tok.eos_token_id, 1, 10)
     assert got == ref and any(len(x) > 3 for x in got)
+    assert greedy_search(m.llm, emb, mask, tok.eos_token_id, 10) == ref  # mavsr's greedy loop, the same tokens
 
 
 def test_lm_warmup_examples_teach_reading_the_context(tmp_path):

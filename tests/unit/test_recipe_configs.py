@@ -50,6 +50,7 @@ def test_lrs3_models_build_on_the_meta_device(name):
 # difference issue 20 lists; the configs that follow that code must say the same.
 AUTHORS_CODE = {
     "audio_encoder.normalize": True,  # layer_norm of the waveform before the log-mel, train and test
+    "audio_encoder.fit_video": True,  # AV data: audio cut or padded to len(video) * 640 samples
     "audio_encoder.path": "openai/whisper-medium.en",  # --audio-encoder-name
     "model.projector_layernorm": True,  # LayerNorm unless --no-layernorm-projector
     "model.lora.dropout": 0.0,  # their LoRA has none

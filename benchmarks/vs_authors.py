@@ -1,0 +1,245 @@
+"""mavsr before and after, on the shapes of the comparison with the authors' code (issue 21).
+
+Tiny random models of the compared shapes: Whisper d128 x 2 layers (faithful: padded to 30 s), a
+Llama-style LM 256 x 2 layers with a 2053-word vocabulary, audio-only Matryoshka at rates {4, 16},
+projectors 2048 wide, LoRA r64 on q/v, 2 threads. Rows:
+
+  train_cache     one training step (both rates, MS, batch 4) from cached features
+  train_faithful  the same step with Whisper run on the batch's audio first (faithful, 30 s)
+  beam15_b8       beam 15 over 8 utterances from cached features
+  beam15_b1_fly   beam 15 on one utterance, Whisper on the fly (what `transcribe` does)
+  greedy_b1_fly   greedy on one utterance, Whisper on the fly
+
+The driver runs a worker per checkout (`--tree NAME=DIR`, e.g. the working tree and a `git
+worktree` of an older commit), in interleaved rounds, each worker timing every row after a
+warm-up; it reports medians per tree, the ratios to the first tree, and whether each tree's
+hypotheses equal the first's.
+
+    python benchmarks/vs_authors.py --tree before=/tmp/base --tree after=. [--rounds 5] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+ROWS = ["train_cache", "train_faithful", "beam15_b8", "beam15_b1_fly", "greedy_b1_fly"]
+THREADS = 2
+MAX_NEW = 24
+
+
+# ---- the worker: runs inside one checkout ----------------------------------------------------
+def _utterances(n: int, seed: int):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    wavs = [rng.normal(0, 0.05, int(16000 * rng.uniform(2.0, 6.0))).astype(np.float32) for _ in range(n)]
+    return wavs, [rng.integers(10, 2000, int(rng.integers(8, 16))).tolist() for _ in range(n)]
+
+
+def _encode(enc, wavs):
+    """Features of several utterances: one batched call where the checkout has one."""
+    import torch
+
+    from mavsr_cli.features import pad_batch
+
+    with torch.no_grad():
+        if hasattr(enc, "encode_batch"):
+            return enc.encode_batch(wavs)
+        return pad_batch([enc(w).float() for w in wavs])
+
+
+PROFILE: dict[str, list] = {}  # row -> [(op, share of the row's CPU time)], filled with --profile
+
+
+def _shares(fn, top: int = 6) -> list:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops)
+    return [(e.key, round(e.self_cpu_time_total / total, 3)) for e in ops[:top]]
+
+
+def _timed(fn, reps: int, row: str = "") -> float:
+    if os.environ.get("VS_PROFILE") and row:
+        fn()
+        PROFILE[row] = _shares(fn)
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _generate(model, feats, rates, beam: int):
+    try:
+        from mavsr_cli.decoding import generate
+    except ImportError:  # before the house refactor: a method of the model
+        return model.generate(feats, rates, MAX_NEW, beam)[0]
+    return generate(model, feats, rates, MAX_NEW, beam)[0]
+
+
+def worker(models: Path, reps: int) -> dict:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    import mavsr_cli  # noqa: F401  (torchaudio guard)
+    from mavsr_cli import config as C
+    from mavsr_cli.model.audio_encoder import WhisperAudioEncoder
+    from mavsr_cli.model.build import build_model
+    from mavsr_cli.rates import Rates
+    from mavsr_cli.train_loop import MatryoshkaLoss
+
+    cfg = C.from_dict({"model": {"modality": "a", "audio_rates": [4, 16], "projector_layernorm": True,
+                                 "lora": {"dropout": 0.0}}})  # the authors' settings (mavsr_cli/authors.py)
+    enc = WhisperAudioEncoder.load(str(models / "whisper"), "faithful")
+    model = build_model(cfg, enc.dim, None, llm_path=str(models / "llm"))
+    grid = cfg.model.rate_grid()
+    loss = MatryoshkaLoss(model, grid, False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:  # the optimizer `mavsr train` makes
+        from mavsr_cli.train_loop import optimizer
+        opt = optimizer(params, cfg.train)
+    except ImportError:
+        opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                weight_decay=cfg.train.weight_decay)
+    wavs, targets = _utterances(8, 0)
+    cached = {"audio": _encode(enc, wavs)}
+    four = {"audio": (cached["audio"][0][:4], cached["audio"][1][:4])}
+
+    def step(feats):
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        loss(feats, targets[:4]).sum().backward()
+        opt.step()
+
+    out = {"train_cache": _timed(lambda: step(four), reps, "train_cache"),
+           "train_faithful": _timed(lambda: step({"audio": _encode(enc, wavs[:4])}), reps, "train_faithful")}
+    model.eval()
+    r = Rates(16, None)
+    hyps = {}
+
+    def dec(name, feats_fn, beam):
+        def run():
+            hyps[name] = _generate(model, feats_fn(), r, beam)
+        return _timed(run, reps, name)
+
+    out["beam15_b8"] = dec("beam15_b8", lambda: cached, 15)
+    out["beam15_b1_fly"] = dec("beam15_b1_fly", lambda: {"audio": _encode(enc, wavs[:1])}, 15)
+    out["greedy_b1_fly"] = dec("greedy_b1_fly", lambda: {"audio": _encode(enc, wavs[:1])}, 1)
+    return {"seconds": out, "hyps": hyps, "mavsr": mavsr_cli.__file__, "profile": PROFILE}
+
+
+# ---- the driver ------------------------------------------------------------------------------
+def build_models(d: Path) -> None:
+    """The tiny models, saved once in the hub's formats (every checkout loads the same files)."""
+    sys.path.insert(0, str(HERE.parents[1]))
+    import mavsr_cli  # noqa: F401
+    from mavsr_cli.model import llm as llm_mod
+    from mavsr_cli.model.audio_encoder import WhisperAudioEncoder
+
+    WhisperAudioEncoder.tiny(d / "whisper", d_model=128, layers=2, heads=4)
+    words = [f"w{i:04d}" for i in range(2053 - 9 - 7)] + "transcribe speech and video to text .".split()
+    llm_mod.tiny(d / "llm", words, hidden=256, layers=2, heads=4)
+    # a random LM ends its hypotheses at random: with the EOS row at zero its logit sits mid-vocabulary,
+    # never among a beam's candidates, so every decode row does the same work (MAX_NEW tokens)
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(d / "llm").eos_token_id
+    path = d / "llm/model.safetensors"
+    state = load_file(str(path))
+    for k in state:
+        if k.endswith(("embed_tokens.weight", "lm_head.weight")):
+            state[k][eos] = 0.0
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def run_worker(tree: Path, models: Path, reps: int, profile: bool = False) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(tree.resolve()), HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(THREADS),
+               TOKENIZERS_PARALLELISM="false", VS_PROFILE="1" if profile else "")
+    r = subprocess.run([sys.executable, "-W", "ignore", str(HERE), "--worker", str(models), "--reps", str(reps)],
+                       capture_output=True, text=True, env=env, cwd=str(tree))
+    if r.returncode != 0:
+        raise SystemExit(f"worker in {tree} failed:\n{r.stderr[-3000:]}")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    if not Path(res["mavsr"]).is_relative_to(tree.resolve()):  # the checkout's code, not the installed one
+        raise SystemExit(f"worker for {tree} imported {res['mavsr']}")
+    return res
+
+
+def report(trees: dict[str, Path], results: dict[str, list[dict]], rounds: int) -> list[str]:
+    first = next(iter(trees))
+    med = {t: {row: statistics.median(x["seconds"][row] for x in results[t]) for row in ROWS} for t in trees}
+    lines = [f"# mavsr on the shapes of the comparison with the authors' code ({time.strftime('%Y-%m-%d')})", "",
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {THREADS} threads, "
+             f"{rounds} interleaved rounds; medians in ms; ratio = {first} time / tree time (higher is faster)", "",
+             "| row | " + " | ".join(trees) + " | " + " | ".join(f"{t} vs {first}" for t in list(trees)[1:]) + " |",
+             "|---|" + "---|" * (2 * len(trees) - 1)]
+    for row in ROWS:
+        cells = [f"{med[t][row] * 1000:.1f}" for t in trees]
+        ratios = [f"{med[first][row] / med[t][row]:.2f}x" for t in list(trees)[1:]]
+        lines.append(f"| {row} | " + " | ".join(cells + ratios) + " |")
+    lines.append("")
+    for t in list(trees)[1:]:
+        same = all(x["hyps"] == results[first][0]["hyps"] for x in results[t])
+        lines.append(f"- hypotheses of {t} {'equal' if same else 'DIFFER FROM'} {first}'s on every decode row")
+    return lines
+
+
+def profiles(trees: dict[str, Path], models: Path, reps: int) -> list[str]:
+    """Where each tree's time goes: the top operators' shares of each row's CPU time (one profiled run)."""
+    lines = ["", "Where the time goes (share of each row's CPU time, top operators, one profiled run):", ""]
+    for t, tree in trees.items():
+        prof = run_worker(tree, models, 1, profile=True)["profile"]
+        lines += [f"{t}:", ""] + [f"- {row}: " + ", ".join(f"{op} {share:.0%}" for op, share in prof[row])
+                                  for row in ROWS if row in prof] + [""]
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tree", action="append", default=[], help="NAME=DIR of a checkout (first: the reference)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions per row in each round")
+    ap.add_argument("--profile", action="store_true", help="also report each tree's operator shares")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.worker, a.reps)))
+        return
+    trees = dict(t.split("=", 1) for t in a.tree) or {"this": str(HERE.parents[1])}
+    trees = {k: Path(v) for k, v in trees.items()}
+    results: dict[str, list[dict]] = {t: [] for t in trees}
+    with tempfile.TemporaryDirectory() as tmp:
+        build_models(Path(tmp))
+        for k in range(a.rounds):
+            order = list(trees) if k % 2 == 0 else list(reversed(trees))
+            for t in order:
+                results[t].append(run_worker(trees[t], Path(tmp), a.reps))
+                print(f"round {k + 1} {t}: " + ", ".join(f"{r} {results[t][-1]['seconds'][r] * 1000:.0f} ms"
+                                                        for r in ROWS), file=sys.stderr)
+        lines = report(trees, results, a.rounds)
+        if a.profile:
+            lines += profiles(trees, Path(tmp), a.reps)
+    from _common import emit
+
+    emit(lines, a.out)
+
+
+if __name__ == "__main__":
+    main()
