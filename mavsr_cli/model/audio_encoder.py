@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..clocks import SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME
+from ..clocks import AUDIO_HZ, SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME
 from ..errors import MavsrError
+
+WINDOW_TOKENS = 30 * AUDIO_HZ  # Whisper's window: 30 s, 1500 encoder frames
 
 
 class WhisperAudioEncoder(nn.Module):
@@ -86,10 +88,14 @@ class WhisperAudioEncoder(nn.Module):
         n_tokens = max(1, len(wav) // SAMPLES_PER_AUDIO_FRAME)  # 10 ms mel hop, then stride-2 conv: 20 ms per token
         enc = self.encoder
         dev = enc.conv1.weight.device
-        if self.mode == "faithful":
-            mel = self.extractor(self.prepared(wav), sampling_rate=SAMPLE_RATE, return_tensors="pt",
-                                 device="cpu").input_features
-            return self.encode_windows(mel.to(dev, enc.conv1.weight.dtype), n_tokens)[0]
+        if self.mode == "faithful":  # 30 s windows, each padded as Whisper was trained; never cut
+            x, outs = self.prepared(wav), []
+            for start in range(0, n_tokens, WINDOW_TOKENS):
+                piece = x[start * SAMPLES_PER_AUDIO_FRAME: (start + WINDOW_TOKENS) * SAMPLES_PER_AUDIO_FRAME]
+                mel = self.extractor(piece, sampling_rate=SAMPLE_RATE, return_tensors="pt", device="cpu").input_features
+                keep = min(WINDOW_TOKENS, n_tokens - start)
+                outs.append(self.encode_windows(mel.to(dev, enc.conv1.weight.dtype), keep)[0])
+            return torch.cat(outs)
         return self.encode_mel(self.mel(wav))
 
     def encode_windows(self, mel: torch.Tensor, keep: int) -> torch.Tensor:
@@ -130,6 +136,12 @@ class WhisperAudioEncoder(nn.Module):
         if self.mode != "faithful":
             h, n = self.encode_mels([self.mel(w) for w in wavs])
             return _zero_padding(h, n), n
+        if max(lens) > WINDOW_TOKENS:  # a clip of several windows: each clip on its own
+            outs = [self(w) for w in wavs]
+            h = torch.zeros(len(outs), max(lens), self.dim, dtype=outs[0].dtype, device=outs[0].device)
+            for b, o in enumerate(outs):
+                h[b, : len(o)] = o
+            return h, torch.tensor(lens, device=h.device)
         enc = self.encoder
         mel = self.extractor([self.prepared(w) for w in wavs], sampling_rate=SAMPLE_RATE, return_tensors="pt",
                              device="cpu").input_features  # (B, 80, 3000)

@@ -236,6 +236,12 @@ class AVHubertVideoEncoder(nn.Module):
         cfg = AVHubertConfig.from_checkpoint_cfg(model_cfg)
         model = cls(cfg)
         state = {k: v for k, v in ckpt["model"].items() if not k.startswith(UNUSED_PREFIXES)}
+        own = model.state_dict()
+        bad = next((k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)), None)
+        if bad is not None:
+            raise MavsrError(f"{path} does not match its own config ({cfg.encoder_layers} layers, "
+                             f"{cfg.encoder_embed_dim} wide): {bad} is {tuple(state[bad].shape)}, "
+                             f"the config makes it {tuple(own[bad].shape)}")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise MavsrError(f"{path} does not match AV-HuBERT ({cfg.encoder_layers} layers): "

@@ -134,6 +134,12 @@ def test_wrong_or_missing_tensors_are_named(tmp_path):
     torch.save({"model": state, "cfg": {"model": TINY}}, path)
     with pytest.raises(MavsrError, match=r"missing 1 tensors \['encoder.layers.1.fc1.weight'\].*encoder.layers.9"):
         AVHubertVideoEncoder.load(path)
+    wide = m.fairseq_state()  # a checkpoint whose tensors disagree with its own config
+    wide["encoder.layers.0.fc1.weight"] = torch.zeros(65, 32)
+    torch.save({"model": wide, "cfg": {"model": TINY}}, path)
+    with pytest.raises(MavsrError, match=r"does not match its own config .*encoder\.layers\.0\.fc1\.weight is "
+                                         r"\(65, 32\), the config makes it \(64, 32\)"):
+        AVHubertVideoEncoder.load(path)
     torch.save({"cfg": {"model": TINY}}, path)
     with pytest.raises(MavsrError, match="no 'model'"):
         AVHubertVideoEncoder.load(path)

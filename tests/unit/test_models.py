@@ -84,6 +84,22 @@ def test_whisper_encode_batch_equals_one_utterance_at_a_time(parts, mode):
                 assert all(torch.equal(g[j, : n[j]], h[i, : lens[i]]) for j, i in enumerate(grp))
 
 
+def test_faithful_whisper_encodes_long_audio_in_30_s_windows_never_cutting_it(parts):
+    """A 40 s or 61 s clip: every 20 ms of it gets a frame (it was cut at 30 s, 1500 frames), each
+    30 s window encoded as Whisper was trained; the first window's frames are those of its 30 s alone."""
+    enc = WhisperAudioEncoder.load(str(parts / "whisper"), "faithful")
+    rng = np.random.default_rng(6)
+    with torch.no_grad():
+        for seconds in (40, 61):
+            wav = rng.normal(0, 0.05, 16000 * seconds).astype(np.float32)
+            h = enc(wav)
+            assert h.shape == (50 * seconds, 32)
+            torch.testing.assert_close(h[:1500], enc(wav[: 16000 * 30]), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(h[1500:3000], enc(wav[16000 * 30: 16000 * 60]), atol=1e-5, rtol=1e-5)
+        g, n = enc.encode_batch([wav, wav[:16000]])  # a batch with a long clip: each on its own
+        assert n.tolist() == [3050, 50] and torch.equal(g[0], h) and not g[1, 50:].any()
+
+
 def test_video_encoders_encode_batch_equals_one_clip_at_a_time(parts):
     from mavsr_cli.model.avhubert import AVHubertConfig, AVHubertVideoEncoder
 
