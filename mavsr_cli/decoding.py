@@ -239,8 +239,9 @@ def _search_mask(mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
 
 def _in_place_cache(extra: int):
     """A KV cache whose storage is allocated once for the prompt and `extra` generated tokens: a step
-    writes its keys and values in place (no concatenation), and a reorder copies only the rows whose
-    beam changed parent (all rows only when finished utterances leave the batch)."""
+    writes its keys and values in place (no concatenation), and a reorder copies only the generated
+    part of each row, since a beam's rows share their utterance's prompt (whole rows only when
+    finished utterances leave the batch)."""
     from transformers.cache_utils import Cache, DynamicLayer
 
     class InPlaceLayer(DynamicLayer):
