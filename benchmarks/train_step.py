@@ -33,7 +33,7 @@ from mavsr_cli import config as C
 from mavsr_cli import manifest as mf
 from mavsr_cli.datasets import synth
 from mavsr_cli.features import FeatureStore, batch_features, encoders_tag, pad_batch, provenance
-from mavsr_cli.media import normalise, read_audio, read_video_gray, video_crop
+from mavsr_cli.media import encoder_video, read_audio, read_mouth_roi
 from mavsr_cli.model import llm as llm_mod
 from mavsr_cli.model.audio_encoder import WhisperAudioEncoder
 from mavsr_cli.model.avhubert import AVHubertConfig, AVHubertVideoEncoder
@@ -100,8 +100,8 @@ def main() -> None:
             vc = cfg.video_encoder
             with torch.inference_mode():
                 a = [audio_enc(read_audio(recipe.resolve_media(utts[i].audio))) for i in ids]
-                v = [video_enc(normalise(video_crop(read_video_gray(recipe.resolve_media(utts[i].video)), vc.crop),
-                                            vc.mean, vc.std)) for i in ids]
+                v = [video_enc(encoder_video(read_mouth_roi(recipe.resolve_media(utts[i].video), vc.fps), vc))
+                     for i in ids]
             return {"audio": pad_batch([x.clone() for x in a]), "video": pad_batch([x.clone() for x in v])}
 
         def step(feats, rates, packed=False):

@@ -24,7 +24,7 @@ from .config import Config
 from .errors import MavsrError
 from .features import cache_split, encoders_tag, provenance
 from .fsutil import atomic_file, atomic_write_json, atomic_write_text, clean_stale, sha256_file
-from .media import fit_audio, normalise, read_audio, read_video_gray, video_crop
+from .media import encoder_video, fit_audio, read_audio, read_mouth_roi
 from .model.audio_encoder import WhisperAudioEncoder
 from .model.video_encoder import load_video_encoder
 from .progress import bar
@@ -59,8 +59,8 @@ class Encoders:
         vc = self.cfg.video_encoder
         audio, video, wav, frames = {}, {}, None, None
         if self.video is not None:
-            frames = read_video_gray(self.recipe.resolve_media(u.video))
-            video[f"{u.id}/video"] = normalise(video_crop(frames, vc.crop), vc.mean, vc.std)  # (T, crop, crop)
+            frames = read_mouth_roi(self.recipe.resolve_media(u.video), vc.fps, u.num_frames, u.id)  # (T, 96, 96)
+            video[f"{u.id}/video"] = encoder_video(frames, vc)  # (T, crop, crop), as transcribe gives it
         if self.audio is not None:
             wav = read_audio(self.recipe.resolve_media(u.audio))
             if frames is not None and self.cfg.audio_encoder.fit_video:

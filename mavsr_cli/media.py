@@ -207,7 +207,36 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> 
         f.writeframes(pcm.tobytes())
 
 
-# ---- the video front end's last steps: mouth ROI (T, 96, 96) uint8 -> encoder input -------------
+# ---- the video front end: media -> mouth ROI (T, 96, 96) uint8 -> encoder input ----------------
+# One path for every stage (extract-features, the augmented copies, transcribe, tiny-models): the
+# clip read at 25 fps by timestamps, the mouth ROI resized to ROI_SIZE, centre- (or randomly)
+# cropped, normalised. A model is trained on exactly what transcribe gives it.
+ROI_SIZE = 96  # side of the mouth ROI (LRS-style preprocessing's), before the encoder's crop
+FRAME_SLACK = 1  # frames a clip may differ from its manifest's num_frames (timestamps rounded to 25 fps)
+
+
+def to_roi(frames: np.ndarray) -> np.ndarray:
+    """(T, H, W) frames of a mouth crop -> (T, ROI_SIZE, ROI_SIZE), resized unless already that size."""
+    return frames if frames.shape[1:] == (ROI_SIZE, ROI_SIZE) else crop_resize(frames, None, ROI_SIZE)
+
+
+def read_mouth_roi(path: Path, fps: int = FPS, expect_frames: int | None = None, what: str = "") -> np.ndarray:
+    """A mouth-crop video (a manifest's `video`) -> (T, ROI_SIZE, ROI_SIZE) uint8 at `fps`. With
+    `expect_frames` (the manifest's num_frames), a clip that is not that long (more than one frame
+    apart: timestamp rounding) is refused in one line: the manifest and the media disagree."""
+    frames = read_video_at(path, fps)
+    if expect_frames is not None and abs(len(frames) - expect_frames) > FRAME_SLACK:
+        raise MediaError(f"{what or path}: the video has {len(frames)} frames at {fps} fps, the manifest says "
+                         f"num_frames {expect_frames}; fix the manifest or the media ({path})")
+    return to_roi(frames)
+
+
+def encoder_video(roi: np.ndarray, vc) -> torch.Tensor:
+    """(T, ROI_SIZE, ROI_SIZE) uint8 mouth ROI -> the video encoder's input (T, crop, crop) float32:
+    the centre crop, normalised (config.VideoEncoderConfig's crop, mean, std)."""
+    return normalise(video_crop(roi, vc.crop), vc.mean, vc.std)
+
+
 def video_crop(frames: np.ndarray, crop: int) -> torch.Tensor:
     """(T, H, W) uint8 mouth ROI -> its centre crop (T, crop, crop), uint8 (test-time crop)."""
     h, w = _roi_size(frames, crop)

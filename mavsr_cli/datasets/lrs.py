@@ -21,7 +21,7 @@ import numpy as np
 from ..clocks import FPS, SAMPLE_RATE
 from ..errors import MavsrError
 from ..fsutil import atomic_write_pickle, inside
-from ..media import check_mouth_crop, crop_resize, looks_like_mouth_crop, read_audio, read_video_at, write_av, write_wav
+from ..media import check_mouth_crop, looks_like_mouth_crop, read_audio, read_video_at, to_roi, write_av, write_wav
 from .lrs_text import clean_transcript, parse_text
 
 LRS3_SPLITS = ("pretrain", "trainval", "test")
@@ -151,7 +151,7 @@ def process(item: Item, root: Path, out_dir: Path, landmarks_dir: Path | None, m
         frames = read_video_at(item.video, FPS)
         audio = read_audio(item.video)
         lms, found = _landmarks(item, frames, landmarks_dir, out_dir, custom, mouth_crops)
-        rois = crop_resize(frames, None, 96) if lms is None else mouth_rois(frames, list(lms), mean_face)
+        rois = to_roi(frames) if lms is None else mouth_rois(frames, list(lms), mean_face)
     except MavsrError as e:
         return f"{rel}: {e}"
     duration = max(len(frames) / FPS, len(audio) / SAMPLE_RATE)

@@ -31,7 +31,7 @@ from ..datasets import synth
 from ..datasets.lrs_text import parse_text
 from ..errors import MavsrError
 from ..fsutil import clean_stale, inside, sha256_file, staged_dir
-from ..media import normalise, read_audio, read_video_gray, video_crop
+from ..media import normalise, read_audio, read_mouth_roi, video_crop
 from ..model import llm as llm_mod
 from ..model.audio_encoder import WhisperAudioEncoder
 from ..model.video_encoder import SmallVideoEncoder
@@ -286,7 +286,7 @@ def _pretrainers(recipe: Recipe, opt: TinyOptions, utts: list, texts: list[str],
 
     def pretrain_video(enc):
         vc = VideoEncoderConfig()
-        crops = [video_crop(read_video_gray(recipe.resolve_media(u.video)), vc.crop)
+        crops = [video_crop(read_mouth_roi(recipe.resolve_media(u.video), vc.fps, u.num_frames, u.id), vc.crop)
                  for u in progress(utts, "mouth crops")]
         def encode_batch(batch):  # one clip at a time: the conv stem's batch norm sees one utterance
             outs = [enc(normalise(c, vc.mean, vc.std)) for c in batch]  # (T_b, dim) each

@@ -6,7 +6,8 @@ Any container PyAV reads. Video is resampled to 25 fps by timestamps and cut to 
   neither         a frame of mouth-crop size is taken as one; any other video goes through face
                   detection (the `faces` extra): 68-point landmarks tracked per frame, then the
                   aligned 96x96 mouth ROI that `prepare lrs3` cuts from landmark pickles (roi.py).
-Then centre-cropped and normalised as in extract-features; audio is mixed to mono at 16 kHz.
+Then centre-cropped and normalised by the front end extract-features uses (media.encoder_video);
+audio is mixed to mono at 16 kHz.
 `--save-roi FILE` writes the mouth crop that was decoded (an mp4 at 25 fps, with the audio), to
 look at or to transcribe again with --mouth-crop.
 The experiment's own encoders run on the fly (the same code as `extract-features`).
@@ -24,15 +25,16 @@ from ..decoding import Decoder, generate, max_new_tokens
 from ..errors import MavsrError
 from ..features import pad_batch
 from ..media import (
+    ROI_SIZE,
     MediaError,
     check_mouth_crop,
     crop_resize,
+    encoder_video,
     fit_audio,
     looks_like_mouth_crop,
-    normalise,
     read_audio,
     read_video_at,
-    video_crop,
+    to_roi,
     write_av,
 )
 from ..model.audio_encoder import WhisperAudioEncoder
@@ -53,10 +55,10 @@ def parse_roi(spec: str | None) -> tuple[int, int, int, int] | None:
 def mouth_frames(frames, media: Path, roi: str | None, mouth_crop: bool, log) -> tuple:
     """(T, H, W) frames -> ((T, 96, 96) mouth crops, how they were found)."""
     if roi is not None:
-        return crop_resize(frames, parse_roi(roi), 96), "roi"
+        return crop_resize(frames, parse_roi(roi), ROI_SIZE), "roi"
     if mouth_crop or looks_like_mouth_crop(frames):
         check_mouth_crop(frames, str(media), "leave out --mouth-crop to detect the face, or give --roi x,y,w,h")
-        return crop_resize(frames, None, 96), "mouth crop"
+        return to_roi(frames), "mouth crop"
     from .. import faces
     from ..roi import mouth_rois
 
@@ -109,7 +111,7 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
                 write_av(Path(save_roi), frames, wav if modality == "av" else None, fps=vc.fps)
             duration = max(duration, len(frames) / vc.fps)
             venc = load_video_encoder(resolve_model(recipe, vc.path)).eval()
-            feats["video"] = pad_batch([venc(normalise(video_crop(frames, vc.crop), vc.mean, vc.std)).float()])
+            feats["video"] = pad_batch([venc(encoder_video(frames, vc)).float()])
             if wav is not None and cfg.audio_encoder.fit_video:
                 wav = fit_audio(wav, len(frames), vc.fps)
         if wav is not None:
