@@ -78,6 +78,28 @@ def list_lrs2(root: Path, lists: tuple[str, ...] = LRS2_LISTS) -> list[Item]:
     return items
 
 
+KEEP_FIRST = ("test", "val", "train", "pretrain")  # the list that keeps a video listed in several: held-out data first
+
+
+def drop_repeats(items: list[Item]) -> tuple[list[Item], list[tuple[str, str]]]:
+    """A video listed in several split lists (LRS2's train.txt and val.txt) is kept in one: the
+    first of KEEP_FIRST, so no held-out utterance is also trained on. -> (items, [(list it was
+    dropped from, reason)])."""
+    lists: dict[Path, list[str]] = {}
+    for it in items:
+        lists.setdefault(it.video, []).append(it.split)
+    keep = {v: min(names, key=KEEP_FIRST.index) for v, names in lists.items()}
+    kept, dropped, seen = [], [], set()
+    for it in items:
+        if it.split == keep[it.video] and it.video not in seen:
+            seen.add(it.video)
+            kept.append(it)
+        else:
+            where = "twice" if it.split == keep[it.video] else f"and in {keep[it.video]}.txt"
+            dropped.append((it.split, f"{it.rel}: listed in {it.split}.txt {where}; kept in {keep[it.video]} once"))
+    return kept, dropped
+
+
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".mpg", ".mpeg")
 
 
@@ -111,8 +133,9 @@ def read_transcript(path: Path) -> tuple[str, list[tuple[str, float, float]]]:
 
 
 def segments(text: str, words: list[tuple[str, float, float]], duration: float, max_seconds: float):
-    """[(start s, end s, text)]: the whole utterance if it is short enough (or has no word table),
-    else consecutive word groups each spanning at most max_seconds."""
+    """[(start s, end s, text)]: the whole utterance if it is short enough (or has no word table:
+    `process` skips such a pretrain clip, `prepare dir` keeps it whole), else consecutive word
+    groups each spanning at most max_seconds."""
     if duration <= max_seconds or not words:
         return [(0.0, duration, text)]
     out, cur = [], []
@@ -155,6 +178,9 @@ def process(item: Item, root: Path, out_dir: Path, landmarks_dir: Path | None, m
     except MavsrError as e:
         return f"{rel}: {e}"
     duration = max(len(frames) / FPS, len(audio) / SAMPLE_RATE)
+    if duration > max_seconds and not words and not custom:  # a pretrain clip kept whole would be over the cap
+        return (f"{rel}: {duration:.1f} s is over --max-seconds {max_seconds:g} and its transcript has no word "
+                "timings to cut it at")
     recs = []
     segs = segments(text, words, duration, max_seconds)
     for k, (s, e, seg_text) in enumerate(segs):

@@ -226,6 +226,10 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
     mean_face = load_mean_face(opt.mean_face) if opt.mean_face else None  # read once, checked before any work
     items = {"lrs3": lrs.list_lrs3, "lrs2": lrs.list_lrs2}[corpus](root) if corpus in SPLIT_MAP \
         else lrs.list_dir(root, opt.split)
+    items, repeats = lrs.drop_repeats(items) if corpus == "lrs2" else (items, [])
+    if repeats:
+        log(f"prepare {corpus}: warning: {len(repeats)} videos listed in more than one split list, each kept in one "
+            f"(test, then val, then train; listed in the others' skipped.txt): {repeats[0][1]}")
     out_dir = recipe.root / "corpus" / corpus
     records = out_dir / ".records"
     clean_stale(out_dir, recursive=True)
@@ -243,6 +247,8 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
             "run without --shard to merge")
         return {}
     per_split = _by_split(recipe, items, results, split_map, splits, _val_share(corpus, opt))
+    for split, why in repeats:
+        per_split[split_map[split]][1].append(why)
     summary = {}
     for split, (utts, skipped) in per_split.items():
         if not utts:

@@ -148,6 +148,38 @@ def test_lrs2_lists_pick_the_splits(tmp_path):
     assert r.returncode == 2 and "not a directory" in r.stderr
 
 
+def test_lrs2_repeats_across_lists_and_long_pretrain_clips_without_word_timings(tmp_path):
+    """An utterance in train.txt and val.txt is kept in val only, with a warning and a skip reason;
+    a pretrain clip over --max-seconds without a word table is skipped, one with it is cut."""
+    root = tmp_path / "LRS2"
+    show = "5535415699068794046"
+    (root / "mvlrs_v1/main" / show).mkdir(parents=True)
+    (root / "mvlrs_v1/pretrain" / show).mkdir(parents=True)
+    write_utt(root / "mvlrs_v1/main" / show / "00001", words_for(3), seed=1)
+    write_utt(root / "mvlrs_v1/main" / show / "00002", words_for(3), seed=2)
+    long_words = words_for(10)  # 3.1 s
+    write_utt(root / "mvlrs_v1/pretrain" / show / "00003", long_words, seed=3)
+    bare = root / "mvlrs_v1/pretrain" / show / "00004"
+    write_utt(bare, long_words, seed=4)
+    bare.with_suffix(".txt").write_text(format_text(" ".join(w for w, _, _ in long_words), []))  # no word table
+    (root / "pretrain.txt").write_text(f"{show}/00003\n{show}/00004\n")
+    (root / "train.txt").write_text(f"{show}/00001\n{show}/00002\n")
+    (root / "val.txt").write_text(f"{show}/00001\n")
+    (root / "test.txt").write_text(f"{show}/00002\n")
+    d = tmp_path / "recipe"
+    d.mkdir()
+    r = mavsr(d, "prepare", "lrs2", "--root", str(root), "--nj", "1", "--max-seconds", "2")
+    assert "warning: 2 videos listed in more than one split list" in r.stdout, r.stdout
+    ids = {s: [json.loads(x)["id"] for x in (d / f"data/{s}/manifest.jsonl").read_text().splitlines()]
+           for s in ("train", "val", "test")}
+    assert ids["val"] == [f"{show}-00001"] and ids["test"] == [f"{show}-00002"]
+    assert ids["train"] and all(i.startswith(f"{show}-00003_") for i in ids["train"])  # cut, and nothing else
+    skipped = (d / "data/train/skipped.txt").read_text()
+    assert f"main/{show}/00001: listed in train.txt and in val.txt; kept in val once" in skipped
+    assert f"main/{show}/00002: listed in train.txt and in test.txt; kept in test once" in skipped
+    assert f"pretrain/{show}/00004.mp4: 3.3 s is over --max-seconds 2 and its transcript has no word timings" in skipped
+
+
 def test_the_lrs3_recipe_script_runs_its_prepare_stage(lrs3_tree, tmp_path):
     import os
     import shutil
