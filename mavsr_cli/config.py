@@ -110,6 +110,9 @@ class TrainConfig:
     log_every: int = 10  # steps between log lines in train.log
     keep_checkpoints: int = 2  # how many step checkpoints to keep
     pack_rates: bool = False  # one batched LLM pass for all configurations: same loss; slower on CPU (padding)
+    # per_config: each configuration's forward and backward in turn, gradients accumulating, so a step's
+    # activations peak at one configuration's (not under FSDP); joint: one backward over all of them at once
+    backward: str = "per_config"
     accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation; same gradient as one batch)
     max_frames: int = 0  # >0: dynamic batches of at most this many video frames (25 per s) instead of batch_size
     # what max_frames caps: step = one global step, the same batches on any number of GPUs (mavsr);
@@ -366,6 +369,8 @@ def validate(cfg: Config) -> None:
         raise MavsrError(f"train.max_frames_per must be step or gpu, got {t.max_frames_per!r}")
     if t.select not in ("best", "last"):
         raise MavsrError(f"train.select must be best or last, got {t.select!r}")
+    if t.backward not in ("per_config", "joint"):
+        raise MavsrError(f"train.backward must be per_config or joint, got {t.backward!r}")
     if t.distributed not in ("ddp", "fsdp"):
         raise MavsrError(f"train.distributed must be ddp or fsdp, got {t.distributed!r}")
     for key, (low, strict) in _RANGES.items():

@@ -2,8 +2,10 @@
 
 Every step: load the native-rate features of a batch once (the cache stands in for "encode once"),
 then for each rate configuration of the grid compress, project and run the LLM, and average the
-losses with equal weights. With one shared LoRA (MS) the configurations can be packed into one
-batched LLM pass (`train.pack_rates`): the same losses and gradients.
+losses with equal weights. Each configuration's backward runs right after its forward, gradients
+accumulating, so a step holds one configuration's activations at a time (`train.backward`). With
+one shared LoRA (MS) the configurations can instead be packed into one batched LLM pass
+(`train.pack_rates`): the same losses and gradients.
 
 Optimisation is the reference code's: AdamW (0.9, 0.98), weight decay 0.1, cosine decay without
 warm-up, gradient clipping at 10. The loss of a step is normalised by the target-token count of
@@ -110,10 +112,10 @@ def draw_copies(counts: dict[str, int], seed: int, epoch: int) -> dict[str, int 
 
 
 class MatryoshkaLoss(nn.Module):
-    """forward(features, targets) -> (G,) summed token cross-entropies, one per configuration.
+    """forward(features, targets, which=None) -> (G,) summed token cross-entropies, one per
+    configuration (`which`: only that configuration's, (1,)).
 
-    The unit that DDP/FSDP wrap: every configuration's LLM pass happens inside one forward, so one
-    backward reduces the gradients of all of them."""
+    The unit that DDP/FSDP wrap, so every configuration's LLM pass goes through the wrapper."""
 
     def __init__(self, model, rates: list[Rates], packed: bool) -> None:
         super().__init__()
@@ -121,8 +123,39 @@ class MatryoshkaLoss(nn.Module):
         self.rates = list(rates)
         self.packed = packed
 
-    def forward(self, feats: dict, targets: list[list[int]]) -> torch.Tensor:
-        return torch.stack(self.model.ce_sums(feats, self.rates, targets, packed=self.packed))
+    def forward(self, feats: dict, targets: list[list[int]], which: int | None = None) -> torch.Tensor:
+        rates = self.rates if which is None else [self.rates[which]]
+        return torch.stack(self.model.ce_sums(feats, rates, targets, packed=self.packed and which is None))
+
+
+def matryoshka_backward(engine, feats: dict, targets: list[list[int]], n_cfg: int, scale: float, per_config: bool,
+                        autocast=contextlib.nullcontext, defer=contextlib.nullcontext,
+                        sync_last: bool = True) -> torch.Tensor:
+    """Forward and backward of one micro-batch over every configuration; the loss is scale x the sum
+    of their cross-entropies. -> (G,) summed cross-entropies, detached.
+
+    joint: one forward of all G configurations and one backward, so all G graphs are alive at once.
+    per_config: each configuration's forward and backward in turn, gradients accumulating in .grad:
+    the same gradient (a sum is a sum; float order aside, tested), and the activations of a step peak
+    at one configuration's instead of G (the shared features carry no graph). `defer` (DDP's
+    no_sync) wraps every backward but the last, and that one too unless `sync_last`."""
+    def hold(last: bool):
+        return contextlib.nullcontext() if last and sync_last else defer()
+
+    if not per_config:
+        with hold(True):
+            with autocast():
+                ce = engine(feats, targets)  # (G,)
+            (ce.sum() * scale).backward()
+        return ce.detach()
+    out = []
+    for g in range(n_cfg):
+        with hold(g == n_cfg - 1):
+            with autocast():
+                ce = engine(feats, targets, which=g)  # (1,)
+            (ce.sum() * scale).backward()
+        out.append(ce.detach())
+    return torch.cat(out)
 
 
 def _dist():
@@ -147,6 +180,13 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def per_config_backward(t, world: int) -> bool:
+    """Whether a step runs the backward configuration by configuration (train.backward): not when
+    the configurations are packed into one pass, nor under FSDP (each backward would gather and
+    reduce every layer's shards again)."""
+    return t.backward == "per_config" and not t.pack_rates and not (world > 1 and t.distributed == "fsdp")
+
+
 def wrap(loss_mod: MatryoshkaLoss, cfg: Config, device: torch.device, world: int):
     if world == 1:
         return loss_mod
@@ -159,7 +199,10 @@ def wrap(loss_mod: MatryoshkaLoss, cfg: Config, device: torch.device, world: int
         return loss_mod
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(loss_mod, device_ids=[device.index] if device.type == "cuda" else None)
+    # per configuration, a forward uses only its own projectors (and SS/MSS adapters): DDP must look
+    # for the unused ones, whose gradients accumulated under no_sync it then reduces with the rest
+    return DDP(loss_mod, device_ids=[device.index] if device.type == "cuda" else None,
+               find_unused_parameters=per_config_backward(cfg.train, world))
 
 
 class Trainer:
@@ -190,6 +233,7 @@ class Trainer:
             model.load_trainable(checkpoint.load_state(self.last))
         self.engine = wrap(MatryoshkaLoss(model, rates, t.pack_rates), cfg, self.device, self.world)
         self.fsdp = self.world > 1 and t.distributed == "fsdp"
+        self.per_config = per_config_backward(t, self.world)
         self.params = [p for p in self.engine.parameters() if p.requires_grad]
         self.opt = optimizer(self.params, t, fused=not self.fsdp)
         self.min_batch = self.world * t.accum_steps
@@ -257,11 +301,7 @@ class Trainer:
         sums = torch.zeros(len(self.rates), dtype=torch.float64)
         self.opt.zero_grad(set_to_none=True)
         for k, chunk in enumerate(micro):
-            sync = contextlib.nullcontext()
-            if self.world > 1 and k < len(micro) - 1 and hasattr(self.engine, "no_sync"):
-                sync = self.engine.no_sync()
-            with sync:
-                sums += self._backward(chunk, bid, epoch, copies, n_tok)
+            sums += self._backward(chunk, bid, epoch, copies, n_tok, last=k == len(micro) - 1)
         if self.world > 1:
             s_dev = sums.to(self.device)
             _dist().all_reduce(s_dev)
@@ -272,8 +312,16 @@ class Trainer:
         self.step_no += 1
         return (sums / n_tok).tolist(), n_tok
 
-    def _backward(self, chunk: list[str], bid: list[str], epoch: int, copies: dict, n_tok: int) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns its summed cross-entropies (G,)."""
+    def _defer(self):
+        """Gradients accumulate without being reduced across processes (DDP's no_sync)."""
+        if self.world > 1 and hasattr(self.engine, "no_sync"):
+            return self.engine.no_sync()
+        return contextlib.nullcontext()
+
+    def _backward(self, chunk: list[str], bid: list[str], epoch: int, copies: dict, n_tok: int,
+                  last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch (`last`: the step's, whose backward reduces the
+        gradients across processes); returns its summed cross-entropies (G,)."""
         t, step = self.t, self.step_no
         feats = batch_features(self.store, chunk, self.cfg.model.modality, [copies[i] for i in chunk])
         if t.time_mask:  # per-utterance seeds: the same masks whatever the process split
@@ -281,10 +329,10 @@ class Trainer:
         feats = {m: (x.to(self.device), n.to(self.device)) for m, (x, n) in feats.items()}
         try:
             faults.maybe_oom(len(chunk))
-            with self.autocast():
-                ce = self.engine(feats, [self.targets[i] for i in chunk])  # (G,)
             # mean over configurations of (global token mean); DDP averages over processes
-            (ce.sum() / len(self.rates) / n_tok * self.world).backward()
+            ce = matryoshka_backward(self.engine, feats, [self.targets[i] for i in chunk], len(self.rates),
+                                     self.world / len(self.rates) / n_tok, self.per_config, self.autocast,
+                                     self._defer, sync_last=last)
         except torch.OutOfMemoryError:
             frames = sum(self.store.frames(i) for i in chunk)
             raise MavsrError(
@@ -292,7 +340,7 @@ class Trainer:
                 f"utterances, {frames} video frames ({chunk[0]} .. {chunk[-1]}); lower train.batch_size "
                 f"or set train.max_frames below {frames}, or raise train.accum_steps; rerun to resume "
                 "from the last checkpoint") from None
-        return ce.detach().double().cpu()
+        return ce.double().cpu()
 
     # ---- logging and saving --------------------------------------------------------------------
     def record(self, per_rate: list[float], n_tok: int, n_utts: int, epoch: int, seconds: float) -> dict:

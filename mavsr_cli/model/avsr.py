@@ -119,7 +119,9 @@ class AVSRModel(nn.Module):
             idx[i, sl] = torch.tensor(r)
             mask[i, sl] = 1
             lab[i, sl] = torch.tensor(labels[i])
-        emb = table[idx.to(device)]  # (B, L, D)
+        # embedding, not table[idx]: the index gather's backward adds the rows used many times (markers)
+        # with atomics on a multi-threaded CPU, in an order that changed gradients from run to run
+        emb = torch.nn.functional.embedding(idx.to(device), table)  # (B, L, D)
         return emb, mask.to(device), (lab.to(device) if targets is not None else None)
 
     def _rows(self, blocks: list[tuple], tgts: list[list[int]], end: int) -> tuple[list[list[int]], list[list[int]]]:

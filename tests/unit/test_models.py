@@ -545,3 +545,81 @@ def test_align_targets_give_the_word_under_each_frame(tmp_path):
     assert len(y25) == 25 and y25[15:].tolist() == [1] * 10  # the video rate halves every span
     with pytest.raises(MavsrError, match="framewise"):
         ctc_targets(["the red apple"], "align", words)
+
+
+class _Saved:
+    def __init__(self, t) -> None:
+        self.t = t
+
+
+class SavedBytes:
+    """The bytes autograd holds for backward, and their peak: tensors saved by the graph, counted
+    when saved and uncounted when the graph that holds them is freed."""
+
+    def __init__(self) -> None:
+        self.now = self.peak = 0
+
+    def pack(self, t):
+        import weakref
+
+        n = t.numel() * t.element_size()
+        self.now += n
+        self.peak = max(self.peak, self.now)
+        held = _Saved(t)
+        weakref.finalize(held, self._free, n)
+        return held
+
+    def _free(self, n) -> None:
+        self.now -= n
+
+    @staticmethod
+    def unpack(held):
+        return held.t
+
+
+@pytest.mark.parametrize("strategy", ["ms", "ss"])
+def test_the_backward_per_configuration_gives_the_joint_gradient_and_holds_one_graph(parts, strategy):
+    """Issue 22, item 4: run configuration by configuration, a step's gradients are the joint
+    backward's (fp32 tolerance), and the graph it holds at its peak is about one configuration's."""
+    from mavsr_cli.train_loop import MatryoshkaLoss, matryoshka_backward
+
+    tg = [[5, 6, 7, 9, 11], [8, 4]]
+    out = {}
+    for mode in ("joint", "per_config"):
+        m = _strategy_model(parts, strategy).train()
+        engine, saved = MatryoshkaLoss(m, m.grid, packed=False), SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, SavedBytes.unpack):
+            ce = matryoshka_backward(engine, _feats(), tg, len(m.grid), 0.25 / 7, mode == "per_config")
+        out[mode] = ce, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, saved.peak
+    (ce0, g0, peak0), (ce1, g1, peak1) = out["joint"], out["per_config"]
+    torch.testing.assert_close(ce1, ce0)
+    assert ce0.shape == (len(_strategy_model(parts, strategy).grid),)
+    assert set(g1) == set(g0) and len(g0) > 4
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+    g = len(ce0)
+    assert peak1 < peak0 / g * 1.6, (peak0, peak1)  # (4 configurations: about a quarter of the joint peak)
+
+
+def test_a_steps_gradients_are_the_same_in_every_run_on_several_threads(parts):
+    """The markers feed every row of a batch; their gradient sums many rows and must do so in a
+    fixed order (an index gather's backward added them with CPU atomics: 1e-7 apart run to run)."""
+    from mavsr_cli.train_loop import MatryoshkaLoss
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        tg = [[5 + i % 9, 6, 7 + i % 5, 9] for i in range(32)]
+        g = torch.Generator().manual_seed(0)
+        feats = {"audio": (torch.randn(32, 200, 32, generator=g), torch.arange(200, 40, -5)),
+                 "video": (torch.randn(32, 100, 32, generator=g), torch.arange(100, 20, -2.5).long())}
+        runs = []
+        for _ in range(6):
+            m = _strategy_model(parts, "ms").train()
+            MatryoshkaLoss(m, m.grid, packed=False)(feats, tg).sum().backward()
+            runs.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for n in runs[0]:
+            assert torch.equal(other[n], runs[0][n]), n
