@@ -85,6 +85,9 @@ class ModelConfig:
     projector_hidden: int = 2048  # hidden width of each per-rate projector MLP
     projector_layernorm: bool = False  # LayerNorm after the projector
     prompt: str = ""  # instruction after the media tokens; empty = the paper's prompt for the modality
+    # dtype the frozen LLM is loaded and held in: auto = bfloat16 where its matmuls run in bf16 (training
+    # on a GPU, train.precision auto/bf16), float32 elsewhere; or float32 / bfloat16. Trained tensors: float32
+    frozen_dtype: str = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def rate_grid(self) -> list[Rates]:
@@ -369,6 +372,10 @@ def validate(cfg: Config) -> None:
         raise MavsrError(f"train.max_frames_per must be step or gpu, got {t.max_frames_per!r}")
     if t.select not in ("best", "last"):
         raise MavsrError(f"train.select must be best or last, got {t.select!r}")
+    if cfg.model.frozen_dtype not in ("auto", "float32", "bfloat16"):
+        raise MavsrError(f"model.frozen_dtype must be auto, float32 or bfloat16, got {cfg.model.frozen_dtype!r}")
+    if cfg.model.frozen_dtype == "bfloat16" and t.precision == "fp32":
+        raise MavsrError("model.frozen_dtype bfloat16 needs bf16 matmuls: set train.precision auto or bf16")
     if t.backward not in ("per_config", "joint"):
         raise MavsrError(f"train.backward must be per_config or joint, got {t.backward!r}")
     if t.distributed not in ("ddp", "fsdp"):

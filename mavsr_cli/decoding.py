@@ -14,6 +14,7 @@ every N-th batch into a part file, and a run without it merges the parts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -121,14 +122,17 @@ def decode_tag(rates: Rates, opts: DecodeConfig) -> DecodeTag:
 def generate(model, feats: dict, rates: Rates, max_new_tokens: int, beam: int = 1,
              pool: Rates | None = None) -> tuple[list[str], list[int]]:
     """Texts and the LLM input length per utterance: greedy (`beam` 1, transformers' generate)
-    or mavsr's batched beam search."""
-    emb, mask, _ = model.build(feats, rates, None, left_pad=True, pool=pool)  # (B, L, D), (B, L)
-    tok = model.tokenizer
-    llm = _causal_lm(model.llm)
-    if beam > 1:
-        ids = beam_search(llm, emb, mask, tok.eos_token_id, beam, max_new_tokens)
-    else:
-        ids = greedy_search(llm, emb, mask, tok.eos_token_id, max_new_tokens)
+    or mavsr's batched beam search. A model whose frozen LLM is held in bf16 decodes under bf16
+    autocast (its float32 projectors and LoRA meet the bf16 weights there)."""
+    bf16 = model.frozen_dtype == torch.bfloat16
+    with torch.autocast(model.markers.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        emb, mask, _ = model.build(feats, rates, None, left_pad=True, pool=pool)  # (B, L, D), (B, L)
+        tok = model.tokenizer
+        llm = _causal_lm(model.llm)
+        if beam > 1:
+            ids = beam_search(llm, emb, mask, tok.eos_token_id, beam, max_new_tokens)
+        else:
+            ids = greedy_search(llm, emb, mask, tok.eos_token_id, max_new_tokens)
     texts = tok.batch_decode(ids, skip_special_tokens=True)
     return [" ".join(t.split()) for t in texts], mask.sum(1).tolist()
 

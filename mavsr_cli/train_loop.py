@@ -35,6 +35,7 @@ from . import augment, checkpoint, faults, seeds
 from .config import Config
 from .errors import MavsrError
 from .features import FeatureStore, batch_features
+from .model.build import train_bf16
 from .progress import bar
 from .rates import Rates
 
@@ -164,6 +165,12 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
+def device_type(device_pref: str) -> str:
+    """train.device as the device type training runs on (auto: cuda when there is one)."""
+    return "cuda" if device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available()) else \
+        ("cpu" if device_pref == "auto" else device_pref)
+
+
 def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     """(rank, world, device). Initialises the process group when started by torchrun."""
     import torch.distributed as dist
@@ -171,7 +178,7 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    use_cuda = device_type(device_pref) == "cuda"
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu" if device_pref == "auto" else device_pref)
     if use_cuda:
         torch.cuda.set_device(device)
@@ -240,7 +247,7 @@ class Trainer:
         self.steps_per_epoch = len(self.plan(0))
         self.total = t.epochs * self.steps_per_epoch
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.total, t.warmup_steps))
-        bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
+        bf16 = train_bf16(t, self.device.type) or model.frozen_dtype == torch.bfloat16  # bf16 weights: bf16 matmuls
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 \
             else contextlib.nullcontext
         self.step_no = 0

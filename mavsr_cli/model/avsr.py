@@ -34,10 +34,18 @@ class AVSRModel(nn.Module):
         self.compression = compression
         self.grid = list(grid)
         self.prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        # what is trained, fixed once: every LoRA tensor, the projectors and the markers
+        # what is trained, fixed once: every LoRA tensor, the projectors and the markers, in float32
+        # whatever the frozen LLM is held in (the optimizer updates these tensors themselves)
         for n, p in self.named_parameters():
             p.requires_grad_("lora_" in n or n.startswith("projectors.") or n == "markers")
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
         self._trainable = [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def frozen_dtype(self) -> torch.dtype:
+        """The dtype the frozen LLM's weights are held in (model.frozen_dtype)."""
+        return self.llm.get_input_embeddings().weight.dtype
 
     def use_rates(self, rates: Rates) -> None:
         """Activate the adapters of this configuration (SS/MSS: the decode-time rates pick them)."""

@@ -26,10 +26,10 @@ from ..config import load as load_config
 from ..errors import MavsrError
 from ..features import FeatureStore, cache_split, encoders_tag, provenance
 from ..fsutil import atomic_write_text
-from ..model.build import build_model
+from ..model.build import build_model, train_bf16
 from ..rates import select
 from ..recipe import Recipe, checksum_or_none, finished, is_done, mark_done, resolve_model, write_provenance
-from ..train_loop import train
+from ..train_loop import device_type, train
 
 
 class Logger:
@@ -103,11 +103,13 @@ def run(recipe: Recipe, cfg: Config, rates_spec: str, tag: str, force: bool = Fa
     dims = store.provenance["dims"]
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, dims.get("audio"), dims.get("video"), seed=cfg.train.seed,
-                        llm_path=resolve_model(recipe, cfg.model.llm), rates=rates)
+                        llm_path=resolve_model(recipe, cfg.model.llm), rates=rates,
+                        bf16=train_bf16(cfg.train, device_type(cfg.train.device)))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     logger(f"train: {tag}: {len(store.ids())} utterances, rates {','.join(r.tag for r in rates)}, "
-           f"strategy {cfg.model.lora.strategy}, {n_train:,} trained of {n_all:,} parameters")
+           f"strategy {cfg.model.lora.strategy}, {n_train:,} trained of {n_all:,} parameters (frozen in "
+           f"{str(model.frozen_dtype).removeprefix('torch.')})")
     meta = {
         "mavsr_version": __version__,
         "rates": [r.tag for r in rates],

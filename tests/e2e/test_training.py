@@ -2,6 +2,7 @@
 FSDP over gloo with 2 processes, checkpoint averaging, augmented caches."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -180,3 +181,21 @@ def test_augmented_copies_are_cached_apart_and_drawn_in_training(recipe, tmp_pat
     assert (d / "exp/aug/.done").is_file() and r.returncode == 0
     # a second extraction with the same settings is a no-op; the train stage found its own cache
     assert "is done" in mavsr(d, "extract-features", "--config", "conf/aug.yaml").stdout
+
+
+def test_a_bf16_frozen_llm_trains_and_decodes_through_the_stages(recipe):
+    """model.frozen_dtype bfloat16 on CPU: the code path a GPU takes by default (auto), here asked
+    for: the LLM held in bf16, bf16 autocast in training and decoding, float32 trained tensors."""
+    d = recipe
+    c = yaml.safe_load((d / "conf/tiny.yaml").read_text())
+    c["model"]["frozen_dtype"] = "bfloat16"
+    c["train"]["epochs"] = 1
+    (d / "conf/bf16.yaml").write_text(yaml.safe_dump(c))
+    r = mavsr(d, "train", "--config", "conf/bf16.yaml", "--tag", "bf16")
+    assert "frozen in bfloat16" in r.stdout, r.stdout
+    state = final_state(d / "exp/bf16")
+    assert state and all(t.dtype == torch.float32 for t in state.values())
+    assert all(math.isfinite(x["loss"]) for x in records(d / "exp/bf16"))
+    mavsr(d, "decode", "--exp", "exp/bf16", "--audio-rate", "16", "--video-rate", "5", "--beam", "2")
+    hyps = (d / "exp/bf16/decode_a16v5_beam2/test/hyp.jsonl").read_text().splitlines()
+    assert len(hyps) == 4

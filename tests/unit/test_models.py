@@ -623,3 +623,56 @@ def test_a_steps_gradients_are_the_same_in_every_run_on_several_threads(parts):
     for other in runs[1:]:
         for n in runs[0]:
             assert torch.equal(other[n], runs[0][n]), n
+
+
+def test_a_bf16_frozen_llm_trains_fp32_tensors_and_decodes(parts):
+    """Issue 22, item 3: model.frozen_dtype bfloat16 loads the frozen LLM in bf16 (half its bytes),
+    keeps every trained tensor in float32, trains under bf16 autocast and decodes under it, close
+    to the float32 model; auto stays float32 where the matmuls are float32 (CPU)."""
+    from mavsr_cli.model.build import frozen_dtype, train_bf16
+    from mavsr_cli.train_loop import MatryoshkaLoss, optimizer
+
+    def model(dtype):
+        cfg = C.from_dict({"model": {"llm": str(parts / "llm"), "projector_hidden": 16, "frozen_dtype": dtype,
+                                     "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}}})
+        return build_model(cfg, 32, 32, seed=0, bf16=train_bf16(cfg.train, "cpu")), cfg
+
+    m32, _ = model("auto")
+    m16, cfg = model("bfloat16")
+    assert m32.frozen_dtype == torch.float32 and m16.frozen_dtype == torch.bfloat16
+    assert frozen_dtype("auto", True) == torch.bfloat16 and frozen_dtype("auto", False) == torch.float32
+    frozen = {n: p for n, p in m16.named_parameters() if not p.requires_grad}
+    trained = {n: p for n, p in m16.named_parameters() if p.requires_grad}
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen.values())
+    assert trained and all(p.dtype == torch.float32 for p in trained.values())
+    bytes_of = lambda m: sum(p.numel() * p.element_size() for p in m.parameters() if not p.requires_grad)  # noqa: E731
+    assert bytes_of(m16) * 2 == bytes_of(m32)
+    tg = [[5, 6, 7], [8]]
+    opt = optimizer([p for p in m16.parameters() if p.requires_grad], cfg.train)
+    before = {n: p.detach().clone() for n, p in trained.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ce = MatryoshkaLoss(m16.train(), m16.grid, packed=False)(_feats(), tg)
+    ce.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained.values())
+    opt.step()
+    assert all(p.dtype == torch.float32 for p in trained.values())
+    assert any(not torch.equal(p, before[n]) for n, p in trained.items())
+    with torch.no_grad():  # the same trained tensors in both: decoding differs only by the frozen weights' dtype
+        m32.load_trainable(m16.trainable_state())
+    for beam in (1, 3):
+        hyps16, n16 = generate(m16.eval(), _feats(), Rates(4, 2), 4, beam=beam)
+        hyps32, n32 = generate(m32.eval(), _feats(), Rates(4, 2), 4, beam=beam)
+        assert n16 == n32 and len(hyps16) == 2 and all(isinstance(h, str) for h in hyps16)
+    l16 = MatryoshkaLoss(m16, m16.grid, packed=False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        c16 = l16(_feats(), tg)
+    with torch.no_grad():
+        c32 = MatryoshkaLoss(m32, m32.grid, packed=False)(_feats(), tg)
+    torch.testing.assert_close(c16.float(), c32, rtol=3e-2, atol=0.0)
+
+
+def test_bf16_frozen_weights_with_fp32_matmuls_are_refused():
+    with pytest.raises(MavsrError, match="frozen_dtype bfloat16 needs bf16 matmuls"):
+        C.validate(C.from_dict({"model": {"frozen_dtype": "bfloat16"}, "train": {"precision": "fp32"}}))
+    with pytest.raises(MavsrError, match="frozen_dtype must be auto, float32 or bfloat16"):
+        C.validate(C.from_dict({"model": {"frozen_dtype": "fp16"}}))
