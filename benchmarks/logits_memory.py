@@ -36,21 +36,9 @@ def _full_logits_ce(self, emb, mask, lab):
                                              ignore_index=-100, reduction="none").view(gold.shape)
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise SystemExit(f"no {field} in /proc/self/status (Linux only)")
-
-
-def _reset_peak() -> int:
-    """Reset the process's peak resident memory to what it holds now (Linux: clear_refs 5); -> that, in kB."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_kb("VmRSS")
-
-
 def worker(variant: str, layers: int, batch: int, seconds: float) -> dict:
     import torch
+    from _common import reset_peak, status_kb
 
     torch.set_num_threads(2)
     sys.path.insert(0, str(HERE.parents[1]))
@@ -74,11 +62,11 @@ def worker(variant: str, layers: int, batch: int, seconds: float) -> dict:
     t = int(50 * seconds)
     feats = {"audio": (torch.randn(batch, t, 768), torch.full((batch,), t))}
     targets = [list(range(10, 40)) for _ in range(batch)]
-    before = _reset_peak()
+    before = reset_peak()
     t0 = time.perf_counter()
     ce = model.ce_sums(feats, cfg.model.rate_grid(), targets)
     torch.stack(ce).sum().backward()
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     return {"variant": variant, "step_peak_mb": (peak - before) / 1024, "seconds": time.perf_counter() - t0,
             "loss": [float(x) for x in ce]}
 

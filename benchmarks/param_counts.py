@@ -10,7 +10,11 @@ markers come from mavsr's `build_model`, exactly as `mavsr train` makes them. No
               the configuration's adapters (MS: shared; SS: its own; MSS: both)
 A "separate models" row is the paper's baseline: one single-pair model per configuration.
 
-    python benchmarks/param_counts.py [--setting lrs3|strong|all] [--out FILE]
+The settings are the shipped LRS3 configs, read as `mavsr train` reads them: `avsr_ms` (the authors'
+code: Whisper-medium.en, projector LayerNorm) and `table1` (the paper's Table 1: Whisper-small),
+and `strong`, Table 1's config with Whisper-medium and Llama-3.1-8B (the paper's strongest).
+
+    python benchmarks/param_counts.py [--setting avsr_ms|table1|strong|all] [--out FILE]
 """
 
 from __future__ import annotations
@@ -28,10 +32,26 @@ from mavsr_cli.model.meta import PUBLISHED_M as PUBLISHED
 from mavsr_cli.model.meta import build_on_meta
 from mavsr_cli.rates import Rates
 
-SETTINGS = {  # name: (whisper, llm, LoRA rank); the paper's ASR/AVSR setting and its strongest one
-    "lrs3": ("whisper-small", "Llama-3.2-1B", 64),
-    "strong": ("whisper-medium", "Llama-3.1-8B", 64),
+CONF = Path(__file__).resolve().parents[1] / "recipes/lrs3/conf"
+SETTINGS = {  # name: (config file, (audio encoder, LLM) replacing the config's, or None)
+    "avsr_ms": (CONF / "avsr_ms.yaml", None),
+    "table1": (CONF / "table1_avsr_ms.yaml", None),
+    "strong": (CONF / "table1_avsr_ms.yaml", ("openai/whisper-medium", "meta-llama/Llama-3.1-8B")),
 }
+
+
+def config(setting: str) -> C.Config:
+    path, swap = SETTINGS[setting]
+    cfg = C.load(path)
+    if swap:
+        cfg = dataclasses.replace(cfg, audio_encoder=dataclasses.replace(cfg.audio_encoder, path=swap[0]),
+                                  model=dataclasses.replace(cfg.model, llm=swap[1]))
+    return cfg
+
+
+def names(cfg: C.Config) -> tuple[str, str]:
+    """(Whisper, LLM) as the report names them."""
+    return cfg.audio_encoder.path.split("/")[-1], cfg.model.llm.split("/")[-1]
 
 
 def n(params) -> int:
@@ -39,12 +59,7 @@ def n(params) -> int:
 
 
 def build(setting: str, strategy: str, rates: list[Rates] | None = None):
-    wname, lname, rank = SETTINGS[setting]
-    cfg = C.Config()
-    cfg = dataclasses.replace(
-        cfg, audio_encoder=dataclasses.replace(cfg.audio_encoder, path=f"openai/{wname}"),
-        model=dataclasses.replace(cfg.model, llm=f"meta-llama/{lname}",
-                                  lora=dataclasses.replace(cfg.model.lora, strategy=strategy, rank=rank)))
+    cfg = C.with_lora_strategy(config(setting), strategy)
     model, enc = build_on_meta(cfg, rates)
     return cfg, model, enc["audio"], enc["video"], model.llm
 
@@ -71,7 +86,7 @@ def counts(setting: str, strategy: str) -> dict:
 def separate(setting: str) -> dict:
     """The baseline: one MS model per configuration, each with its own projectors and LoRA."""
     rows = []
-    for r in C.Config().model.rate_grid():
+    for r in config(setting).model.rate_grid():
         cfg, model, n_audio, n_video, _ = build(setting, "ms", rates=[r])
         named = dict(model.named_parameters())
         rows.append((n_audio + n_video, n(p for p in named.values() if not p.requires_grad),
@@ -89,17 +104,21 @@ def m(x) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--setting", default="all", choices=["lrs3", "strong", "all"])
+    ap.add_argument("--setting", default="all", choices=[*SETTINGS, "all"])
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
     args = ap.parse_args()
     settings = list(SETTINGS) if args.setting == "all" else [args.setting]
     lines = []
     for s in settings:
-        wname, lname, rank = SETTINGS[s]
+        cfg = config(s)
+        (wname, lname), mc = names(cfg), cfg.model
         _, _, _, _, llm = build(s, "ms")
         llm_total = n(p for k, p in llm.named_parameters() if "lora_" not in k)  # peft injected in place
-        lines.append(f"\n### {s}: {wname} encoder + AV-HuBERT Large + {lname}, LoRA r{rank} on q/v, "
-                     f"rates audio {{4,16}} x video {{2,5}}, projector hidden 2048\n")
+        lines.append(f"\n### {s} ({SETTINGS[s][0].name}{' with ' + wname + ', ' + lname if SETTINGS[s][1] else ''}): "
+                     f"{wname} encoder + AV-HuBERT Large + {lname}, LoRA r{mc.lora.rank} on "
+                     f"{'/'.join(t[0] for t in mc.lora.targets)}, rates audio {{{','.join(map(str, mc.audio_rates))}}} "
+                     f"x video {{{','.join(map(str, mc.video_rates))}}}, projector hidden {mc.projector_hidden}"
+                     f"{' + LayerNorm' if mc.projector_layernorm else ''}\n")
         lines.append(f"Meta-device check: {lname} base {llm_total / 1e6:,.1f}M parameters "
                      f"(published {PUBLISHED[lname]:,.1f}M).\n")
         _, _, n_audio, n_video, _ = build(s, "ms")

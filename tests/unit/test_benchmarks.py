@@ -9,10 +9,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_param_counts_builds_llama_at_its_published_size_and_ms_costs_nothing_at_inference():
-    r = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks/param_counts.py"), "--setting", "lrs3"],
-                       capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    script = str(ROOT / "benchmarks/param_counts.py")
+    r = subprocess.run([sys.executable, "-W", "ignore", script, "--setting", "avsr_ms"], capture_output=True,
+                       text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Llama-3.2-1B base 1,235.8M parameters (published 1,235.8M)" in r.stdout
+    assert "whisper-medium.en encoder 307.2M" in r.stdout  # what conf/avsr_ms.yaml names
     rows = {line.split("|")[1].strip(): line.split("|")[1:-1] for line in r.stdout.splitlines()
             if line.startswith("| ") and "strategy" not in line}
     assert set(rows) == {"ms", "ss", "mss", "separate models"}
@@ -54,3 +56,18 @@ def test_the_side_by_side_benchmark_times_every_row_and_compares_hypotheses(tmp_
     for row in ("train_cache", "train_faithful", "beam15_b8", "beam15_b1_fly", "greedy_b1_fly"):
         assert f"| {row} |" in text
     assert "hypotheses of b equal a's on every decode row" in text  # the same code: the same hypotheses
+
+
+def test_the_real_size_memory_benchmark_loads_through_build_model_and_compares_its_variants(tmp_path):
+    out = tmp_path / "m.md"
+    r = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks/real_size_memory.py"), "--layers", "1",
+                        "--batch", "1", "--seconds", "1", "--out", str(out)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.read_text().splitlines() if line.startswith("| ") and "variant" not in line}
+    assert set(rows) == {"before", "bf16", "per_config", "after"}
+    param = {k: float(v[2]) for k, v in rows.items()}
+    assert param["bf16"] < 0.6 * param["before"] and param["after"] == param["bf16"]  # the frozen LLM in bf16
+    step = {k: float(v[4]) for k, v in rows.items()}
+    assert step["per_config"] < step["before"]  # one configuration's graph at a time
