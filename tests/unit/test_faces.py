@@ -89,7 +89,7 @@ def test_without_the_extra_each_path_says_how_to_get_it_in_one_line(monkeypatch,
     from pathlib import Path
 
     from mavsr_cli.datasets import lrs
-    from mavsr_cli.stages.transcribe import mouth_frames
+    from mavsr_cli.transcription import mouth_frames
 
     monkeypatch.setattr(faces, "available", lambda: False)
     scene = np.zeros((5, 240, 320), np.uint8)

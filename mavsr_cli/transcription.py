@@ -1,0 +1,148 @@
+"""One media file to text with a trained experiment, its encoders run on the fly: what `mavsr transcribe`
+and `mavsr serve` share, so a served transcript is the one `transcribe` prints.
+
+Video is resampled to 25 fps by timestamps and cut to the mouth (a fixed `roi`, a mouth-crop video used
+whole, or face detection with the `faces` extra), then centre-cropped and normalised by extract-features'
+front end (media.encoder_video); audio is mixed to mono at 16 kHz. The model and encoders load once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .clocks import SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME
+from .decoding import Decoder, generate
+from .errors import MavsrError
+from .features import pad_batch
+from .media import (
+    ROI_SIZE,
+    MediaError,
+    check_mouth_crop,
+    crop_resize,
+    encoder_video,
+    fit_audio,
+    looks_like_mouth_crop,
+    read_audio,
+    read_video_at,
+    to_roi,
+    write_av,
+)
+from .rates import Rates
+from .recipe import Recipe, resolve_model
+
+STREAMS = {"av": ("audio", "video"), "a": ("audio",), "v": ("video",)}  # what each modality reads
+
+
+def parse_roi(spec: str | None) -> tuple[int, int, int, int] | None:
+    if spec is None:
+        return None
+    try:
+        x, y, w, h = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise MavsrError(f"--roi must be x,y,w,h in pixels, got {spec!r}") from None
+    return x, y, w, h
+
+
+def mouth_frames(frames, media: Path, roi: str | None, mouth_crop: bool, log) -> tuple:
+    """(T, H, W) frames -> ((T, 96, 96) mouth crops, how they were found)."""
+    if roi is not None:
+        return crop_resize(frames, parse_roi(roi), ROI_SIZE), "roi"
+    if mouth_crop or looks_like_mouth_crop(frames):
+        check_mouth_crop(frames, str(media), "leave out --mouth-crop to detect the face, or give --roi x,y,w,h")
+        return to_roi(frames), "mouth crop"
+    from . import faces
+    from .roi import mouth_rois
+
+    if not faces.available():
+        raise MavsrError(f"{media}: {frames.shape[2]}x{frames.shape[1]} frames are a whole scene, not a mouth crop; "
+                         f"{faces.EXTRA_HINT}, or give --roi x,y,w,h")
+    try:
+        track = faces.detect(frames, faces.FaceLandmarker())
+    except MavsrError as e:
+        raise MavsrError(f"{media}: {e}; give the mouth region with --roi x,y,w,h") from None
+    if track.missed or track.several:
+        log(f"transcribe: face detection: {track.missed} of {len(frames)} frames without the face (filled in from "
+            f"their neighbours; in {track.others} only another face was seen), {track.several} with several faces "
+            "(the one nearest the last kept)")
+    return mouth_rois(frames, track.landmarks), "detected"
+
+
+@dataclasses.dataclass(eq=False)
+class Clip:
+    """One file's encoder features, ready to batch."""
+
+    feats: dict[str, torch.Tensor]  # "audio" / "video" -> (T, D) float32, the modality's streams
+    duration: float  # seconds of media
+    mouth: str | None  # how the mouth was found (roi, mouth crop, detected); None without video
+
+
+class Transcriber:
+    """A loaded experiment with its encoders: files -> Clips -> texts at any trained rate pair."""
+
+    def __init__(self, recipe: Recipe, exp: Path, log=lambda m: None) -> None:
+        self.recipe, self.log = recipe, log
+        self.dec = Decoder(recipe, exp, None, log=log)
+        self.cfg = self.dec.cfg
+        self.modality = self.cfg.model.modality
+        self._venc = self._aenc = None
+
+    def load(self) -> Transcriber:
+        """The LLM and the encoders the modality needs, now rather than at the first file."""
+        _ = self.dec.model
+        if "video" in STREAMS[self.modality]:
+            self._video_encoder()
+        if "audio" in STREAMS[self.modality]:
+            self._audio_encoder()
+        return self
+
+    def _video_encoder(self):
+        if self._venc is None:
+            from .model.video_encoder import load_video_encoder
+
+            self._venc = load_video_encoder(resolve_model(self.recipe, self.cfg.video_encoder.path)).eval()
+        return self._venc
+
+    def _audio_encoder(self):
+        if self._aenc is None:
+            from .model.audio_encoder import WhisperAudioEncoder
+
+            ac = self.cfg.audio_encoder
+            self._aenc = WhisperAudioEncoder.from_config(resolve_model(self.recipe, ac.path), ac)
+        return self._aenc
+
+    def default_rates(self) -> Rates:
+        """The least compressed trained pair: the most accurate one (paper.md, Table 1)."""
+        return max(self.dec.trained, key=lambda r: r.tokens_per_second())
+
+    @torch.inference_mode()
+    def clip(self, media: Path, roi: str | None = None, mouth_crop: bool = False,
+             save_roi: Path | None = None) -> Clip:
+        """Read and encode one file for this experiment's modality."""
+        feats, duration, wav, found = {}, 0.0, None, None
+        vc = self.cfg.video_encoder
+        if "audio" in STREAMS[self.modality]:
+            wav = read_audio(media)
+            if len(wav) < SAMPLES_PER_AUDIO_FRAME:
+                raise MediaError(f"{media}: audio shorter than one encoder frame (20 ms)")
+            duration = len(wav) / SAMPLE_RATE
+        if "video" in STREAMS[self.modality]:
+            frames, found = mouth_frames(read_video_at(media, vc.fps), media, roi, mouth_crop, self.log)
+            if save_roi is not None:  # with the audio decoded beside it: a clip transcribe takes back
+                write_av(Path(save_roi), frames, wav, fps=vc.fps)
+            duration = max(duration, len(frames) / vc.fps)
+            feats["video"] = self._video_encoder()(encoder_video(frames, vc)).float()  # (T_v, D_v)
+            if wav is not None and self.cfg.audio_encoder.fit_video:
+                wav = fit_audio(wav, len(frames), vc.fps)
+        if wav is not None:
+            feats["audio"] = self._audio_encoder()(wav).float()  # (T_a, D_a)
+        return Clip(feats, duration, found)
+
+    @torch.inference_mode()
+    def decode(self, clips: list[Clip], rates: Rates, max_new_tokens: int, beam: int) -> tuple[list[str], list[int]]:
+        """Texts and LLM input lengths of a batch of clips; the batched search gives each clip the
+        text it would get alone."""
+        feats = {m: pad_batch([c.feats[m] for c in clips]) for m in STREAMS[self.modality]}  # (B, T, D), (B,)
+        return generate(self.dec.model, feats, rates, max_new_tokens, beam=beam)
