@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test,lint,plots,faces]"
+	$(BIN)/pip install --quiet -e ".[test,lint,plots,faces,serve]"
 	touch $@
 
 test: install

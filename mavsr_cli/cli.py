@@ -26,6 +26,7 @@ from .options import (
     CtcUnits,
     LrsOptions,
     Normaliser,
+    ServeOptions,
     SynthOptions,
     TinyOptions,
     default_jobs,
@@ -33,7 +34,7 @@ from .options import (
 from .sharding import parse_shard
 
 STAGE_ORDER = ("prepare", "tiny-models", "extract-features", "train", "import", "decode", "score", "transcribe",
-               "bench", "claims", "info")
+               "serve", "bench", "claims", "info")
 
 
 class _Flags:
@@ -80,6 +81,9 @@ EXAMPLES = {  # shown under each command's --help; the synthetic recipe's comman
     "transcribe": ["mavsr transcribe phone.mp4 --exp exp/synth_ms_all --save-roi mouth.mp4   # face found for you",
                    "mavsr transcribe clip.mp4 --exp exp/synth_ms_all --roi 210,300,120,120",
                    "mavsr transcribe mouth.mp4 --exp exp/synth_ms_all --budget 15 --json"],
+    "serve": ["mavsr serve --exp exp/synth_ms_all   # http://127.0.0.1:8000, the elastic controller on",
+              "curl -F file=@clip.mp4 http://127.0.0.1:8000/v1/audio/transcriptions",
+              "mavsr serve --exp exp/synth_ms_all --exp exp/synth_a_ms_all --rates a4v2 --port 9000"],
     "bench": ["mavsr bench --exp exp/synth_ms_all --snr clean,10,0,-5",
               "mavsr bench --exp exp/synth_ms_all --exp exp/synth_a_ms_all --out bench/"],
     "claims": ["bash study.sh && mavsr claims --dir .   # in recipes/synth"],
@@ -142,6 +146,7 @@ NoiseOpt = Annotated[str | None, typer.Option(help="Noise for --snr: babble (oth
                                               f"({DecodeConfig.noise}).")]
 
 SYNTH, LRS, TINY, BENCH, BOUNDS = SynthOptions(), LrsOptions(Path(".")), TinyOptions(), BenchOptions(), Bounds()
+SERVE = ServeOptions()
 
 
 def _log(msg: str) -> None:
@@ -559,6 +564,50 @@ def transcribe(
                     max_new_tokens, log=lambda m: print(m, file=sys.stderr), mouth_crop=mouth_crop,
                     save_roi=save_roi)
     _log(json.dumps(res, ensure_ascii=False) if json_out else res["text"])
+
+
+@app.command("serve", cls=_Command, epilog=_examples("serve"))
+def serve(
+    exp: Annotated[list[Path], typer.Option(help="Experiment dir (exp/<tag>); repeat it to serve one of each "
+                                            "modality: an upload goes to the audio-visual one when it has both "
+                                            "streams, else to the audio-only or video-only one.")],
+    dir: DirOpt = Path("."),
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = SERVE.host,
+    port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one (printed at start-up).")] = SERVE.port,
+    rates: Annotated[str, typer.Option(help="auto: pick the rate pair per batch to keep the p95 latency under "
+                                       "--slo-ms (the most accurate pair while idle); a tag (a4v2): always "
+                                       "that pair. A request's own rates or budget field wins.")] = SERVE.rates,
+    slo_ms: Annotated[float, typer.Option(help="Latency target of --rates auto, ms from request to response.")]
+    = SERVE.slo_ms,
+    max_batch: Annotated[int, typer.Option(help="Most utterances decoded together.")] = SERVE.max_batch,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long a request waits for others to join its batch.")]
+    = SERVE.batch_wait_ms,
+    max_queue: Annotated[int, typer.Option(help="Requests admitted at once; more get 503 with Retry-After.")]
+    = SERVE.max_queue,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload; a larger one gets 413.")]
+    = SERVE.max_upload_mb,
+    api_key: Annotated[str | None, typer.Option(envvar="MAVSR_API_KEY", show_envvar=True, show_default=False,
+                                                help="Require 'Authorization: Bearer KEY' on /v1 and /metrics.")]
+    = SERVE.api_key,
+    warmup_seconds: Annotated[float, typer.Option(help="The start-up decodes that measure each pair's cost for "
+                                                  "the controller use the recipe's first val or test clip; "
+                                                  "without one, random features of this many seconds.")]
+    = SERVE.warmup_seconds,
+) -> None:
+    """Serve transcription over HTTP (OpenAI's /v1/audio/transcriptions shape), batching requests and
+    trading compression for latency under load. Needs the serve extra."""
+    _quiet_libraries()
+    from .stages import serve as stage
+
+    for name, v in (("--max-batch", max_batch), ("--max-queue", max_queue)):
+        if v < 1:
+            raise MavsrError(f"{name} must be at least 1, got {v}")
+    for name, v in (("--slo-ms", slo_ms), ("--max-upload-mb", max_upload_mb), ("--warmup-seconds", warmup_seconds)):
+        if v <= 0:
+            raise MavsrError(f"{name} must be > 0, got {v:g}")
+    opts = ServeOptions(host, port, rates, slo_ms, max_batch, batch_wait_ms, max_queue, max_upload_mb, api_key,
+                        warmup_seconds)
+    stage.run(_recipe(dir), exp, opts, log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 @app.command("bench", cls=_Command, epilog=_examples("bench"))

@@ -35,6 +35,8 @@ class Interrupted(BaseException):
 
 
 _signalled: int | None = None
+# what the interruption line says was kept; a command whose work is not files says its own (serve)
+interrupted_note = "finished work is kept; rerun the same command to resume"
 
 
 def _on_signal(signum, frame):
@@ -81,7 +83,7 @@ def _fail(e: BaseException) -> None:
 
 def _interrupted(signum: int) -> None:
     sig = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
-    err.print(f"[bold red]interrupted[/] ({sig}): finished work is kept; rerun the same command to resume")
+    err.print(f"[bold red]interrupted[/] ({sig}): {interrupted_note}")
     sys.exit(143 if sig == "SIGTERM" else 130)
 
 

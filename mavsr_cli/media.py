@@ -38,6 +38,12 @@ def _open(path: Path):
         raise MediaError(f"cannot open {path}: {why} (truncated, empty or not a media file?)") from None
 
 
+def streams(path: Path) -> set[str]:
+    """The kinds of stream a file holds: a subset of {"audio", "video"} (MediaError when unreadable)."""
+    with _open(path) as c:
+        return {k for k, s in (("audio", c.streams.audio), ("video", c.streams.video)) if s}
+
+
 def read_video_gray(path: Path) -> np.ndarray:
     """All frames as grayscale uint8, (T, H, W)."""
     frames = []

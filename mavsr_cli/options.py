@@ -109,3 +109,17 @@ class Bounds:
     noisy_snrs: tuple[float, ...] = (0.0, -5.0)  # claim 3: AV must beat audio-only at these SNRs
     av_slack: float = 0.0  # claim 3: ... by more than -av_slack points (0: AV strictly lower)
     linear_tol: float = 0.1  # claim 4: media tokens within this fraction of the rate-proportional count
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"  # loopback only by default; another address without an API key is warned about
+    port: int = 8000  # 0: any free port (the start-up line says which)
+    rates: str = "auto"  # auto: the elastic controller picks per batch; a tag (a4v2): every batch at that pair
+    slo_ms: float = 1000.0  # auto: the p95 latency target, request received to response
+    max_batch: int = 8  # utterances decoded together at most
+    batch_wait_ms: float = 5.0  # how long a request waits for others to join its batch
+    max_queue: int = 64  # requests admitted at once; more are answered 503 with Retry-After
+    max_upload_mb: float = 50.0  # larger uploads are answered 413
+    api_key: str | None = None  # required as 'Authorization: Bearer KEY' on /v1 and /metrics (or MAVSR_API_KEY)
+    warmup_seconds: float = 3.0  # random-feature clip of the start-up decodes, when the recipe has no val/test media

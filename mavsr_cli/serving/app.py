@@ -1,0 +1,358 @@
+"""The ASGI app of `mavsr serve` (FastAPI): the OpenAI-shaped transcription endpoint, health and
+Prometheus metrics. Requests are admitted up to --max-queue, their upload copied into a private
+temporary dir, read and encoded on one thread, decoded in batches on another (batcher.py).
+
+  POST /v1/audio/transcriptions  multipart: file, and optional rates (auto or a tag), budget, beam,
+                                 response_format (json | text | verbose_json); the OpenAI fields
+                                 model, language, prompt and temperature are accepted as that API's
+                                 clients send them (model is ignored; language en; temperature 0)
+  GET  /healthz                  {"status": "ok", ...}, never behind the key
+  GET  /metrics                  Prometheus text format
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..decoding import Budget, pick_by_budget, ranking_scores
+from ..errors import MavsrError
+from ..media import MediaError, streams
+from ..options import ServeOptions
+from ..rates import Rates
+from ..transcription import STREAMS
+from .batcher import Batcher, Engine, Job
+from .elastic import retry_after
+
+FORMATS = ("json", "text", "verbose_json")
+MAX_BEAM = 64
+LANGUAGES = (None, "", "en", "english")
+
+
+class Refused(Exception):
+    """A request answered with a 4xx/5xx and one line: (status, kind, message, headers)."""
+
+    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message, self.headers = status, kind, message, headers or {}
+
+
+def error_body(kind: str, message: str) -> dict:
+    return {"error": {"message": message, "type": kind}}  # the shape OpenAI's clients read
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("mavsr_requests", "Requests answered, by HTTP status", ["status"], registry=r)
+        self.errors = Counter("mavsr_errors", "Requests refused or failed, by kind", ["kind"], registry=r)
+        self.latency = Histogram("mavsr_request_seconds", "Upload received to response, seconds", registry=r,
+                                 buckets=(0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6))
+        self.queue = Gauge("mavsr_queue_length", "Requests admitted and not yet decoded", registry=r)
+        self.in_flight = Gauge("mavsr_requests_in_flight", "Transcription requests being handled", registry=r)
+        self.batch = Histogram("mavsr_batch_size", "Utterances per decoded batch", registry=r,
+                               buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.pairs = Counter("mavsr_rate_pair", "Utterances decoded, by experiment and rate pair",
+                             ["experiment", "rates"], registry=r)
+
+
+class Server:
+    """The state behind the routes: engines, batcher, prep thread, temporary dir, metrics."""
+
+    def __init__(self, engines: list[Engine], opts: ServeOptions, log=print) -> None:
+        self.engines, self.opts, self.log = engines, opts, log
+        self.metrics = Metrics()
+        self.batcher = Batcher(opts.max_batch, opts.batch_wait_ms / 1000, opts.slo_ms / 1000, self._on_batch)
+        self.prep = ThreadPoolExecutor(1, thread_name_prefix="mavsr-prep")
+        self.tmp: Path | None = None
+        self.admitted = 0
+        self.uploads = 0
+
+    def _on_batch(self, job: Job, n: int, rates: Rates, seconds: float) -> None:
+        self.metrics.batch.observe(n)
+        self.metrics.pairs.labels(job.engine.name, rates.tag).inc(n)
+
+    async def start(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="mavsr-serve-"))  # 0700: this user's only
+        loop = asyncio.get_running_loop()
+        for e in self.engines:
+            t0 = time.perf_counter()
+            await loop.run_in_executor(self.prep, e.tr.load)
+            await loop.run_in_executor(self.prep, self.batcher.measure, e, self.opts.warmup_seconds)
+            costs = ", ".join(f"{r.tag} {self.batcher.cost.seconds(r, e.beam, 1):.3f} s" for r in e.pairs)
+            self.log(f"serve: {e.name} ({e.modality}) loaded and measured in {time.perf_counter() - t0:.1f} s; "
+                     f"one clip at beam {e.beam}: {costs}")
+        self.task = asyncio.create_task(self.batcher.run())
+        self.log("serve: ready")
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        self.batcher.close()
+        self.prep.shutdown(wait=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # ---- one request -------------------------------------------------------------------------
+    def admit(self) -> None:
+        if self.admitted >= self.opts.max_queue:
+            e = self.engines[0]
+            wait = elastic_retry(self.batcher, e, self.admitted)
+            raise Refused(503, "queue_full", f"the server has {self.admitted} requests queued (--max-queue "
+                          f"{self.opts.max_queue}); retry in {wait} s", {"Retry-After": str(wait)})
+        self.admitted += 1
+        self.batcher.preparing += 1
+        self.metrics.queue.set(self.batcher.queued)
+
+    async def save(self, upload: UploadFile) -> Path:
+        """The upload's bytes in a file of our own naming (the client's filename is never used)."""
+        self.uploads += 1
+        fd, name = tempfile.mkstemp(prefix=f"upload-{self.uploads}-", dir=self.tmp)
+        limit, size = int(self.opts.max_upload_mb * (1 << 20)), 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                while chunk := await upload.read(1 << 20):
+                    size += len(chunk)
+                    if size > limit:
+                        raise Refused(413, "too_large", f"the upload is over --max-upload-mb "
+                                      f"{self.opts.max_upload_mb:g}")
+                    f.write(chunk)
+            if size == 0:
+                raise Refused(400, "not_media", "the upload is empty")
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+        return Path(name)
+
+    def route(self, path: Path, label: str) -> Engine:
+        """The engine for what the file holds: audio-visual first, then audio-only, then video-only."""
+        try:
+            have = streams(path)
+        except MediaError:
+            raise Refused(400, "not_media", f"{label} is not a media file PyAV can read") from None
+        for e in sorted(self.engines, key=lambda e: "av a v".split().index(e.modality)):
+            if set(STREAMS[e.modality]) <= have:
+                return e
+        served = " or ".join(f"{'+'.join(STREAMS[e.modality])} ({e.name})" for e in self.engines)
+        got = "+".join(sorted(have)) or "no audio or video stream"
+        raise Refused(422, "no_stream", f"{label} has {got}; this server decodes {served}")
+
+    def prepare(self, path: Path, label: str, form: dict) -> Job:
+        """On the prep thread: route, read and encode the clip, resolve its rates, beam and token limit."""
+        e = self.route(path, label)
+        try:
+            clip = e.tr.clip(path)
+        except MavsrError as err:
+            raise Refused(422, "no_stream", str(err).replace(str(path), label)) from None
+        rates = None
+        if form["budget"] is not None:
+            b = Budget(form["budget"], e.fixed_tokens(), clip.duration)
+            try:
+                rates = pick_by_budget(e.tr.dec.trained, b, *ranking_scores(e.tr.dec.exp))[0]
+            except MavsrError as err:
+                raise Refused(400, "bad_request", str(err)) from None
+        elif form["rates"] not in (None, "", "auto"):
+            rates = Rates.parse(form["rates"])
+            if rates not in e.tr.dec.trained:
+                raise Refused(400, "bad_request", f"rates {rates.tag} are not in {e.name}'s trained grid: "
+                              + ", ".join(r.tag for r in e.pairs))
+        beam = form["beam"] or e.beam
+        return Job(e, clip, rates, beam, e.max_new_tokens(clip.duration), form["arrived"])
+
+
+def elastic_retry(batcher: Batcher, e: Engine, queued: int) -> int:
+    return retry_after(batcher.cost, e.pairs, e.beam, queued, batcher.max_batch)
+
+
+def check_form(rates, budget, beam, response_format, language, temperature) -> None:
+    """Field values, refused before the upload is read."""
+    if response_format not in FORMATS:
+        raise Refused(400, "bad_request", f"response_format must be one of {', '.join(FORMATS)}, "
+                      f"got {response_format!r}")
+    if rates not in (None, "", "auto"):
+        try:
+            Rates.parse(rates)
+        except MavsrError as e:
+            raise Refused(400, "bad_request", str(e)) from None
+    if budget is not None and (budget <= 0 or rates not in (None, "", "auto")):
+        raise Refused(400, "bad_request", "budget must be > 0 and cannot be given with rates")
+    if beam is not None and not 1 <= beam <= MAX_BEAM:
+        raise Refused(400, "bad_request", f"beam must be 1 to {MAX_BEAM}, got {beam}")
+    if (language or "").lower() not in LANGUAGES:
+        raise Refused(400, "bad_request", f"language {language!r}: the model transcribes English (en)")
+    if temperature not in (None, 0.0):
+        raise Refused(400, "bad_request", "temperature must be 0: mavsr never samples")
+
+
+def _guard(app, srv: Server):
+    """ASGI middleware in front of /v1 and /metrics: the API key, checked before any body is read;
+    the upload size limit, by Content-Length and while the body arrives (a chunked upload); request
+    counts and latency by status."""
+    limit = int(srv.opts.max_upload_mb * (1 << 20)) + (1 << 16)  # the multipart envelope on top of the file
+    too_large = Refused(413, "too_large", f"the upload is over --max-upload-mb {srv.opts.max_upload_mb:g}")
+
+    async def middleware(scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(("/v1/", "/metrics")):
+            return await app(scope, receive, send)
+        t0, status, seen, over = time.perf_counter(), [None], [0], [False]
+        scope.setdefault("state", {})["arrived"] = t0
+        headers = dict(scope["headers"])
+
+        async def counted():
+            msg = await receive()
+            seen[0] += len(msg.get("body", b""))
+            if seen[0] > limit:
+                over[0] = True
+                raise too_large
+            return msg
+
+        async def sending(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        async def replaced(msg):  # the app's answer to a body cut short is replaced by the 413
+            if msg["type"] == "http.response.start":
+                await _refusal(srv, too_large)(scope, receive, sending)
+
+        refusal = _refused_early(srv, headers, limit, too_large)
+        if refusal is not None:
+            await _refusal(srv, refusal)(scope, receive, sending)
+        else:
+            try:
+                await app(scope, counted, lambda m: replaced(m) if over[0] else sending(m))
+            except Refused:  # the limit hit where nothing answered it
+                if status[0] is None:
+                    await _refusal(srv, too_large)(scope, receive, sending)
+            except Exception:  # noqa: BLE001  (answered 500 by the app's handler, which logged it)
+                if status[0] is None:
+                    await _refusal(srv, Refused(500, "internal", "internal error"))(scope, receive, sending)
+        if scope["path"].startswith("/v1/"):
+            srv.metrics.requests.labels(str(status[0])).inc()
+            srv.metrics.latency.observe(time.perf_counter() - t0)
+
+    return middleware
+
+
+def _refused_early(srv: Server, headers: dict, limit: int, too_large: Refused) -> Refused | None:
+    key = srv.opts.api_key
+    if key and not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {key}".encode()):
+        return Refused(401, "unauthorized", "a valid 'Authorization: Bearer <key>' header is needed",
+                       {"WWW-Authenticate": "Bearer"})
+    length = headers.get(b"content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        return too_large
+    return None
+
+
+def _refusal(srv: Server, e: Refused) -> JSONResponse:
+    srv.metrics.errors.labels(e.kind).inc()
+    return JSONResponse(error_body(e.kind, e.message), status_code=e.status, headers=e.headers)
+
+
+def _response(done, job: Job, fmt: str, timings: dict):
+    e = job.engine
+    body = {"text": done.text, "experiment": e.name, "rates": done.rates.tag, "pair": done.rates.pair,
+            "beam": job.beam, "tokens_in": done.tokens_in, "duration": round(job.clip.duration, 3),
+            "batch": done.batch, "timings": {k: round(v, 4) for k, v in timings.items()}}
+    if job.clip.mouth:
+        body["mouth"] = job.clip.mouth
+    if fmt == "text":
+        return PlainTextResponse(done.text + "\n", headers={"X-Mavsr-Rates": done.rates.tag,
+                                                            "X-Mavsr-Tokens-In": str(done.tokens_in)})
+    if fmt == "verbose_json":
+        body = {"task": "transcribe", "language": "english", **body}
+    return JSONResponse(body)
+
+
+def create_app(srv: Server) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await srv.start()
+        yield
+        await srv.stop()
+
+    app = FastAPI(title="mavsr", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(Refused)
+    async def refused(request, e: Refused):
+        return _refusal(srv, e)
+
+    @app.exception_handler(Exception)
+    async def internal(request, e: Exception):  # a bug or a failed decode: one line to the client, the trace here
+        srv.log("serve: error: " + "".join(traceback.format_exception(e)).rstrip())
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        return _refusal(srv, Refused(500, "internal", f"internal error: {type(e).__name__}: {why}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):  # 404, 405, a body that does not parse
+        return _refusal(srv, Refused(e.status_code, "bad_request", str(e.detail), dict(e.headers or {})))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ())[1:]) or "request"
+        return _refusal(srv, Refused(400, "bad_request", f"{where}: {err.get('msg', 'invalid')}"))
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "experiments": [{"name": e.name, "modality": e.modality,
+                                                 "rates": [r.tag for r in e.pairs]} for e in srv.engines],
+                "rates": srv.opts.rates, "slo_ms": srv.opts.slo_ms, "queue": srv.batcher.queued}
+
+    @app.get("/metrics")
+    async def metrics():
+        srv.metrics.queue.set(srv.batcher.queued)
+        return Response(generate_latest(srv.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request, file: UploadFile = File(...), model: str | None = Form(None),
+                             rates: str | None = Form(None), budget: float | None = Form(None),
+                             beam: int | None = Form(None), response_format: str = Form("json"),
+                             language: str | None = Form(None), prompt: str | None = Form(None),
+                             temperature: float | None = Form(None)):
+        check_form(rates, budget, beam, response_format, language, temperature)
+        arrived = request.scope.get("state", {}).get("arrived", time.perf_counter())
+        form = {"rates": rates, "budget": budget, "beam": beam, "arrived": arrived}
+        with srv.metrics.in_flight.track_inprogress():
+            job, timings = await _admitted(srv, file, form)
+        return _response(job.future.result(), job, response_format, timings)
+
+    return _guard(app, srv)
+
+
+async def _admitted(srv: Server, file: UploadFile, form: dict) -> tuple[Job, dict]:
+    """Admit, save, read and encode (prep thread), decode in a batch; the upload is removed either way."""
+    srv.admit()
+    loop = asyncio.get_running_loop()
+    try:
+        try:
+            path = await srv.save(file)
+            t0 = time.perf_counter()
+            try:
+                job = await loop.run_in_executor(srv.prep, srv.prepare, path, "the upload", form)
+            finally:
+                path.unlink(missing_ok=True)
+            t1 = time.perf_counter()
+        finally:
+            srv.batcher.preparing -= 1
+        done = await srv.batcher.submit(job)
+    finally:
+        srv.admitted -= 1
+        srv.metrics.queue.set(srv.batcher.queued)
+    t2 = time.perf_counter()
+    return job, {"encode": t1 - t0, "queue": done.started - t1, "decode": done.seconds, "total": t2 - form["arrived"]}

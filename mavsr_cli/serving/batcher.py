@@ -1,0 +1,168 @@
+"""Dynamic batching: requests whose clips are encoded wait a few milliseconds in one queue, then are
+decoded together by the batched search, at the pair the request named or the controller picks.
+
+A batch holds requests of one experiment, one beam and one token limit (and one named pair, when
+they name one), so each transcript is the one the request would get alone (decoding.generate's
+batched search does not depend on the batch). One batch decodes at a time, on its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ..clocks import AUDIO_HZ, FPS
+from ..decoding import auto_max_new_tokens
+from ..errors import MavsrError
+from ..rates import Rates
+from ..transcription import STREAMS, Clip, Transcriber
+from . import elastic
+
+
+class Engine:
+    """One served experiment: its transcriber, its pairs in accuracy order, its decode defaults."""
+
+    def __init__(self, tr: Transcriber, fixed: Rates | None = None) -> None:
+        self.tr, self.name, self.modality = tr, tr.dec.exp.name, tr.modality
+        self.pairs = elastic.by_accuracy(tr.dec.trained)
+        self.fixed = fixed  # the server's --rates when not auto
+        self.beam = tr.dec.cfg.decode.beam
+        self._fixed_tokens: int | None = None
+
+    def fixed_tokens(self) -> int:
+        if self._fixed_tokens is None:
+            self._fixed_tokens = self.tr.dec.fixed_tokens()
+        return self._fixed_tokens
+
+    def max_new_tokens(self, duration: float) -> int:
+        return self.tr.dec.cfg.decode.max_new_tokens or auto_max_new_tokens([duration])
+
+    def sample(self, seconds: float) -> Clip:
+        """A clip to measure decode costs on: the recipe's first validation or test utterance whose
+        media are there (real speech decodes to a real transcript's length), else random features
+        of `seconds`."""
+        recipe = self.tr.recipe
+        for split in ("val", "test"):
+            if split not in recipe.prepared_splits():
+                continue
+            for u in recipe.utterances(split)[:5]:
+                media = Path(u.video if "video" in STREAMS[self.modality] or not u.audio else u.audio)
+                media = media if media.is_absolute() else recipe.root / media
+                if media.is_file():
+                    try:
+                        return self.tr.clip(media)
+                    except MavsrError:
+                        continue
+        dims, g = self.tr.dec.meta["dims"], torch.Generator().manual_seed(0)
+        hz = {"audio": AUDIO_HZ, "video": FPS}
+        return Clip({m: torch.randn(int(seconds * hz[m]), dims[m], generator=g) for m in STREAMS[self.modality]},
+                    seconds, None)
+
+
+@dataclasses.dataclass(eq=False)  # a request is itself: never compared by its tensors
+class Job:
+    engine: Engine
+    clip: Clip
+    rates: Rates | None  # named by the request; None: the server's --rates (or the controller)
+    beam: int
+    max_new_tokens: int
+    arrived: float  # time.perf_counter() when the request came in
+    future: asyncio.Future = None
+
+    @property
+    def key(self) -> tuple:
+        return self.engine.name, self.rates.tag if self.rates else None, self.beam, self.max_new_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Done:
+    text: str
+    tokens_in: int
+    rates: Rates
+    batch: int  # utterances decoded together
+    started: float  # perf_counter at the start of the batch's decode
+    seconds: float  # the batch's decode time
+
+
+class Batcher:
+    def __init__(self, max_batch: int, wait_s: float, slo_s: float, on_batch=lambda job, n, r, s: None) -> None:
+        self.max_batch, self.wait_s, self.slo_s, self.on_batch = max_batch, wait_s, slo_s, on_batch
+        self.cost = elastic.CostModel()
+        self.pending: collections.deque[Job] = collections.deque()
+        self.preparing = 0  # admitted requests still being read and encoded
+        self._wake = asyncio.Event()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mavsr-decode")
+
+    def measure(self, engine: Engine, seconds: float) -> None:
+        """Decode costs of every pair at the experiment's beam, at batch 1 and at a larger batch,
+        before serving (blocking); one decode first, untimed, for the one-off set-up costs."""
+        n2, clip = min(self.max_batch, 4), engine.sample(seconds)
+        mnt = engine.max_new_tokens(clip.duration)
+        engine.tr.decode([clip], engine.pairs[0], mnt, engine.beam)
+        for r in engine.pairs:
+            s = []
+            for n in (1, n2):
+                t0 = time.perf_counter()
+                engine.tr.decode([clip] * n, r, mnt, engine.beam)
+                s.append(time.perf_counter() - t0)
+            self.cost.fit(r, engine.beam, 1, s[0], n2, s[1])
+
+    async def submit(self, job: Job) -> Done:
+        job.future = asyncio.get_running_loop().create_future()
+        self.pending.append(job)
+        self._wake.set()
+        return await job.future
+
+    @property
+    def queued(self) -> int:
+        return len(self.pending) + self.preparing
+
+    def _take(self) -> list[Job]:
+        """The oldest request and those of its kind behind it, up to max_batch, in arrival order."""
+        key = self.pending[0].key
+        batch = [j for j in self.pending if j.key == key][: self.max_batch]
+        for j in batch:
+            self.pending.remove(j)
+        return batch
+
+    def pick(self, batch: list[Job]) -> Rates:
+        j = batch[0]
+        if j.rates is not None or j.engine.fixed is not None:
+            return j.rates or j.engine.fixed
+        load = elastic.Load(len(batch), self.queued, time.perf_counter() - j.arrived, self.max_batch)
+        return elastic.choose(j.engine.pairs, self.cost, j.beam, load, self.slo_s)[0]
+
+    async def run(self) -> None:
+        """Forever: wait for a request, give others wait_s to join it, decode the batch, answer."""
+        while True:
+            while not self.pending:
+                self._wake.clear()
+                await self._wake.wait()
+            if len(self.pending) < self.max_batch and self.wait_s > 0:
+                await asyncio.sleep(self.wait_s)
+            batch = self._take()
+            try:
+                await self._decode(batch)
+            except Exception as e:  # noqa: BLE001  (the batch's requests get the error; the batcher goes on)
+                for b in batch:
+                    b.future.done() or b.future.set_exception(e)
+
+    async def _decode(self, batch: list[Job]) -> None:
+        rates, j = self.pick(batch), batch[0]
+        t0 = time.perf_counter()
+        texts, n_in = await asyncio.get_running_loop().run_in_executor(
+            self._pool, j.engine.tr.decode, [b.clip for b in batch], rates, j.max_new_tokens, j.beam)
+        dt = time.perf_counter() - t0
+        self.cost.observe(rates, j.beam, len(batch), dt)
+        self.on_batch(j, len(batch), rates, dt)
+        for b, text, n in zip(batch, texts, n_in, strict=True):
+            b.future.done() or b.future.set_result(Done(text, int(n), rates, len(batch), t0, dt))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

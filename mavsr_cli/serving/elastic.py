@@ -1,0 +1,105 @@
+"""The elastic controller: which trained rate pair decodes the next batch, so that latency stays under
+the target. Pure functions and a small cost model; the batcher calls them, the tests call them alone.
+
+Accuracy order: the least compressed pair first (more LLM input tokens, lower WER: paper.md, Table 1).
+Cost: seconds to decode a batch of n at a pair, `fixed + per_item * n`, measured at start-up on each
+pair and then corrected by every batch decoded (an exponential average of measured / predicted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ..rates import Rates
+
+HEADROOM = 0.8  # plan for this share of the target: the estimate is a mean, the target a 95th percentile
+SMOOTHING = 0.3  # weight of the newest batch in the cost correction
+
+
+def by_accuracy(pairs: list[Rates]) -> list[Rates]:
+    """Most accurate first: most media tokens per second, then the finer audio rate."""
+    return sorted(pairs, key=lambda r: (-r.tokens_per_second(), r.audio or 0, r.video or 0))
+
+
+@dataclasses.dataclass
+class Cost:
+    fixed: float  # seconds per batch whatever its size
+    per_item: float  # seconds per utterance in it
+
+    def seconds(self, n: int) -> float:
+        return self.fixed + self.per_item * n
+
+
+class CostModel:
+    """Decode seconds per (rate tag, beam): each pair's cost relative to the others from start-up
+    measurements, times one speed factor that every decoded batch corrects (the machine's load moves
+    all pairs together, and a pair the controller no longer picks must not keep a stale cost). A beam
+    never measured borrows the nearest measured one's, scaled by the beam ratio, until its first batch."""
+
+    def __init__(self) -> None:
+        self.costs: dict[tuple[str, int], Cost] = {}
+        self.scale = 1.0  # measured / predicted, averaged over the batches decoded
+
+    def fit(self, rates: Rates, beam: int, n1: int, s1: float, n2: int, s2: float) -> None:
+        """From two measured batches of n1 and n2 utterances (n2 > n1)."""
+        per = max((s2 - s1) / (n2 - n1), 0.0) if n2 > n1 else 0.0
+        self.costs[(rates.tag, beam)] = Cost(max(s1 - per * n1, 0.0), per)
+
+    def _base(self, rates: Rates, beam: int, n: int) -> float:
+        c = self.costs.get((rates.tag, beam))
+        if c is not None:
+            return c.seconds(n)
+        known = [b for t, b in self.costs if t == rates.tag]
+        if not known:
+            return 0.0
+        near = min(known, key=lambda b: abs(b - beam))
+        return self.costs[(rates.tag, near)].seconds(n) * beam / near
+
+    def seconds(self, rates: Rates, beam: int, n: int) -> float:
+        return self.scale * self._base(rates, beam, n)
+
+    def observe(self, rates: Rates, beam: int, n: int, seconds: float) -> None:
+        if (rates.tag, beam) not in self.costs:  # its first batch: the measurement at today's speed
+            self.costs[(rates.tag, beam)] = Cost(0.0, seconds / max(n, 1) / self.scale)
+            return
+        base = self._base(rates, beam, n)
+        if base > 0:
+            self.scale = (1 - SMOOTHING) * self.scale + SMOOTHING * seconds / base
+
+
+@dataclasses.dataclass(frozen=True)
+class Load:
+    """What the batcher sees when a batch is about to be decoded."""
+
+    batch: int  # utterances in this batch
+    waiting: int  # requests behind it (queued, or still being read and encoded)
+    waited: float  # seconds the oldest request of the batch has already spent in the server
+    max_batch: int  # the batcher's largest batch
+
+
+def predicted_latency(seconds_for, load: Load) -> float:
+    """Latency of the last request now in the server if every batch ran at one pair: the oldest's wait,
+    this batch, then the queue behind it drained in full batches. `seconds_for(n)`: one batch of n."""
+    behind = load.waiting
+    full, rest = divmod(behind, load.max_batch)
+    drain = full * seconds_for(load.max_batch) + (seconds_for(rest) if rest else 0.0)
+    return load.waited + seconds_for(load.batch) + drain
+
+
+def choose(pairs: list[Rates], cost: CostModel, beam: int, load: Load, slo: float,
+           headroom: float = HEADROOM) -> tuple[Rates, float]:
+    """(pair, its predicted latency): the most accurate pair (by_accuracy order in `pairs`) whose
+    predicted latency is within headroom * slo; when none is, the most compressed one (the fewest
+    LLM input tokens: the cost that does not depend on a noisy measurement)."""
+    for r in pairs:
+        t = predicted_latency(lambda n, r=r: cost.seconds(r, beam, n), load)
+        if t <= headroom * slo:
+            return r, t
+    return pairs[-1], t
+
+
+def retry_after(cost: CostModel, pairs: list[Rates], beam: int, queued: int, max_batch: int) -> int:
+    """Whole seconds a refused client should wait: the queue drained at the cheapest pair."""
+    per_batch = min(cost.seconds(r, beam, max_batch) for r in pairs)
+    return max(1, math.ceil(per_batch * math.ceil(queued / max_batch)))

@@ -1,0 +1,169 @@
+"""`mavsr serve` started for real on a free loopback port and called over HTTP by real clients
+(httpx, and OpenAI's own Python client): its transcripts are `mavsr transcribe`'s, requests are
+batched, bad input gets a status and one line while the server goes on, a full queue answers 503,
+SIGTERM finishes what is in flight, and the elastic controller turns the compression up under load
+and back down when idle."""
+
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from e2e_helpers import mavsr
+from serve_helpers import Served, clips_of, metric, write_wav
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def served(recipe, tmp_path_factory):
+    s = Served(recipe, "--max-batch", "4", "--batch-wait-ms", "400", "--max-upload-mb", "1", "--slo-ms", "600000",
+               tmp=tmp_path_factory.mktemp("serve_tmp"), key=KEY)
+    yield s
+    s.stop()
+
+
+def _transcribe(d, video, *args) -> dict:
+    return json.loads(mavsr(d, "transcribe", str(video), "--exp", "exp/t", *args, "--json").stdout)
+
+
+def _parallel(fn, jobs, workers=8):
+    with ThreadPoolExecutor(workers) as ex:
+        return list(ex.map(fn, jobs))
+
+
+def test_served_transcripts_are_transcribes_and_requests_are_decoded_together(recipe, served):
+    clips = clips_of(recipe)
+    want = {(rec["id"], rates): _transcribe(recipe, video, *(["--audio-rate", "16", "--video-rate", "5"]
+                                                             if rates else []))
+            for rec, video in clips for rates in ("a16v5", None)}
+    jobs = [(rec, video, rates) for rates in ("a16v5", None) for rec, video in clips]
+    res = _parallel(lambda j: served.post(j[1], **({"rates": j[2]} if j[2] else {})), jobs)
+    for (rec, _, rates), r in zip(jobs, res, strict=True):
+        assert r.status_code == 200, r.text
+        got, ref = r.json(), want[(rec["id"], rates)]
+        assert (got["text"], got["rates"], got["tokens_in"], got["beam"]) == (
+            ref["text"], ref["rates"], ref["tokens_in"], ref["beam"])
+        assert got["duration"] == pytest.approx(ref["duration"], abs=1e-3) and got["mouth"] == ref["mouth"]
+        assert set(got["timings"]) == {"encode", "queue", "decode", "total"}
+    assert {r.json()["rates"] for r in res} == {"a16v5", "a4v2"}  # idle auto: the least compressed, as transcribe
+    assert max(r.json()["batch"] for r in res) > 1
+    m = served.metrics()
+    assert metric(m, "mavsr_batch_size_count") < len(jobs) and metric(m, "mavsr_rate_pair_total", rates="a16v5") >= 4
+    assert metric(m, "mavsr_requests_total", status="200") >= len(jobs)
+    assert metric(m, "mavsr_request_seconds_count") >= len(jobs) and "mavsr_queue_length" in m
+
+
+def test_openai_clients_work_unchanged(recipe, served):
+    import openai
+
+    rec, video = clips_of(recipe)[0]
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key=KEY, max_retries=0)
+    with open(video, "rb") as f:
+        t = client.audio.transcriptions.create(model="mavsr", file=f)
+    assert t.text == served.post(video).json()["text"] and t.text
+    with open(video, "rb") as f:
+        assert client.audio.transcriptions.create(model="mavsr", file=f, response_format="text").strip() == t.text
+    with open(video, "rb") as f:
+        v = client.audio.transcriptions.create(model="mavsr", file=f, response_format="verbose_json",
+                                               extra_body={"rates": "a16v5"})
+    assert v.text == served.post(video, rates="a16v5").json()["text"]
+    assert v.duration == pytest.approx(rec["duration"], abs=0.1) and v.language == "english"
+    with pytest.raises(openai.AuthenticationError), open(video, "rb") as f:
+        openai.OpenAI(base_url=served.url + "/v1", api_key="wrong", max_retries=0).audio.transcriptions.create(
+            model="mavsr", file=f)
+    with pytest.raises(openai.BadRequestError, match="temperature must be 0"), open(video, "rb") as f:
+        client.audio.transcriptions.create(model="mavsr", file=f, temperature=0.7)
+
+
+def _bad_media(recipe, tmp_path) -> dict:
+    import numpy as np
+
+    from mavsr_cli.media import read_audio, write_av
+
+    _, video = clips_of(recipe)[0]
+    wav = write_wav(tmp_path / "speech.wav", read_audio(video))
+    scene = tmp_path / "scene.mp4"  # a whole frame with no face in it
+    write_av(scene, np.full((50, 160, 200), 90, np.uint8), read_audio(video)[:32000], fps=25)
+    return {"wav": wav.read_bytes(), "scene": scene.read_bytes(), "good": video.read_bytes()}
+
+
+def test_bad_input_gets_a_status_and_one_line_and_the_server_goes_on(recipe, served, tmp_path):
+    media = _bad_media(recipe, tmp_path)
+    good = media["good"]
+    cases = [  # (post arguments, status, words of the message)
+        (dict(media=os.urandom(3 << 19)), 413, "over --max-upload-mb 1"),
+        (dict(media=b"no video here " * 200, name="x.mp4"), 400, "not a media file"),
+        (dict(media=good[:300]), 400, "not a media file"),
+        (dict(media=b""), 400, "empty"),
+        (dict(media=media["wav"], name="speech.wav"), 422, "has audio; this server decodes audio+video (t)"),
+        (dict(media=media["scene"]), 422, "no face found"),
+        (dict(media=good, response_format="srt"), 400, "response_format must be one of json, text, verbose_json"),
+        (dict(media=good, rates="a99v9"), 400, "rates a99v9 are not in t's trained grid"),
+        (dict(media=good, rates="../../etc/passwd"), 400, "bad rate tag"),
+        (dict(media=good, beam="0"), 400, "beam must be 1 to 64"),
+        (dict(media=good, beam="wide"), 400, "beam: "),
+        (dict(media=good, budget="-3"), 400, "budget must be > 0"),
+        (dict(media=good, budget="0.5"), 400, "no trained configuration fits"),
+        (dict(media=good, language="fr"), 400, "transcribes English"),
+        (dict(media=good, headers={}), 401, "Bearer"),
+        (dict(media=good, headers={"Authorization": "Bearer guess"}), 401, "Bearer"),
+    ]
+    for kw, status, words in cases:
+        r = served.post(**kw)
+        assert r.status_code == status, (status, words, r.text)
+        msg = r.json()["error"]["message"]
+        assert words in msg and "\n" not in msg and str(served.tmp) not in msg, msg
+    import httpx
+
+    r = httpx.post(served.url + "/v1/audio/transcriptions", data={"file": "/etc/hostname"}, headers=served.auth)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("file:")  # a path is not a file
+    assert httpx.get(served.url + "/metrics").status_code == 401  # behind the key; health is not
+    assert served.post(good).status_code == 200 and served.proc.poll() is None
+    assert [p for p in served.tmp.rglob("*") if p.is_file()] == []  # every upload was removed
+    m = served.metrics()
+    assert metric(m, "mavsr_errors_total", kind="too_large") >= 1
+    assert metric(m, "mavsr_requests_total", status="422") >= 2
+
+
+def test_a_full_queue_answers_503_and_sigterm_finishes_the_requests_in_flight(recipe, tmp_path):
+    s = Served(recipe, "--max-queue", "2", "--max-batch", "4", "--batch-wait-ms", "4000", tmp=tmp_path / "tmp")
+    _, video = clips_of(recipe)[0]
+    with ThreadPoolExecutor(2) as ex:
+        inflight = [ex.submit(s.post, video) for _ in range(2)]
+        deadline = time.monotonic() + 60
+        while metric(s.metrics(), "mavsr_requests_in_flight") < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        full = s.post(video)
+        assert full.status_code == 503 and int(full.headers["Retry-After"]) >= 1
+        assert "--max-queue 2" in full.json()["error"]["message"]
+        s.proc.send_signal(signal.SIGTERM)  # while both wait for their batch
+        done = [f.result() for f in inflight]
+    assert [r.status_code for r in done] == [200, 200] and done[0].json()["text"] == done[1].json()["text"]
+    assert s.stop() == 143
+    assert not list((tmp_path / "tmp").glob("mavsr-serve-*"))  # its private temporary dir is gone
+
+
+def test_the_controller_compresses_more_under_load_and_returns_to_the_best_pair_when_idle(recipe, served, tmp_path):
+    _, video = clips_of(recipe)[0]
+    idle = [served.post(video).json()["timings"] for _ in range(3)]
+    enc, dec = (sorted(t[k] for t in idle)[1] for k in ("encode", "decode"))
+    slo_ms = 1000 * (5 * (enc + dec) + 0.1) / 0.8  # fits one request at a time, not a queue of 32
+    s = Served(recipe, "--slo-ms", f"{slo_ms:.0f}", "--max-batch", "1", "--batch-wait-ms", "0",
+               "--max-queue", "64", tmp=tmp_path / "tmp")
+    try:
+        assert s.post(video).json()["rates"] == "a4v2"  # idle: the most accurate pair
+        burst = _parallel(lambda _: s.post(video), range(32), workers=32)
+        assert all(r.status_code == 200 for r in burst)
+        used = [r.json()["rates"] for r in burst]
+        cheaper = [u for u in used if u != "a4v2"]
+        assert cheaper, (used, slo_ms, s.lines[-5:])  # more compressed pairs under load
+        time.sleep(0.5)
+        assert s.post(video).json()["rates"] == "a4v2"  # drained: back to the best
+        m = s.metrics()
+        assert sum(metric(m, "mavsr_rate_pair_total", rates=u) for u in set(cheaper)) == len(cheaper)
+    finally:
+        s.stop()

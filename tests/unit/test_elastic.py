@@ -1,0 +1,71 @@
+"""The elastic controller of `mavsr serve` (serving/elastic.py): cheaper pairs as the queue grows,
+the most accurate one when idle, and a cost model that follows what it measures."""
+
+from mavsr_cli.rates import Rates
+from mavsr_cli.serving import elastic
+
+PAIRS = elastic.by_accuracy([Rates(16, 5), Rates(4, 2), Rates(16, 2), Rates(4, 5)])
+
+
+def costs(fixed=0.05, per_token=0.002) -> elastic.CostModel:
+    """Decode cost rising with the LLM input tokens: a batch of n at a pair, fixed + n * tokens * per_token."""
+    m = elastic.CostModel()
+    for r in PAIRS:
+        per = r.tokens_per_second() * 3 * per_token  # a 3 s clip
+        m.fit(r, 1, 1, fixed + per, 4, fixed + 4 * per)
+    return m
+
+
+def test_pairs_go_from_the_least_compressed_to_the_most():
+    assert [r.tag for r in PAIRS] == ["a4v2", "a4v5", "a16v2", "a16v5"]
+
+
+def test_the_controller_picks_cheaper_pairs_as_the_queue_grows_and_the_best_when_idle():
+    m, picked = costs(), []
+    for waiting in (0, 2, 4, 8, 16, 32, 64, 0):
+        load = elastic.Load(batch=min(waiting + 1, 8), waiting=max(waiting - 7, 0), waited=0.05, max_batch=8)
+        picked.append(elastic.choose(PAIRS, m, 1, load, slo=1.0)[0])
+    order = [PAIRS.index(r) for r in picked]
+    assert order[0] == 0 and order[-1] == 0  # idle: the most accurate, and back to it once drained
+    assert order[:-1] == sorted(order[:-1]) and order[-2] == len(PAIRS) - 1  # monotone; the cheapest at the peak
+    assert len(set(order)) >= 3  # steps through intermediate pairs, not just best/worst
+
+
+def test_a_pair_is_chosen_only_if_its_prediction_fits_the_headroom():
+    m = costs()
+    load = elastic.Load(batch=4, waiting=4, waited=0.1, max_batch=4)
+    r, t = elastic.choose(PAIRS, m, 1, load, slo=1.0)
+    assert t <= elastic.HEADROOM * 1.0
+    more_accurate = PAIRS[: PAIRS.index(r)]
+    assert more_accurate  # the load is one where the best pair misses
+    for q in more_accurate:  # every better pair was predicted to miss
+        assert elastic.predicted_latency(lambda n, q=q: m.seconds(q, 1, n), load) > elastic.HEADROOM
+    # nothing fits: the fastest, with its (over-target) prediction
+    r, t = elastic.choose(PAIRS, m, 1, elastic.Load(8, 500, 2.0, 8), slo=1.0)
+    assert r == PAIRS[-1] and t > 1.0
+
+
+def test_the_prediction_drains_the_queue_in_full_batches():
+    one = elastic.predicted_latency(lambda n: 1.0 + n, elastic.Load(batch=2, waiting=9, waited=0.5, max_batch=4))
+    assert one == 0.5 + 3.0 + 2 * 5.0 + 2.0  # this batch, two full ones, one of 1
+
+
+def test_the_cost_model_fits_two_batches_and_follows_measurements():
+    m = elastic.CostModel()
+    m.fit(Rates(4, 2), 1, 1, 0.3, 4, 0.6)
+    m.fit(Rates(16, 5), 1, 1, 0.1, 4, 0.2)
+    assert abs(m.seconds(Rates(4, 2), 1, 10) - 1.2) < 1e-9  # 0.2 + 0.1 * n
+    for _ in range(30):  # the machine turns out twice as slow, seen on one pair only
+        m.observe(Rates(4, 2), 1, 10, 2.4)
+    assert abs(m.seconds(Rates(4, 2), 1, 10) - 2.4) < 0.01
+    assert abs(m.seconds(Rates(16, 5), 1, 4) - 0.4) < 0.01  # the pair not picked follows too
+    assert abs(m.seconds(Rates(4, 2), 8, 1) - 8 * m.seconds(Rates(4, 2), 1, 1)) < 1e-9  # an unmeasured beam
+    m.observe(Rates(4, 2), 8, 1, 0.5)
+    assert abs(m.seconds(Rates(4, 2), 8, 1) - 0.5) < 1e-9  # until measured
+    assert m.seconds(Rates(16, 2), 1, 1) == 0.0  # never measured: no opinion
+
+
+def test_retry_after_is_the_queue_drained_at_the_cheapest_pair():
+    m = costs()
+    assert elastic.retry_after(m, PAIRS, 1, 64, 8) >= 1
+    assert elastic.retry_after(m, PAIRS, 1, 640, 8) > elastic.retry_after(m, PAIRS, 1, 64, 8)
