@@ -348,6 +348,7 @@ async def _admitted(srv: Server, file: UploadFile, form: dict) -> tuple[Job, dic
             finally:
                 path.unlink(missing_ok=True)
             t1 = time.perf_counter()
+            srv.batcher.observe_prep(t1 - t0)
         finally:
             srv.batcher.preparing -= 1
         done = await srv.batcher.submit(job)

@@ -96,22 +96,30 @@ class Batcher:
         self.cost = elastic.CostModel()
         self.pending: collections.deque[Job] = collections.deque()
         self.preparing = 0  # admitted requests still being read and encoded
+        self.prep_seconds = 0.0  # reading and encoding one request, averaged (elastic.SMOOTHING)
         self._wake = asyncio.Event()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mavsr-decode")
 
-    def measure(self, engine: Engine, seconds: float) -> None:
-        """Decode costs of every pair at the experiment's beam, at batch 1 and at a larger batch,
-        before serving (blocking); one decode first, untimed, for the one-off set-up costs."""
+    def measure(self, engine: Engine, seconds: float, reps: int = 3) -> None:
+        """Decode costs of every pair at the experiment's beam, at batch 1 and at a larger batch (the
+        median of `reps`), before serving (blocking); one decode first, untimed, for the one-off costs."""
         n2, clip = min(self.max_batch, 4), engine.sample(seconds)
         mnt = engine.max_new_tokens(clip.duration)
         engine.tr.decode([clip], engine.pairs[0], mnt, engine.beam)
         for r in engine.pairs:
             s = []
             for n in (1, n2):
-                t0 = time.perf_counter()
-                engine.tr.decode([clip] * n, r, mnt, engine.beam)
-                s.append(time.perf_counter() - t0)
+                ts = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    engine.tr.decode([clip] * n, r, mnt, engine.beam)
+                    ts.append(time.perf_counter() - t0)
+                s.append(sorted(ts)[reps // 2])
             self.cost.fit(r, engine.beam, 1, s[0], n2, s[1])
+
+    def observe_prep(self, seconds: float) -> None:
+        a = elastic.SMOOTHING if self.prep_seconds else 1.0
+        self.prep_seconds = (1 - a) * self.prep_seconds + a * seconds
 
     async def submit(self, job: Job) -> Done:
         job.future = asyncio.get_running_loop().create_future()
@@ -135,7 +143,8 @@ class Batcher:
         j = batch[0]
         if j.rates is not None or j.engine.fixed is not None:
             return j.rates or j.engine.fixed
-        load = elastic.Load(len(batch), self.queued, time.perf_counter() - j.arrived, self.max_batch)
+        load = elastic.Load(len(batch), self.queued, time.perf_counter() - j.arrived, self.max_batch,
+                            self.preparing, self.prep_seconds)
         return elastic.choose(j.engine.pairs, self.cost, j.beam, load, self.slo_s)[0]
 
     async def run(self) -> None:

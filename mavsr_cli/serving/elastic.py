@@ -15,6 +15,7 @@ from ..rates import Rates
 
 HEADROOM = 0.8  # plan for this share of the target: the estimate is a mean, the target a 95th percentile
 SMOOTHING = 0.3  # weight of the newest batch in the cost correction
+WORTH = 0.1  # over the target, a more compressed pair is taken only if predicted this much faster
 
 
 def by_accuracy(pairs: list[Rates]) -> list[Rates]:
@@ -76,27 +77,33 @@ class Load:
     waiting: int  # requests behind it (queued, or still being read and encoded)
     waited: float  # seconds the oldest request of the batch has already spent in the server
     max_batch: int  # the batcher's largest batch
+    preparing: int = 0  # of the waiting, those still to be read and encoded (one at a time)
+    prep: float = 0.0  # seconds to read and encode one request (measured)
 
 
 def predicted_latency(seconds_for, load: Load) -> float:
     """Latency of the last request now in the server if every batch ran at one pair: the oldest's wait,
-    this batch, then the queue behind it drained in full batches. `seconds_for(n)`: one batch of n."""
-    behind = load.waiting
-    full, rest = divmod(behind, load.max_batch)
-    drain = full * seconds_for(load.max_batch) + (seconds_for(rest) if rest else 0.0)
-    return load.waited + seconds_for(load.batch) + drain
+    then whichever is longer of this batch plus the queue behind it drained in full batches, and the
+    requests still to be encoded (one at a time, at any pair) with the last one's decode.
+    `seconds_for(n)`: one batch of n."""
+    full, rest = divmod(load.waiting, load.max_batch)
+    decode = seconds_for(load.batch) + full * seconds_for(load.max_batch) + (seconds_for(rest) if rest else 0.0)
+    encode = load.preparing * load.prep + seconds_for(1)
+    return load.waited + max(decode, encode)
 
 
 def choose(pairs: list[Rates], cost: CostModel, beam: int, load: Load, slo: float,
            headroom: float = HEADROOM) -> tuple[Rates, float]:
     """(pair, its predicted latency): the most accurate pair (by_accuracy order in `pairs`) whose
-    predicted latency is within headroom * slo; when none is, the most compressed one (the fewest
-    LLM input tokens: the cost that does not depend on a noisy measurement)."""
-    for r in pairs:
-        t = predicted_latency(lambda n, r=r: cost.seconds(r, beam, n), load)
+    predicted latency is within headroom * slo. When none is, the most accurate of those predicted
+    within WORTH of the fastest: compression that buys no latency (the queue is in the encoders)
+    costs accuracy for nothing."""
+    predicted = [(r, predicted_latency(lambda n, r=r: cost.seconds(r, beam, n), load)) for r in pairs]
+    for r, t in predicted:
         if t <= headroom * slo:
             return r, t
-    return pairs[-1], t
+    fastest = min(t for _, t in predicted)
+    return next((r, t) for r, t in predicted if t <= fastest * (1 + WORTH))
 
 
 def retry_after(cost: CostModel, pairs: list[Rates], beam: int, queued: int, max_batch: int) -> int:

@@ -45,9 +45,21 @@ def test_a_pair_is_chosen_only_if_its_prediction_fits_the_headroom():
     assert r == PAIRS[-1] and t > 1.0
 
 
+def test_compression_that_buys_no_latency_is_not_taken():
+    m = costs()
+    # 30 requests still to be encoded at 0.3 s each: 9 s whatever the pair, so over the target at every pair
+    load = elastic.Load(batch=1, waiting=30, waited=0.0, max_batch=8, preparing=30, prep=0.3)
+    r, t = elastic.choose(PAIRS, m, 1, load, slo=1.0)
+    assert r == PAIRS[0] and t > 1.0  # the queue is in the encoders: keep the accuracy
+    r, _ = elastic.choose(PAIRS, m, 1, elastic.Load(8, 30, 0.0, 8, preparing=0, prep=0.1), slo=1.0)
+    assert r == PAIRS[-1]  # the same queue waiting for the LLM: the most compressed pair
+
+
 def test_the_prediction_drains_the_queue_in_full_batches():
     one = elastic.predicted_latency(lambda n: 1.0 + n, elastic.Load(batch=2, waiting=9, waited=0.5, max_batch=4))
     assert one == 0.5 + 3.0 + 2 * 5.0 + 2.0  # this batch, two full ones, one of 1
+    two = elastic.predicted_latency(lambda n: 1.0 + n, elastic.Load(2, 9, 0.5, 4, preparing=9, prep=3.0))
+    assert two == 0.5 + 9 * 3.0 + 2.0  # bound by the encoders: nine to encode, then the last one's decode
 
 
 def test_the_cost_model_fits_two_batches_and_follows_measurements():
