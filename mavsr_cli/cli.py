@@ -83,7 +83,8 @@ EXAMPLES = {  # shown under each command's --help; the synthetic recipe's comman
                    "mavsr transcribe mouth.mp4 --exp exp/synth_ms_all --budget 15 --json"],
     "serve": ["mavsr serve --exp exp/synth_ms_all   # http://127.0.0.1:8000, the elastic controller on",
               "curl -F file=@clip.mp4 http://127.0.0.1:8000/v1/audio/transcriptions",
-              "mavsr serve --exp exp/synth_ms_all --exp exp/synth_a_ms_all --rates a4v2 --port 9000"],
+              "mavsr serve --exp exp/synth_ms_all --exp exp/synth_a_ms_all --port 9000   # AV and audio-only",
+              "mavsr serve --exp exp/synth_ms_all --rates a4v2 --api-key \"$KEY\" --host 0.0.0.0"],
     "bench": ["mavsr bench --exp exp/synth_ms_all --snr clean,10,0,-5",
               "mavsr bench --exp exp/synth_ms_all --exp exp/synth_a_ms_all --out bench/"],
     "claims": ["bash study.sh && mavsr claims --dir .   # in recipes/synth"],
@@ -586,6 +587,8 @@ def serve(
     = SERVE.max_queue,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload; a larger one gets 413.")]
     = SERVE.max_upload_mb,
+    max_seconds: Annotated[float, typer.Option(help="Longest media; a longer upload gets 413.")]
+    = SERVE.max_seconds,
     api_key: Annotated[str | None, typer.Option(envvar="MAVSR_API_KEY", show_envvar=True, show_default=False,
                                                 help="Require 'Authorization: Bearer KEY' on /v1 and /metrics.")]
     = SERVE.api_key,
@@ -602,11 +605,14 @@ def serve(
     for name, v in (("--max-batch", max_batch), ("--max-queue", max_queue)):
         if v < 1:
             raise MavsrError(f"{name} must be at least 1, got {v}")
-    for name, v in (("--slo-ms", slo_ms), ("--max-upload-mb", max_upload_mb), ("--warmup-seconds", warmup_seconds)):
+    for name, v in (("--slo-ms", slo_ms), ("--max-upload-mb", max_upload_mb), ("--max-seconds", max_seconds),
+                    ("--warmup-seconds", warmup_seconds)):
         if v <= 0:
             raise MavsrError(f"{name} must be > 0, got {v:g}")
-    opts = ServeOptions(host, port, rates, slo_ms, max_batch, batch_wait_ms, max_queue, max_upload_mb, api_key,
-                        warmup_seconds)
+    if not 0 <= port <= 65535:
+        raise MavsrError(f"--port must be 0 to 65535, got {port}")
+    opts = ServeOptions(host, port, rates, slo_ms, max_batch, batch_wait_ms, max_queue, max_upload_mb, max_seconds,
+                        api_key, warmup_seconds)
     stage.run(_recipe(dir), exp, opts, log=lambda m: print(m, file=sys.stderr, flush=True))
 
 

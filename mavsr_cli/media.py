@@ -68,10 +68,11 @@ def read_video_gray(path: Path) -> np.ndarray:
     return np.stack(frames)
 
 
-def read_video_at(path: Path, fps: int = FPS) -> np.ndarray:
+def read_video_at(path: Path, fps: int = FPS, max_seconds: float | None = None) -> np.ndarray:
     """Grayscale frames resampled to `fps` by presentation time (nearest earlier frame), (T, H, W) uint8.
 
-    Any container and frame rate PyAV reads; variable frame rate is handled by the timestamps."""
+    Any container and frame rate PyAV reads; variable frame rate is handled by the timestamps. A video
+    whose timestamps run past `max_seconds` is a MediaError (before the resampled frames exist)."""
     frames, times, gray = [], [], _gray()
     with _open(path) as c:
         if not c.streams.video:
@@ -80,6 +81,8 @@ def read_video_at(path: Path, fps: int = FPS) -> np.ndarray:
         try:
             for k, frame in enumerate(c.decode(video=0)):
                 t = float(frame.pts * st.time_base) if frame.pts is not None else k / float(st.average_rate or FPS)
+                if max_seconds is not None and times and t - times[0] > max_seconds:
+                    raise _too_long(path, max_seconds)
                 frames.append(gray(frame))
                 times.append(t)
         except (av.error.FFmpegError, ValueError) as e:
@@ -136,9 +139,18 @@ def fit_audio(wav: np.ndarray, n_frames: int, fps: int = FPS) -> np.ndarray:
     return wav[:n] if len(wav) >= n else np.pad(wav, (0, n - len(wav)))
 
 
-def read_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """The first audio stream, mixed to mono and resampled, as float32 in [-1, 1], (T,)."""
-    chunks = []
+class TooLong(MediaError):
+    pass
+
+
+def _too_long(path: Path, max_seconds: float) -> MediaError:
+    return TooLong(f"{path} is longer than {max_seconds:g} s")
+
+
+def read_audio(path: Path, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
+    """The first audio stream, mixed to mono and resampled, as float32 in [-1, 1], (T,); longer than
+    `max_seconds` is a MediaError, raised as soon as that much is decoded."""
+    chunks, limit, n = [], None if max_seconds is None else max_seconds * sample_rate, 0
     with _open(path) as c:
         if not c.streams.audio:
             raise MediaError(f"{path} has no audio stream")
@@ -147,6 +159,9 @@ def read_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
             for frame in c.decode(audio=0):
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray().reshape(-1))
+                    n += len(chunks[-1])
+                if limit is not None and n > limit:
+                    raise _too_long(path, max_seconds)
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray().reshape(-1))
         except (av.error.FFmpegError, ValueError) as e:

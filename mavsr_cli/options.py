@@ -121,5 +121,6 @@ class ServeOptions:
     batch_wait_ms: float = 5.0  # how long a request waits for others to join its batch
     max_queue: int = 64  # requests admitted at once; more are answered 503 with Retry-After
     max_upload_mb: float = 50.0  # larger uploads are answered 413
+    max_seconds: float = 120.0  # longer media are answered 413, found while decoding (before it is all in memory)
     api_key: str | None = None  # required as 'Authorization: Bearer KEY' on /v1 and /metrics (or MAVSR_API_KEY)
     warmup_seconds: float = 3.0  # random-feature clip of the start-up decodes, when the recipe has no val/test media

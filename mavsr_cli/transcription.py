@@ -119,17 +119,17 @@ class Transcriber:
 
     @torch.inference_mode()
     def clip(self, media: Path, roi: str | None = None, mouth_crop: bool = False,
-             save_roi: Path | None = None) -> Clip:
-        """Read and encode one file for this experiment's modality."""
+             save_roi: Path | None = None, max_seconds: float | None = None) -> Clip:
+        """Read and encode one file for this experiment's modality (longer than `max_seconds`: MediaError)."""
         feats, duration, wav, found = {}, 0.0, None, None
         vc = self.cfg.video_encoder
         if "audio" in STREAMS[self.modality]:
-            wav = read_audio(media)
+            wav = read_audio(media, max_seconds=max_seconds)
             if len(wav) < SAMPLES_PER_AUDIO_FRAME:
                 raise MediaError(f"{media}: audio shorter than one encoder frame (20 ms)")
             duration = len(wav) / SAMPLE_RATE
         if "video" in STREAMS[self.modality]:
-            frames, found = mouth_frames(read_video_at(media, vc.fps), media, roi, mouth_crop, self.log)
+            frames, found = mouth_frames(read_video_at(media, vc.fps, max_seconds), media, roi, mouth_crop, self.log)
             if save_roi is not None:  # with the audio decoded beside it: a clip transcribe takes back
                 write_av(Path(save_roi), frames, wav, fps=vc.fps)
             duration = max(duration, len(frames) / vc.fps)

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import hmac
 import os
-import shutil
 import tempfile
 import time
 import traceback
@@ -31,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..decoding import Budget, pick_by_budget, ranking_scores
 from ..errors import MavsrError
-from ..media import MediaError, streams
+from ..media import MediaError, TooLong, streams
 from ..options import ServeOptions
 from ..rates import Rates
 from ..transcription import STREAMS
@@ -73,12 +72,15 @@ class Metrics:
 class Server:
     """The state behind the routes: engines, batcher, prep thread, temporary dir, metrics."""
 
-    def __init__(self, engines: list[Engine], opts: ServeOptions, log=print) -> None:
-        self.engines, self.opts, self.log = engines, opts, log
+    def __init__(self, engines: list[Engine], opts: ServeOptions, tmp: Path, log=print) -> None:
+        """`tmp`: a private dir (0700) the caller removes; every upload, and the multipart parser's
+        spooled copies (this process's tempfile.tempdir), are written there."""
+        self.engines, self.opts, self.log, self.tmp = engines, opts, log, tmp
+        tempfile.tempdir = str(tmp)
+        self.failed: BaseException | None = None
         self.metrics = Metrics()
         self.batcher = Batcher(opts.max_batch, opts.batch_wait_ms / 1000, opts.slo_ms / 1000, self._on_batch)
         self.prep = ThreadPoolExecutor(1, thread_name_prefix="mavsr-prep")
-        self.tmp: Path | None = None
         self.admitted = 0
         self.uploads = 0
 
@@ -87,7 +89,13 @@ class Server:
         self.metrics.pairs.labels(job.engine.name, rates.tag).inc(n)
 
     async def start(self) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="mavsr-serve-"))  # 0700: this user's only
+        try:
+            await self._start()
+        except BaseException as e:
+            self.failed = e  # uvicorn logs it and returns; stages/serve.py says it in one line
+            raise
+
+    async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         for e in self.engines:
             t0 = time.perf_counter()
@@ -105,15 +113,17 @@ class Server:
             await self.task
         self.batcher.close()
         self.prep.shutdown(wait=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
     # ---- one request -------------------------------------------------------------------------
-    def admit(self) -> None:
+    def check_room(self) -> None:
         if self.admitted >= self.opts.max_queue:
             e = self.engines[0]
             wait = elastic_retry(self.batcher, e, self.admitted)
             raise Refused(503, "queue_full", f"the server has {self.admitted} requests queued (--max-queue "
                           f"{self.opts.max_queue}); retry in {wait} s", {"Retry-After": str(wait)})
+
+    def admit(self) -> None:
+        self.check_room()
         self.admitted += 1
         self.batcher.preparing += 1
         self.metrics.queue.set(self.batcher.queued)
@@ -153,9 +163,12 @@ class Server:
 
     def prepare(self, path: Path, label: str, form: dict) -> Job:
         """On the prep thread: route, read and encode the clip, resolve its rates, beam and token limit."""
+        t0 = time.perf_counter()
         e = self.route(path, label)
         try:
-            clip = e.tr.clip(path)
+            clip = e.tr.clip(path, max_seconds=self.opts.max_seconds)
+        except TooLong:
+            raise Refused(413, "too_long", f"{label} is longer than --max-seconds {self.opts.max_seconds:g}") from None
         except MavsrError as err:
             raise Refused(422, "no_stream", str(err).replace(str(path), label)) from None
         rates = None
@@ -171,7 +184,8 @@ class Server:
                 raise Refused(400, "bad_request", f"rates {rates.tag} are not in {e.name}'s trained grid: "
                               + ", ".join(r.tag for r in e.pairs))
         beam = form["beam"] or e.beam
-        return Job(e, clip, rates, beam, e.max_new_tokens(clip.duration), form["arrived"])
+        return Job(e, clip, rates, beam, e.max_new_tokens(clip.duration), form["arrived"],
+                   encode_seconds=time.perf_counter() - t0)
 
 
 def elastic_retry(batcher: Batcher, e: Engine, queued: int) -> int:
@@ -203,21 +217,22 @@ def _guard(app, srv: Server):
     the upload size limit, by Content-Length and while the body arrives (a chunked upload); request
     counts and latency by status."""
     limit = int(srv.opts.max_upload_mb * (1 << 20)) + (1 << 16)  # the multipart envelope on top of the file
-    too_large = Refused(413, "too_large", f"the upload is over --max-upload-mb {srv.opts.max_upload_mb:g}")
+
+    def too_large() -> Refused:  # a new one each time: a raised exception keeps its traceback's frames
+        return Refused(413, "too_large", f"the upload is over --max-upload-mb {srv.opts.max_upload_mb:g}")
 
     async def middleware(scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith(("/v1/", "/metrics")):
             return await app(scope, receive, send)
         t0, status, seen, over = time.perf_counter(), [None], [0], [False]
         scope.setdefault("state", {})["arrived"] = t0
-        headers = dict(scope["headers"])
 
         async def counted():
             msg = await receive()
             seen[0] += len(msg.get("body", b""))
             if seen[0] > limit:
-                over[0] = True
-                raise too_large
+                over[0] = scope["state"]["over"] = True  # the app's 400 for the cut body is not counted
+                raise too_large()
             return msg
 
         async def sending(msg):
@@ -227,9 +242,9 @@ def _guard(app, srv: Server):
 
         async def replaced(msg):  # the app's answer to a body cut short is replaced by the 413
             if msg["type"] == "http.response.start":
-                await _refusal(srv, too_large)(scope, receive, sending)
+                await _refusal(srv, too_large())(scope, receive, sending)
 
-        refusal = _refused_early(srv, headers, limit, too_large)
+        refusal = _refused_early(srv, scope, limit, too_large)
         if refusal is not None:
             await _refusal(srv, refusal)(scope, receive, sending)
         else:
@@ -237,7 +252,7 @@ def _guard(app, srv: Server):
                 await app(scope, counted, lambda m: replaced(m) if over[0] else sending(m))
             except Refused:  # the limit hit where nothing answered it
                 if status[0] is None:
-                    await _refusal(srv, too_large)(scope, receive, sending)
+                    await _refusal(srv, too_large())(scope, receive, sending)
             except Exception:  # noqa: BLE001  (answered 500 by the app's handler, which logged it)
                 if status[0] is None:
                     await _refusal(srv, Refused(500, "internal", "internal error"))(scope, receive, sending)
@@ -248,14 +263,20 @@ def _guard(app, srv: Server):
     return middleware
 
 
-def _refused_early(srv: Server, headers: dict, limit: int, too_large: Refused) -> Refused | None:
-    key = srv.opts.api_key
+def _refused_early(srv: Server, scope: dict, limit: int, too_large) -> Refused | None:
+    """Before any body is read: the key, the declared size, and (for uploads) a full queue."""
+    headers, key = dict(scope["headers"]), srv.opts.api_key
     if key and not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {key}".encode()):
         return Refused(401, "unauthorized", "a valid 'Authorization: Bearer <key>' header is needed",
                        {"WWW-Authenticate": "Bearer"})
     length = headers.get(b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        return too_large
+        return too_large()
+    if scope["path"].startswith("/v1/") and scope["method"] == "POST":
+        try:
+            srv.check_room()
+        except Refused as e:
+            return e
     return None
 
 
@@ -295,11 +316,12 @@ def create_app(srv: Server) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal(request, e: Exception):  # a bug or a failed decode: one line to the client, the trace here
         srv.log("serve: error: " + "".join(traceback.format_exception(e)).rstrip())
-        why = (str(e).strip().splitlines() or [""])[0][:200]
-        return _refusal(srv, Refused(500, "internal", f"internal error: {type(e).__name__}: {why}"))
+        return _refusal(srv, Refused(500, "internal", f"internal error ({type(e).__name__}); the server log has it"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):  # 404, 405, a body that does not parse
+        if request.scope.get("state", {}).get("over"):  # replaced by the 413 on its way out
+            return JSONResponse(error_body("too_large", ""), status_code=413)
         return _refusal(srv, Refused(e.status_code, "bad_request", str(e.detail), dict(e.headers or {})))
 
     @app.exception_handler(RequestValidationError)
@@ -342,13 +364,12 @@ async def _admitted(srv: Server, file: UploadFile, form: dict) -> tuple[Job, dic
     try:
         try:
             path = await srv.save(file)
-            t0 = time.perf_counter()
             try:
                 job = await loop.run_in_executor(srv.prep, srv.prepare, path, "the upload", form)
             finally:
                 path.unlink(missing_ok=True)
             t1 = time.perf_counter()
-            srv.batcher.observe_prep(t1 - t0)
+            srv.batcher.observe_prep(job.encode_seconds)  # its own work, not its wait for the prep thread
         finally:
             srv.batcher.preparing -= 1
         done = await srv.batcher.submit(job)
@@ -356,4 +377,5 @@ async def _admitted(srv: Server, file: UploadFile, form: dict) -> tuple[Job, dic
         srv.admitted -= 1
         srv.metrics.queue.set(srv.batcher.queued)
     t2 = time.perf_counter()
-    return job, {"encode": t1 - t0, "queue": done.started - t1, "decode": done.seconds, "total": t2 - form["arrived"]}
+    return job, {"encode": job.encode_seconds, "queue": done.started - t1, "decode": done.seconds,
+                 "total": t2 - form["arrived"]}

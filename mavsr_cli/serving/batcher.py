@@ -73,6 +73,7 @@ class Job:
     beam: int
     max_new_tokens: int
     arrived: float  # time.perf_counter() when the request came in
+    encode_seconds: float = 0.0  # reading and encoding its upload, on the prep thread
     future: asyncio.Future = None
 
     @property
@@ -133,6 +134,9 @@ class Batcher:
 
     def _take(self) -> list[Job]:
         """The oldest request and those of its kind behind it, up to max_batch, in arrival order."""
+        self.pending = collections.deque(j for j in self.pending if not j.future.cancelled())  # gone clients
+        if not self.pending:
+            return []
         key = self.pending[0].key
         batch = [j for j in self.pending if j.key == key][: self.max_batch]
         for j in batch:
@@ -156,6 +160,8 @@ class Batcher:
             if len(self.pending) < self.max_batch and self.wait_s > 0:
                 await asyncio.sleep(self.wait_s)
             batch = self._take()
+            if not batch:
+                continue
             try:
                 await self._decode(batch)
             except Exception as e:  # noqa: BLE001  (the batch's requests get the error; the batcher goes on)

@@ -36,37 +36,42 @@ class CostModel:
     """Decode seconds per (rate tag, beam): each pair's cost relative to the others from start-up
     measurements, times one speed factor that every decoded batch corrects (the machine's load moves
     all pairs together, and a pair the controller no longer picks must not keep a stale cost). A beam
-    never measured borrows the nearest measured one's, scaled by the beam ratio, until its first batch."""
+    not measured at start-up costs the measured one's times a factor per beam: the beam ratio until
+    the first batch at that beam is decoded, then what that batch showed (for every pair alike)."""
 
     def __init__(self) -> None:
         self.costs: dict[tuple[str, int], Cost] = {}
         self.scale = 1.0  # measured / predicted, averaged over the batches decoded
+        self.beam_factor: dict[int, float] = {}  # an unmeasured beam's cost / the measured beam's
 
     def fit(self, rates: Rates, beam: int, n1: int, s1: float, n2: int, s2: float) -> None:
         """From two measured batches of n1 and n2 utterances (n2 > n1)."""
         per = max((s2 - s1) / (n2 - n1), 0.0) if n2 > n1 else 0.0
         self.costs[(rates.tag, beam)] = Cost(max(s1 - per * n1, 0.0), per)
 
-    def _base(self, rates: Rates, beam: int, n: int) -> float:
-        c = self.costs.get((rates.tag, beam))
-        if c is not None:
-            return c.seconds(n)
+    def _measured(self, rates: Rates, beam: int) -> tuple[Cost, float] | None:
+        """(the cost measured for this pair at this beam or the nearest, the factor to this beam)."""
+        if (rates.tag, beam) in self.costs:
+            return self.costs[(rates.tag, beam)], 1.0
         known = [b for t, b in self.costs if t == rates.tag]
         if not known:
-            return 0.0
+            return None
         near = min(known, key=lambda b: abs(b - beam))
-        return self.costs[(rates.tag, near)].seconds(n) * beam / near
+        return self.costs[(rates.tag, near)], self.beam_factor.get(beam, beam / near)
 
     def seconds(self, rates: Rates, beam: int, n: int) -> float:
-        return self.scale * self._base(rates, beam, n)
+        m = self._measured(rates, beam)
+        return 0.0 if m is None else self.scale * m[0].seconds(n) * m[1]
 
     def observe(self, rates: Rates, beam: int, n: int, seconds: float) -> None:
-        if (rates.tag, beam) not in self.costs:  # its first batch: the measurement at today's speed
-            self.costs[(rates.tag, beam)] = Cost(0.0, seconds / max(n, 1) / self.scale)
+        m = self._measured(rates, beam)
+        if m is None or m[0].seconds(n) <= 0:
             return
-        base = self._base(rates, beam, n)
-        if base > 0:
-            self.scale = (1 - SMOOTHING) * self.scale + SMOOTHING * seconds / base
+        base = m[0].seconds(n)
+        if (rates.tag, beam) not in self.costs and beam not in self.beam_factor:  # its first batch at this beam
+            self.beam_factor[beam] = seconds / (self.scale * base)
+            return
+        self.scale = (1 - SMOOTHING) * self.scale + SMOOTHING * seconds / (base * m[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +87,10 @@ class Load:
 
 
 def predicted_latency(seconds_for, load: Load) -> float:
-    """Latency of the last request now in the server if every batch ran at one pair: the oldest's wait,
-    then whichever is longer of this batch plus the queue behind it drained in full batches, and the
-    requests still to be encoded (one at a time, at any pair) with the last one's decode.
-    `seconds_for(n)`: one batch of n."""
+    """From the oldest request's arrival until the last request now in the server is answered, if every
+    batch ran at one pair: an upper bound on any of their latencies. The oldest's wait, then whichever
+    is longer of this batch plus the queue behind it drained in full batches, and the requests still
+    to be encoded (one at a time, at any pair) with the last one's decode. `seconds_for(n)`: one batch of n."""
     full, rest = divmod(load.waiting, load.max_batch)
     decode = seconds_for(load.batch) + full * seconds_for(load.max_batch) + (seconds_for(rest) if rest else 0.0)
     encode = load.preparing * load.prep + seconds_for(1)

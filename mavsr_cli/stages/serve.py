@@ -3,13 +3,15 @@
 Reads: each experiment's config.yaml, checkpoint and models (as `transcribe` does). Writes nothing in
 the recipe: uploads go to a private temporary dir (0700) and are removed after reading; the dir goes
 at exit. The OpenAI-shaped endpoint, batching and the elastic controller are in mavsr_cli/serving/.
-SIGINT or SIGTERM stops accepting, finishes the requests in flight, then exits.
+SIGINT or SIGTERM stops accepting, finishes the requests in flight (for up to GRACE_S), then exits.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 from ..errors import MavsrError
@@ -17,6 +19,7 @@ from ..options import ServeOptions
 from ..rates import Rates
 from ..recipe import Recipe
 
+GRACE_S = 60  # on SIGTERM, requests still unanswered after this long are dropped
 SERVE_EXTRA = "the server needs the serve extra: pip install 'mavsr[serve]' (make install adds it)"
 
 
@@ -71,14 +74,21 @@ def run(recipe: Recipe, exps: list[Path], opts: ServeOptions, log=print) -> None
     if not is_loopback(opts.host) and not opts.api_key:
         log(f"serve: warning: listening on {opts.host} without an API key: anyone who reaches this address can "
             "use the server (give --api-key or MAVSR_API_KEY)")
-    srv = Server(engines(recipe, exps, opts.rates, log), opts, log=log)
-    sock = bind(opts.host, opts.port)
-    host, port = sock.getsockname()[:2]
-    log(f"serve: listening on http://{host}:{port} (rates {opts.rates}"
-        + (f", p95 target {opts.slo_ms:g} ms" if opts.rates == "auto" else "") + "); loading the models")
-    from .. import lifecycle
+    tmp = Path(tempfile.mkdtemp(prefix="mavsr-serve-"))  # 0700: this user's only
+    try:
+        srv = Server(engines(recipe, exps, opts.rates, log), opts, tmp, log=log)
+        sock = bind(opts.host, opts.port)
+        host, port = sock.getsockname()[:2]
+        log(f"serve: listening on http://{host}:{port} (rates {opts.rates}"
+            + (f", p95 target {opts.slo_ms:g} ms" if opts.rates == "auto" else "") + "); loading the models")
+        from .. import lifecycle
 
-    lifecycle.interrupted_note = "stopped after answering the requests in flight"
-    config = uvicorn.Config(create_app(srv), log_level="warning", access_log=False, timeout_graceful_shutdown=60)
-    uvicorn.Server(config).run(sockets=[sock])
-    log("serve: stopped")
+        lifecycle.interrupted_note = "stopped after answering the requests in flight"
+        config = uvicorn.Config(create_app(srv), log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=GRACE_S)
+        uvicorn.Server(config).run(sockets=[sock])
+        if srv.failed is not None:
+            raise MavsrError(f"serve: could not start: {type(srv.failed).__name__}: {srv.failed}")
+        log("serve: stopped")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

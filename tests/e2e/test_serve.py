@@ -12,14 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from e2e_helpers import mavsr
-from serve_helpers import Served, clips_of, metric, write_wav
+from serve_helpers import ENDPOINT, Served, clips_of, metric, write_wav
 
 KEY = "s3cret-key"
 
 
 @pytest.fixture(scope="module")
 def served(recipe, tmp_path_factory):
-    s = Served(recipe, "--max-batch", "4", "--batch-wait-ms", "400", "--max-upload-mb", "1", "--slo-ms", "600000",
+    s = Served(recipe, "--max-batch", "4", "--batch-wait-ms", "400", "--max-upload-mb", "1", "--max-seconds", "20",
+               "--slo-ms", "600000",
                tmp=tmp_path_factory.mktemp("serve_tmp"), key=KEY)
     yield s
     s.stop()
@@ -69,7 +70,7 @@ def test_openai_clients_work_unchanged(recipe, served):
     with open(video, "rb") as f:
         v = client.audio.transcriptions.create(model="mavsr", file=f, response_format="verbose_json",
                                                extra_body={"rates": "a16v5"})
-    assert v.text == served.post(video, rates="a16v5").json()["text"]
+    assert v.text == served.post(video, rates="a16v5").json()["text"] and v.model_dump()["rates"] == "a16v5"
     assert v.duration == pytest.approx(rec["duration"], abs=0.1) and v.language == "english"
     with pytest.raises(openai.AuthenticationError), open(video, "rb") as f:
         openai.OpenAI(base_url=served.url + "/v1", api_key="wrong", max_retries=0).audio.transcriptions.create(
@@ -87,7 +88,10 @@ def _bad_media(recipe, tmp_path) -> dict:
     wav = write_wav(tmp_path / "speech.wav", read_audio(video))
     scene = tmp_path / "scene.mp4"  # a whole frame with no face in it
     write_av(scene, np.full((50, 160, 200), 90, np.uint8), read_audio(video)[:32000], fps=25)
-    return {"wav": wav.read_bytes(), "scene": scene.read_bytes(), "good": video.read_bytes()}
+    long = tmp_path / "long.mp4"  # 24 s of a still mouth crop: small, but over --max-seconds 20
+    write_av(long, np.full((600, 96, 96), 90, np.uint8), np.zeros(24 * 16000, np.float32), fps=25)
+    return {"wav": wav.read_bytes(), "scene": scene.read_bytes(), "long": long.read_bytes(),
+            "good": video.read_bytes()}
 
 
 def test_bad_input_gets_a_status_and_one_line_and_the_server_goes_on(recipe, served, tmp_path):
@@ -100,6 +104,7 @@ def test_bad_input_gets_a_status_and_one_line_and_the_server_goes_on(recipe, ser
         (dict(media=b""), 400, "empty"),
         (dict(media=media["wav"], name="speech.wav"), 422, "has audio; this server decodes audio+video (t)"),
         (dict(media=media["scene"]), 422, "no face found"),
+        (dict(media=media["long"]), 413, "longer than --max-seconds 20"),
         (dict(media=good, response_format="srt"), 400, "response_format must be one of json, text, verbose_json"),
         (dict(media=good, rates="a99v9"), 400, "rates a99v9 are not in t's trained grid"),
         (dict(media=good, rates="../../etc/passwd"), 400, "bad rate tag"),
@@ -118,7 +123,15 @@ def test_bad_input_gets_a_status_and_one_line_and_the_server_goes_on(recipe, ser
         assert words in msg and "\n" not in msg and str(served.tmp) not in msg, msg
     import httpx
 
-    r = httpx.post(served.url + "/v1/audio/transcriptions", data={"file": "/etc/hostname"}, headers=served.auth)
+    def chunked():  # no Content-Length: the limit is found while the body arrives
+        yield b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.mp4"\r\n\r\n'
+        for _ in range(24):
+            yield os.urandom(1 << 16)
+
+    r = httpx.post(served.url + ENDPOINT, content=chunked(), timeout=60,
+                   headers={**served.auth, "Content-Type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code == 413 and "max-upload-mb" in r.json()["error"]["message"]
+    r = httpx.post(served.url + ENDPOINT, data={"file": "/etc/hostname"}, headers=served.auth)
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("file:")  # a path is not a file
     assert httpx.get(served.url + "/metrics").status_code == 401  # behind the key; health is not
     assert served.post(good).status_code == 200 and served.proc.poll() is None

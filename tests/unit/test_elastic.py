@@ -72,8 +72,10 @@ def test_the_cost_model_fits_two_batches_and_follows_measurements():
     assert abs(m.seconds(Rates(4, 2), 1, 10) - 2.4) < 0.01
     assert abs(m.seconds(Rates(16, 5), 1, 4) - 0.4) < 0.01  # the pair not picked follows too
     assert abs(m.seconds(Rates(4, 2), 8, 1) - 8 * m.seconds(Rates(4, 2), 1, 1)) < 1e-9  # an unmeasured beam
-    m.observe(Rates(4, 2), 8, 1, 0.5)
-    assert abs(m.seconds(Rates(4, 2), 8, 1) - 0.5) < 1e-9  # until measured
+    before, guess = m.seconds(Rates(16, 5), 8, 1), m.seconds(Rates(4, 2), 8, 1)
+    m.observe(Rates(4, 2), 8, 1, 2.0)  # its first batch: 2 s where about 8 x 0.6 s was guessed
+    assert abs(m.seconds(Rates(4, 2), 8, 1) - 2.0) < 1e-9
+    assert abs(m.seconds(Rates(16, 5), 8, 1) - before * 2.0 / guess) < 1e-9  # every pair at that beam alike
     assert m.seconds(Rates(16, 2), 1, 1) == 0.0  # never measured: no opinion
 
 
