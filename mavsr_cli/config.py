@@ -29,6 +29,9 @@ class Modality(str, Enum):
     v = "v"  # video only (VSR)
 
 
+STREAMS = {"av": ("audio", "video"), "a": ("audio",), "v": ("video",)}  # the feature streams each modality reads
+
+
 class Strategy(str, Enum):
     """LoRA over the frozen LLM (paper.md, Llama-MTSK)."""
 

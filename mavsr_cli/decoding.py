@@ -34,7 +34,7 @@ from .features import FeatureStore, batch_features, cache_split
 from .fsutil import atomic_write_text, clean_stale, staged_dir
 from .model.build import build_model
 from .progress import bar
-from .rates import DecodeTag, Rates, condition_name, require
+from .rates import DecodeTag, Rates, condition_name, most_accurate_first, require
 from .recipe import Recipe, checksum_or_none, done_text, finished, is_done, resolve_model, write_provenance
 from .sharding import Shard
 
@@ -82,7 +82,7 @@ def pick_by_budget(trained: list[Rates], budget: Budget, scores: dict[str, float
     if scored:
         best = min(scored, key=lambda r: (scores[r.tag], -r.tokens_per_second()))
         return best, f"lowest {scored_on} WER ({scores[best.tag]:.2f}%) of the {len(scored)} scored pairs that fit"
-    best = max(fits, key=lambda r: (r.tokens_per_second(), -(r.audio or 0), -(r.video or 0)))
+    best = most_accurate_first(fits)[0]
     return best, f"the least compressed of the {len(fits)} pairs that fit (no scored decode dirs to rank by)"
 
 
@@ -341,6 +341,7 @@ class Decoder:
         self.trained = checkpoint.grid_of(self.meta)
         self.utts = {u.id: u for u in recipe.utterances(split)} if split else {}
         self._model = None
+        self._fixed_tokens: int | None = None
         self._stores: dict[str, FeatureStore] = {}
         if not is_done(self.exp):
             log(f"decode: warning: the training of {self.exp.name} has not finished; decoding its latest "
@@ -379,12 +380,16 @@ class Decoder:
         return r
 
     def fixed_tokens(self) -> int:
-        """LLM input tokens of every utterance beside the media: BOS, two markers per stream, the prompt."""
-        from transformers import AutoTokenizer
+        """LLM input tokens of every utterance beside the media: BOS, two markers per stream, the prompt
+        (counted once per Decoder: the tokenizer is loaded for it)."""
+        if self._fixed_tokens is None:
+            from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(resolve_model(self.recipe, self.cfg.model.llm))
-        streams = len(self.cfg.model.modality)  # "av", "a" or "v"
-        return 1 + 2 * streams + len(tok(self.cfg.model.resolved_prompt(), add_special_tokens=False).input_ids)
+            tok = AutoTokenizer.from_pretrained(resolve_model(self.recipe, self.cfg.model.llm))
+            streams = len(self.cfg.model.modality)  # "av", "a" or "v"
+            prompt = tok(self.cfg.model.resolved_prompt(), add_special_tokens=False).input_ids
+            self._fixed_tokens = 1 + 2 * streams + len(prompt)
+        return self._fixed_tokens
 
     def options(self, **overrides) -> DecodeConfig:
         """The experiment's decode settings with the given fields replaced (None keeps the config's)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .config import Config
+from .config import STREAMS, Config
 from .errors import MavsrError
 from .fsutil import verify_checksum
 from .recipe import Recipe, resolve_model
@@ -118,9 +118,8 @@ def batch_features(store: FeatureStore, ids: list[str], modality: str, copies: l
     """The padded features of a batch: {"audio": ((B, T, D), (B,)), "video": ...} for the modality's streams."""
     feats = {}
     copies = copies or [None] * len(ids)
-    for m in ("audio", "video"):
-        if (m == "audio" and modality in ("av", "a")) or (m == "video" and modality in ("av", "v")):
-            feats[m] = pad_batch([store.get(i, m, c) for i, c in zip(ids, copies, strict=True)])  # (B, T, D), (B,)
+    for m in STREAMS[modality]:
+        feats[m] = pad_batch([store.get(i, m, c) for i, c in zip(ids, copies, strict=True)])  # (B, T, D), (B,)
     return feats
 
 

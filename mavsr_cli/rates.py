@@ -61,6 +61,12 @@ class Rates:
         return cls(int(a) if a else None, int(v) if v else None)
 
 
+def most_accurate_first(pairs: list[Rates]) -> list[Rates]:
+    """The one order of "most accurate" (transcribe's default, --budget's fallback, serve's controller):
+    most LLM input tokens per second first (paper.md, Table 1), then the finer audio rate, then video."""
+    return sorted(pairs, key=lambda r: (-r.tokens_per_second(), r.audio or 0, r.video or 0))
+
+
 def grid(audio_rates: list[int] | None, video_rates: list[int] | None) -> list[Rates]:
     """The cross product of the rate lists (the paper's Matryoshka grid), in a stable order."""
     if audio_rates and video_rates:

@@ -167,8 +167,9 @@ def _dist():
 
 def device_type(device_pref: str) -> str:
     """train.device as the device type training runs on (auto: cuda when there is one)."""
-    return "cuda" if device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available()) else \
-        ("cpu" if device_pref == "auto" else device_pref)
+    if device_pref == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device_pref
 
 
 def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
@@ -179,7 +180,7 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_type(device_pref) == "cuda"
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu" if device_pref == "auto" else device_pref)
+    device = torch.device("cuda", local) if use_cuda else torch.device(device_type(device_pref))
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():

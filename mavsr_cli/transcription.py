@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .clocks import SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME
+from .config import STREAMS
 from .decoding import Decoder, generate
 from .errors import MavsrError
 from .features import pad_batch
@@ -30,10 +31,8 @@ from .media import (
     to_roi,
     write_av,
 )
-from .rates import Rates
+from .rates import Rates, most_accurate_first
 from .recipe import Recipe, resolve_model
-
-STREAMS = {"av": ("audio", "video"), "a": ("audio",), "v": ("video",)}  # what each modality reads
 
 
 def parse_roi(spec: str | None) -> tuple[int, int, int, int] | None:
@@ -115,7 +114,7 @@ class Transcriber:
 
     def default_rates(self) -> Rates:
         """The least compressed trained pair: the most accurate one (paper.md, Table 1)."""
-        return max(self.dec.trained, key=lambda r: r.tokens_per_second())
+        return most_accurate_first(self.dec.trained)[0]
 
     @torch.inference_mode()
     def clip(self, media: Path, roi: str | None = None, mouth_crop: bool = False,

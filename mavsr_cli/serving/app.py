@@ -28,18 +28,23 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..decoding import Budget, pick_by_budget, ranking_scores
+from ..config import STREAMS
+from ..decoding import Budget, pick_by_budget
 from ..errors import MavsrError
 from ..media import MediaError, TooLong, streams
 from ..options import ServeOptions
 from ..rates import Rates
-from ..transcription import STREAMS
-from .batcher import Batcher, Engine, Job
+from .batcher import Batcher, Done, Engine, Job
 from .elastic import retry_after
 
 FORMATS = ("json", "text", "verbose_json")
+AUTO = (None, "", "auto")  # a `rates` field that leaves the pair to the server
 MAX_BEAM = 64
 LANGUAGES = (None, "", "en", "english")
+
+
+def _too_large(opts: ServeOptions) -> Refused:  # a new one each time: a raised one keeps its traceback's frames
+    return Refused(413, "too_large", f"the upload is over --max-upload-mb {opts.max_upload_mb:g}")
 
 
 class Refused(Exception):
@@ -117,8 +122,8 @@ class Server:
     # ---- one request -------------------------------------------------------------------------
     def check_room(self) -> None:
         if self.admitted >= self.opts.max_queue:
-            e = self.engines[0]
-            wait = elastic_retry(self.batcher, e, self.admitted)
+            e, b = self.engines[0], self.batcher
+            wait = retry_after(b.cost, e.pairs, e.beam, self.admitted, b.max_batch)
             raise Refused(503, "queue_full", f"the server has {self.admitted} requests queued (--max-queue "
                           f"{self.opts.max_queue}); retry in {wait} s", {"Retry-After": str(wait)})
 
@@ -138,8 +143,7 @@ class Server:
                 while chunk := await upload.read(1 << 20):
                     size += len(chunk)
                     if size > limit:
-                        raise Refused(413, "too_large", f"the upload is over --max-upload-mb "
-                                      f"{self.opts.max_upload_mb:g}")
+                        raise _too_large(self.opts)
                     f.write(chunk)
             if size == 0:
                 raise Refused(400, "not_media", "the upload is empty")
@@ -164,32 +168,27 @@ class Server:
     def prepare(self, path: Path, label: str, form: dict) -> Job:
         """On the prep thread: route, read and encode the clip, resolve its rates, beam and token limit."""
         t0 = time.perf_counter()
-        e = self.route(path, label)
+        e, rates = self.route(path, label), None
+        if form["rates"] not in AUTO:  # checked against the grid before the clip is read
+            rates = Rates.parse(form["rates"])
+            if rates not in e.tr.dec.trained:
+                raise Refused(400, "bad_request", f"rates {rates.tag} are not in {e.name}'s trained grid: "
+                              + ", ".join(r.tag for r in e.pairs))
         try:
             clip = e.tr.clip(path, max_seconds=self.opts.max_seconds)
         except TooLong:
             raise Refused(413, "too_long", f"{label} is longer than --max-seconds {self.opts.max_seconds:g}") from None
         except MavsrError as err:
             raise Refused(422, "no_stream", str(err).replace(str(path), label)) from None
-        rates = None
         if form["budget"] is not None:
-            b = Budget(form["budget"], e.fixed_tokens(), clip.duration)
+            b = Budget(form["budget"], e.tr.dec.fixed_tokens(), clip.duration)
             try:
-                rates = pick_by_budget(e.tr.dec.trained, b, *ranking_scores(e.tr.dec.exp))[0]
+                rates = pick_by_budget(e.tr.dec.trained, b, *e.scores)[0]
             except MavsrError as err:
                 raise Refused(400, "bad_request", str(err)) from None
-        elif form["rates"] not in (None, "", "auto"):
-            rates = Rates.parse(form["rates"])
-            if rates not in e.tr.dec.trained:
-                raise Refused(400, "bad_request", f"rates {rates.tag} are not in {e.name}'s trained grid: "
-                              + ", ".join(r.tag for r in e.pairs))
         beam = form["beam"] or e.beam
         return Job(e, clip, rates, beam, e.max_new_tokens(clip.duration), form["arrived"],
                    encode_seconds=time.perf_counter() - t0)
-
-
-def elastic_retry(batcher: Batcher, e: Engine, queued: int) -> int:
-    return retry_after(batcher.cost, e.pairs, e.beam, queued, batcher.max_batch)
 
 
 def check_form(rates, budget, beam, response_format, language, temperature) -> None:
@@ -197,12 +196,12 @@ def check_form(rates, budget, beam, response_format, language, temperature) -> N
     if response_format not in FORMATS:
         raise Refused(400, "bad_request", f"response_format must be one of {', '.join(FORMATS)}, "
                       f"got {response_format!r}")
-    if rates not in (None, "", "auto"):
+    if rates not in AUTO:
         try:
             Rates.parse(rates)
         except MavsrError as e:
             raise Refused(400, "bad_request", str(e)) from None
-    if budget is not None and (budget <= 0 or rates not in (None, "", "auto")):
+    if budget is not None and (budget <= 0 or rates not in AUTO):
         raise Refused(400, "bad_request", "budget must be > 0 and cannot be given with rates")
     if beam is not None and not 1 <= beam <= MAX_BEAM:
         raise Refused(400, "bad_request", f"beam must be 1 to {MAX_BEAM}, got {beam}")
@@ -218,9 +217,6 @@ def _guard(app, srv: Server):
     counts and latency by status."""
     limit = int(srv.opts.max_upload_mb * (1 << 20)) + (1 << 16)  # the multipart envelope on top of the file
 
-    def too_large() -> Refused:  # a new one each time: a raised exception keeps its traceback's frames
-        return Refused(413, "too_large", f"the upload is over --max-upload-mb {srv.opts.max_upload_mb:g}")
-
     async def middleware(scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith(("/v1/", "/metrics")):
             return await app(scope, receive, send)
@@ -232,7 +228,7 @@ def _guard(app, srv: Server):
             seen[0] += len(msg.get("body", b""))
             if seen[0] > limit:
                 over[0] = scope["state"]["over"] = True  # the app's 400 for the cut body is not counted
-                raise too_large()
+                raise _too_large(srv.opts)
             return msg
 
         async def sending(msg):
@@ -242,9 +238,9 @@ def _guard(app, srv: Server):
 
         async def replaced(msg):  # the app's answer to a body cut short is replaced by the 413
             if msg["type"] == "http.response.start":
-                await _refusal(srv, too_large())(scope, receive, sending)
+                await _refusal(srv, _too_large(srv.opts))(scope, receive, sending)
 
-        refusal = _refused_early(srv, scope, limit, too_large)
+        refusal = _refused_early(srv, scope, limit)
         if refusal is not None:
             await _refusal(srv, refusal)(scope, receive, sending)
         else:
@@ -252,7 +248,7 @@ def _guard(app, srv: Server):
                 await app(scope, counted, lambda m: replaced(m) if over[0] else sending(m))
             except Refused:  # the limit hit where nothing answered it
                 if status[0] is None:
-                    await _refusal(srv, too_large())(scope, receive, sending)
+                    await _refusal(srv, _too_large(srv.opts))(scope, receive, sending)
             except Exception:  # noqa: BLE001  (answered 500 by the app's handler, which logged it)
                 if status[0] is None:
                     await _refusal(srv, Refused(500, "internal", "internal error"))(scope, receive, sending)
@@ -263,7 +259,7 @@ def _guard(app, srv: Server):
     return middleware
 
 
-def _refused_early(srv: Server, scope: dict, limit: int, too_large) -> Refused | None:
+def _refused_early(srv: Server, scope: dict, limit: int) -> Refused | None:
     """Before any body is read: the key, the declared size, and (for uploads) a full queue."""
     headers, key = dict(scope["headers"]), srv.opts.api_key
     if key and not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {key}".encode()):
@@ -271,7 +267,7 @@ def _refused_early(srv: Server, scope: dict, limit: int, too_large) -> Refused |
                        {"WWW-Authenticate": "Bearer"})
     length = headers.get(b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        return too_large()
+        return _too_large(srv.opts)
     if scope["path"].startswith("/v1/") and scope["method"] == "POST":
         try:
             srv.check_room()
@@ -351,13 +347,13 @@ def create_app(srv: Server) -> FastAPI:
         arrived = request.scope.get("state", {}).get("arrived", time.perf_counter())
         form = {"rates": rates, "budget": budget, "beam": beam, "arrived": arrived}
         with srv.metrics.in_flight.track_inprogress():
-            job, timings = await _admitted(srv, file, form)
-        return _response(job.future.result(), job, response_format, timings)
+            job, done, timings = await _admitted(srv, file, form)
+        return _response(done, job, response_format, timings)
 
     return _guard(app, srv)
 
 
-async def _admitted(srv: Server, file: UploadFile, form: dict) -> tuple[Job, dict]:
+async def _admitted(srv: Server, file: UploadFile, form: dict) -> tuple[Job, Done, dict]:
     """Admit, save, read and encode (prep thread), decode in a batch; the upload is removed either way."""
     srv.admit()
     loop = asyncio.get_running_loop()
@@ -377,5 +373,5 @@ async def _admitted(srv: Server, file: UploadFile, form: dict) -> tuple[Job, dic
         srv.admitted -= 1
         srv.metrics.queue.set(srv.batcher.queued)
     t2 = time.perf_counter()
-    return job, {"encode": job.encode_seconds, "queue": done.started - t1, "decode": done.seconds,
+    return job, done, {"encode": job.encode_seconds, "queue": done.started - t1, "decode": done.seconds,
                  "total": t2 - form["arrived"]}

@@ -13,15 +13,15 @@ import collections
 import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
 from ..clocks import AUDIO_HZ, FPS
-from ..decoding import auto_max_new_tokens
+from ..config import STREAMS
+from ..decoding import max_new_tokens, ranking_scores
 from ..errors import MavsrError
-from ..rates import Rates
-from ..transcription import STREAMS, Clip, Transcriber
+from ..rates import Rates, most_accurate_first
+from ..transcription import Clip, Transcriber
 from . import elastic
 
 
@@ -30,18 +30,13 @@ class Engine:
 
     def __init__(self, tr: Transcriber, fixed: Rates | None = None) -> None:
         self.tr, self.name, self.modality = tr, tr.dec.exp.name, tr.modality
-        self.pairs = elastic.by_accuracy(tr.dec.trained)
+        self.pairs = most_accurate_first(tr.dec.trained)
         self.fixed = fixed  # the server's --rates when not auto
         self.beam = tr.dec.cfg.decode.beam
-        self._fixed_tokens: int | None = None
-
-    def fixed_tokens(self) -> int:
-        if self._fixed_tokens is None:
-            self._fixed_tokens = self.tr.dec.fixed_tokens()
-        return self._fixed_tokens
+        self.scores = ranking_scores(tr.dec.exp)  # what `budget` ranks by, read once (decoding.pick_by_budget)
 
     def max_new_tokens(self, duration: float) -> int:
-        return self.tr.dec.cfg.decode.max_new_tokens or auto_max_new_tokens([duration])
+        return max_new_tokens(self.tr.dec.cfg.decode, [duration])
 
     def sample(self, seconds: float) -> Clip:
         """A clip to measure decode costs on: the recipe's first validation or test utterance whose
@@ -52,8 +47,7 @@ class Engine:
             if split not in recipe.prepared_splits():
                 continue
             for u in recipe.utterances(split)[:5]:
-                media = Path(u.video if "video" in STREAMS[self.modality] or not u.audio else u.audio)
-                media = media if media.is_absolute() else recipe.root / media
+                media = recipe.resolve_media(u.video if "video" in STREAMS[self.modality] or not u.audio else u.audio)
                 if media.is_file():
                     try:
                         return self.tr.clip(media)

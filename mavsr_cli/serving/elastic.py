@@ -18,11 +18,6 @@ SMOOTHING = 0.3  # weight of the newest batch in the cost correction
 WORTH = 0.1  # over the target, a more compressed pair is taken only if predicted this much faster
 
 
-def by_accuracy(pairs: list[Rates]) -> list[Rates]:
-    """Most accurate first: most media tokens per second, then the finer audio rate."""
-    return sorted(pairs, key=lambda r: (-r.tokens_per_second(), r.audio or 0, r.video or 0))
-
-
 @dataclasses.dataclass
 class Cost:
     fixed: float  # seconds per batch whatever its size
@@ -99,7 +94,7 @@ def predicted_latency(seconds_for, load: Load) -> float:
 
 def choose(pairs: list[Rates], cost: CostModel, beam: int, load: Load, slo: float,
            headroom: float = HEADROOM) -> tuple[Rates, float]:
-    """(pair, its predicted latency): the most accurate pair (by_accuracy order in `pairs`) whose
+    """(pair, its predicted latency): the most accurate pair (rates.most_accurate_first order in `pairs`) whose
     predicted latency is within headroom * slo. When none is, the most accurate of those predicted
     within WORTH of the fastest: compression that buys no latency (the queue is in the encoders)
     costs accuracy for nothing."""

@@ -1,10 +1,10 @@
 """The elastic controller of `mavsr serve` (serving/elastic.py): cheaper pairs as the queue grows,
 the most accurate one when idle, and a cost model that follows what it measures."""
 
-from mavsr_cli.rates import Rates
+from mavsr_cli.rates import Rates, most_accurate_first
 from mavsr_cli.serving import elastic
 
-PAIRS = elastic.by_accuracy([Rates(16, 5), Rates(4, 2), Rates(16, 2), Rates(4, 5)])
+PAIRS = most_accurate_first([Rates(16, 5), Rates(4, 2), Rates(16, 2), Rates(4, 5)])
 
 
 def costs(fixed=0.05, per_token=0.002) -> elastic.CostModel:
