@@ -16,6 +16,7 @@ from torch import nn
 from ..rates import Rates
 from . import projector as proj
 from .compress import compress
+from .last_layer import last_layer_at, query_windows
 
 MARKERS = ("<audio>", "</audio>", "<video>", "</video>")
 
@@ -191,11 +192,14 @@ class AVSRModel(nn.Module):
     def _token_ce(self, emb, mask, lab) -> torch.Tensor:
         """(B, L-1) cross-entropy of each next token, 0 where there is no target. The output layer
         runs only at the positions the loss reads (the transcript's and EOS): at Llama 3's 128,256-wide
-        vocabulary, logits over the media and prompt positions would be most of a step's memory."""
+        vocabulary, logits over the media and prompt positions would be most of a step's memory. So
+        does the last decoder layer beside its keys and values (last_layer.py)."""
         lm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-        h = lm.get_decoder()(inputs_embeds=emb, attention_mask=mask).last_hidden_state[:, :-1]  # (B, L-1, D)
         gold = lab[:, 1:]
         keep = gold != -100  # (B, L-1)
+        decoder = lm.get_decoder()
+        with last_layer_at(decoder, query_windows(keep)):  # the last layer's queries only where keep is
+            h = decoder(inputs_embeds=emb, attention_mask=mask).last_hidden_state[:, :-1]  # (B, L-1, D)
         logits = lm.get_output_embeddings()(h[keep])  # (N, V)
         ce = torch.nn.functional.cross_entropy(logits.float(), gold[keep], reduction="none")  # (N,)
         return torch.zeros(gold.shape, dtype=ce.dtype, device=ce.device).masked_scatter(keep, ce)
