@@ -2,8 +2,9 @@
 
 Kept apart from the model (model/avsr.py builds the LLM input; this module searches over the
 LLM's outputs), as openai/whisper keeps decoding.py beside model.py. Deterministic throughout:
-greedy through transformers' `generate` or mavsr's batched beam search, never sampling, so a
-rerun and any batch size give the same hypotheses.
+mavsr's greedy loop (token for token transformers' greedy `generate`) or its batched beam search,
+never sampling, so a rerun and any batch size give the same hypotheses. A step's attention on
+the CPU is model/attention.py's (it depends on neither the batch nor the beam).
 
 `Decoder.run` reads  exp/<tag>/{config.yaml, meta.json, ckpt/*/}, dump/<encoders-tag>/<split>[-<condition>]/,
                            data/<split>/manifest.jsonl
@@ -121,8 +122,8 @@ def decode_tag(rates: Rates, opts: DecodeConfig) -> DecodeTag:
 @torch.no_grad()
 def generate(model, feats: dict, rates: Rates, max_new_tokens: int, beam: int = 1,
              pool: Rates | None = None) -> tuple[list[str], list[int]]:
-    """Texts and the LLM input length per utterance: greedy (`beam` 1, transformers' generate)
-    or mavsr's batched beam search. A model whose frozen LLM is held in bf16 decodes under bf16
+    """Texts and the LLM input length per utterance: greedy (`beam` 1) or mavsr's batched beam
+    search. A model whose frozen LLM is held in bf16 decodes under bf16
     autocast (its float32 projectors and LoRA meet the bf16 weights there)."""
     bf16 = model.frozen_dtype == torch.bfloat16
     with torch.autocast(model.markers.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():

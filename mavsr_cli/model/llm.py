@@ -47,6 +47,10 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32):
         raise MavsrError(f"LLM tokenizer at {name_or_path!r} has no BOS/EOS token")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding is masked out; any id will do
+    if model.config._attn_implementation == "sdpa":  # a search step's attention on the CPU (attention.py)
+        from . import attention
+
+        attention.install(model)
     model.eval().requires_grad_(False)
     return model, tok
 

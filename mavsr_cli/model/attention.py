@@ -1,0 +1,52 @@
+"""The LLM's attention: transformers' SDPA, except a one-token search step on the CPU (issue 21).
+
+A search step asks one query per row against the row's cache. PyTorch's CPU flash kernel pays a
+fixed cost per (row, head) block, which at a beam's 120 rows of short caches is most of its time:
+0.6-0.9 ms per call against 0.25-0.3 ms for two matmuls and a softmax (120 rows, 4 query heads over
+2, 40 keys, 2 threads, on this 2-core AVX2 machine; at one row the two take the same time). So the
+step attends with plain matmuls. Every other call
+(training, a prompt, a GPU) is transformers' `sdpa_attention_forward` unchanged. The choice
+depends on neither the batch nor the beam, so a batched decode still equals one utterance at a time.
+Registered through transformers' AttentionInterface, the extension point it documents.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "mavsr_sdpa"
+
+
+def _one_query(query, key, value, mask, scaling: float) -> torch.Tensor:
+    """query (B, H, 1, hd), key/value (B, Hkv, T, hd), mask (B, 1, 1, T) bool or additive, or None
+    -> (B, 1, H, hd), the layout transformers' attention functions return."""
+    b, h, _, d = query.shape
+    kv = key.shape[1]
+    q = query.reshape(b, kv, h // kv, d)  # query head i reads kv head i // (H / Hkv), as repeat_kv pairs them
+    w = torch.matmul(q, key.transpose(-1, -2)) * scaling  # (B, Hkv, G, T)
+    if mask is not None:
+        w = w.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else w + mask
+    p = w.float().softmax(-1).to(value.dtype)
+    return torch.matmul(p, value).reshape(b, h, 1, d).transpose(1, 2)  # (B, 1, H, hd)
+
+
+def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+              **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plain = query.shape[2] == 1 and query.device.type == "cpu" and not dropout and kwargs.get("softcap") is None
+    if not plain or (attention_mask is not None and attention_mask.shape[-2] != 1):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return _one_query(query, key, value, attention_mask, scale), None
+
+
+def install(model) -> None:
+    """Make `model` (a transformers causal LM) attend through `attention`; its masks are SDPA's."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    model.set_attn_implementation(NAME)

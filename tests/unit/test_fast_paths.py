@@ -1,0 +1,122 @@
+"""issue 21's fast paths against the code they replace: the last layer only where the loss reads, and
+a search step's matmul attention. Each equals the plain computation."""
+
+import pytest
+import torch
+
+from mavsr_cli import config as C
+from mavsr_cli.datasets import synth
+from mavsr_cli.decoding import beam_search, generate
+from mavsr_cli.model import attention
+from mavsr_cli.model import llm as llm_mod
+from mavsr_cli.model.build import build_model
+from mavsr_cli.model.last_layer import last_layer_at, query_windows
+from mavsr_cli.rates import Rates
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """A 2-layer Llama with grouped-query attention (4 heads over 2), loaded as mavsr loads one."""
+    d = llm_mod.tiny(tmp_path_factory.mktemp("llm"), synth.vocabulary() + "transcribe text".split(), hidden=64,
+                     layers=2, heads=4)
+    model, _ = llm_mod.load(str(d))
+    return model
+
+
+def test_query_windows_hold_every_kept_position():
+    keep = torch.zeros(3, 12, dtype=torch.bool)
+    keep[0, 7:11] = True  # 4 positions
+    keep[1, 2:4] = True
+    keep[2, 0] = True
+    w = query_windows(keep)
+    assert w.shape == (3, 4) and int(w.min()) >= 0 and int(w.max()) < 12
+    for i in range(3):
+        assert set(keep[i].nonzero().squeeze(1).tolist()) <= set(w[i].tolist())
+        assert len(set(w[i].tolist())) == 4  # no position twice
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_the_last_layer_only_at_the_loss_positions_equals_the_full_layer(lm, padded):
+    """Outputs at the window positions and the gradient reaching the input equal the full layer's
+    (padded: sdpa's 4-D mask; unpadded: no mask, causal); the other positions were not computed."""
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(3, 20, 64, generator=g, requires_grad=True)
+    mask = torch.ones(3, 20, dtype=torch.long)
+    if padded:
+        mask[1, 15:] = 0
+        mask[2, 11:] = 0
+    keep = torch.zeros(3, 20, dtype=torch.bool)
+    keep[0, 14:19], keep[1, 10:14], keep[2, 6:10] = True, True, True
+    decoder = lm.get_decoder()
+    full = decoder(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+    (gf,) = torch.autograd.grad(full[keep].square().sum(), emb)
+    with last_layer_at(decoder, query_windows(keep)) as fast:
+        part = decoder(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+    assert fast and type(decoder.layers[-1]).forward is decoder.layers[-1].forward.__func__  # restored
+    (gp,) = torch.autograd.grad(part[keep].square().sum(), emb)
+    torch.testing.assert_close(part[keep], full[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gp, gf, rtol=1e-4, atol=1e-5)
+    assert float(part[0, :5].detach().abs().max()) == 0.0  # never computed there
+
+
+def _sdpa(q, k, v, mask):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = q.shape[1] // k.shape[1], True
+    return sdpa_attention_forward(module, q, k, v, mask, scaling=0.125)[0]
+
+
+def test_a_one_token_steps_matmul_attention_equals_sdpa():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(6, 4, 1, 64, generator=g), torch.randn(6, 2, 9, 64, generator=g), torch.randn(6, 2, 9, 64)
+    mask = torch.ones(6, 1, 1, 9, dtype=torch.bool)
+    mask[2, ..., :4] = False  # left padding
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    got, _ = attention.attention(module, q, k, v, mask, scaling=0.125)
+    torch.testing.assert_close(got, _sdpa(q, k, v, mask), rtol=1e-5, atol=1e-6)
+
+
+def _model(tmp_path):
+    d = llm_mod.tiny(tmp_path / "llm", synth.vocabulary() + "transcribe speech and video to text".split(), hidden=64,
+                     layers=2, heads=4)
+    cfg = C.from_dict({"model": {"llm": str(d), "projector_hidden": 16,
+                                 "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "strategy": "ms"}}})
+    m = build_model(cfg, 32, 32, seed=0).eval()
+    with torch.no_grad():  # outputs that depend on the input, as a trained model's do
+        g = torch.Generator().manual_seed(1)
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            if n.startswith("projectors.") or n == "markers":
+                p.mul_(20.0)
+    return m
+
+
+def test_beam_search_with_the_matmul_step_attention_gives_sdpas_hypotheses(tmp_path):
+    """The step attention llm.load installs returns, through a whole batched beam search with
+    utterances finishing early, the hypotheses of transformers' SDPA."""
+    m = _model(tmp_path)
+    llm = m.llm.get_base_model()
+    assert llm.config._attn_implementation == attention.NAME  # llm.load installed it
+    eos = m.tokenizer.eos_token_id
+    with torch.no_grad():  # an EOS that one utterance reaches early, so its rows leave the batch
+        w = llm.get_input_embeddings().weight
+        w[eos] += 8 * torch.nn.functional.normalize(torch.randn(w.shape[1], generator=torch.Generator().manual_seed(0)),
+                                                    dim=0)
+    g = torch.Generator().manual_seed(3)
+    lens = [100, 60, 80, 40]
+    f = {"audio": (torch.randn(4, 100, 32, generator=g), torch.tensor(lens)),
+         "video": (torch.randn(4, 50, 32, generator=g), torch.tensor([n // 2 for n in lens]))}
+    emb, mask, _ = m.build(f, Rates(4, 2), None, left_pad=True)
+    ours = beam_search(llm, emb, mask, eos, 5, 12)
+    llm.set_attn_implementation("sdpa")
+    try:
+        theirs = beam_search(llm, emb, mask, eos, 5, 12)
+    finally:
+        llm.set_attn_implementation(attention.NAME)
+    assert ours == theirs and len({tuple(h) for h in ours}) > 1
+    assert any(len(h) < 12 for h in ours)  # an utterance finished early
+    assert generate(m, f, Rates(4, 2), 12, beam=5)[0] == [" ".join(t.split()) for t in
+                                                          m.tokenizer.batch_decode(ours, skip_special_tokens=True)]
