@@ -128,11 +128,15 @@ def report(res: dict, layers: list[int], a) -> list[str]:
              "step s | decode peak | decode s | parameters, 16 layers | step peak, 16 layers (est.) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v, (dtype, backward) in VARIANTS.items():
+        if v not in res[deep]:
+            continue
         r = res[deep][v]
         lines.append(f"| {v} | {dtype} | {backward} | {r['param_mb']:.0f} | {r['weights_mb']:.0f} | "
                      f"{r['step']['peak_mb']:.0f} | {r['step']['s']:.1f} | {r['decode']['peak_mb']:.0f} | "
                      f"{r['decode']['s']:.1f} | {_at16(res, layers, v, lambda x: x['param_mb']):.0f} | "
                      f"{_at16(res, layers, v, lambda x: x['step']['peak_mb']):.0f} |")
+    if set(res[deep]) != set(VARIANTS):
+        return lines + ["", f"- only {', '.join(res[deep])} were run (--variants)"]
     b, f = res[deep]["before"], res[deep]["after"]
     lines += ["", f"- parameters: {f['param_mb'] / b['param_mb']:.2f}x of before; step peak: "
               f"{f['step']['peak_mb'] / b['step']['peak_mb']:.2f}x (after / before), per configuration alone "
@@ -154,6 +158,9 @@ def main() -> None:
     ap.add_argument("--layers", default="1,2", help="comma-separated depths to measure (the last is reported)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated variants to run (the bf16 ones need a CPU with AVX-512: on AVX2 alone "
+                         "PyTorch's bf16 matmuls are about 100x slower than float32's)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--llm", help=argparse.SUPPRESS)
@@ -166,7 +173,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in layers:
             llm_dir = save_llm(Path(tmp) / f"llm{n}", n)
-            res[n] = {v: _run(v, llm_dir, a) for v in VARIANTS}
+            res[n] = {v: _run(v, llm_dir, a) for v in VARIANTS if v in a.variants.split(",")}
     from _common import emit
 
     emit(report(res, layers, a), a.out)
