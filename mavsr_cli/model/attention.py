@@ -4,9 +4,9 @@ A search step asks one query per row against the row's cache. PyTorch's CPU flas
 fixed cost per (row, head) block, which at a beam's 120 rows of short caches is most of its time:
 0.6-0.9 ms per call against 0.25-0.3 ms for two matmuls and a softmax (120 rows, 4 query heads over
 2, 40 keys, 2 threads, on this 2-core AVX2 machine; at one row the two take the same time). So the
-step attends with plain matmuls. Every other call
-(training, a prompt, a GPU) is transformers' `sdpa_attention_forward` unchanged. The choice
-depends on neither the batch nor the beam, so a batched decode still equals one utterance at a time.
+step attends with plain matmuls. Every other call (training, a prompt, a GPU) is transformers'
+`sdpa_attention_forward` unchanged. The choice depends on neither the batch nor the beam, so a
+batched decode still equals one utterance at a time.
 Registered through transformers' AttentionInterface, the extension point it documents.
 """
 
