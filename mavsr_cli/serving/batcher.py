@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -95,22 +96,26 @@ class Batcher:
         self._wake = asyncio.Event()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mavsr-decode")
 
-    def measure(self, engine: Engine, seconds: float, reps: int = 3) -> None:
-        """Decode costs of every pair at the experiment's beam, at batch 1 and at a larger batch (the
-        median of `reps`), before serving (blocking); one decode first, untimed, for the one-off costs."""
+    def measure(self, engine: Engine, seconds: float, reps: int = 5) -> None:
+        """Decode costs of every pair at the experiment's beam, at batch 1 and at a larger batch, before
+        serving (blocking); one decode of each pair first, untimed, for the one-off costs. The pairs take
+        turns, `reps` rounds, and each keeps its least time: another process's burst only ever adds
+        time, and taking turns spreads a slow stretch over all pairs rather than one (CI saw a lone
+        pair's three reps in a row hide a 30% cost gap)."""
         n2, clip = min(self.max_batch, 4), engine.sample(seconds)
         mnt = engine.max_new_tokens(clip.duration)
-        engine.tr.decode([clip], engine.pairs[0], mnt, engine.beam)
+        sizes = (1, n2) if n2 > 1 else (1,)
         for r in engine.pairs:
-            s = []
-            for n in (1, n2):
-                ts = []
-                for _ in range(reps):
+            engine.tr.decode([clip], r, mnt, engine.beam)
+        best = {(r.tag, n): math.inf for r in engine.pairs for n in sizes}
+        for _ in range(reps):
+            for r in engine.pairs:
+                for n in sizes:
                     t0 = time.perf_counter()
                     engine.tr.decode([clip] * n, r, mnt, engine.beam)
-                    ts.append(time.perf_counter() - t0)
-                s.append(sorted(ts)[reps // 2])
-            self.cost.fit(r, engine.beam, 1, s[0], n2, s[1])
+                    best[r.tag, n] = min(best[r.tag, n], time.perf_counter() - t0)
+        for r in engine.pairs:
+            self.cost.fit(r, engine.beam, 1, best[r.tag, 1], n2, best[r.tag, sizes[-1]])
 
     def observe_prep(self, seconds: float) -> None:
         a = elastic.SMOOTHING if self.prep_seconds else 1.0
