@@ -628,6 +628,9 @@ def bench(
     = BENCH.noise,
     beam: Annotated[int, typer.Option(help="Beam width (1 = greedy).")] = BENCH.beam,
     batch_size: Annotated[int | None, typer.Option(help="Utterances decoded together (default: config).")] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="Timed decodes of every pair per condition, the pairs taking "
+                                        "turns; each row keeps its least time (steadier on a shared "
+                                        "machine).")] = BENCH.rounds,
     out: Annotated[Path | None, typer.Option(help="Report dir (default: exp/<tag>/bench for one experiment, bench/ "
                                              "for several).")] = None,
 ) -> None:
@@ -636,7 +639,8 @@ def bench(
     _quiet_libraries()
     from .stages import bench as stage
 
-    opt = BenchOptions(split=split, snrs=stage.parse_snrs(snr), noise=noise, beam=beam, batch_size=batch_size)
+    opt = BenchOptions(split=split, snrs=stage.parse_snrs(snr), noise=noise, beam=beam, batch_size=batch_size,
+                       rounds=rounds)
     stage.run(_recipe(dir, *exp), exp, opt, out, _log)
 
 

@@ -96,6 +96,7 @@ class BenchOptions:
     noise: str = DecodeConfig.noise  # babble, white or a noise file
     beam: int = DecodeConfig.beam  # beam width of every decode (claims reads it back from bench.json)
     batch_size: int | None = None  # utterances decoded together (None: each experiment's config)
+    rounds: int = 3  # timed decodes of each pair per condition, taking turns; a row keeps the least time
 
 
 @dataclass(frozen=True)
