@@ -5,6 +5,8 @@ BIN     = $(VENV)/bin
 # CPU machines: the CPU build of torch (pip finds it locally here, or on PyPI as this version).
 # With a GPU, override: make install TORCH="torch"
 TORCH  ?= torch==2.13.0
+# test workers (pytest-xdist): one per core, at most 4; each test file runs whole in one worker
+JOBS   ?= auto
 
 .PHONY: install test demo lint clean
 
@@ -18,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(JOBS) --maxprocesses 4 --dist loadfile tests
 
 demo: install
 	cd recipes/synth && PATH="$(CURDIR)/$(BIN):$$PATH" bash run.sh

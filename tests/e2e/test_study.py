@@ -2,12 +2,12 @@
 paper's claims compare is trained and decoded, the bench and the claims report are written, and
 the accuracy targets and the four claims hold at the reduced study's looser bounds.
 
-The study is started in the background when collection finds this test (conftest.py), so it runs
-beside the rest of the suite; the test runs last and waits for it."""
+The study is started in the background when collection finds this test (tests/background_study.py),
+so it runs beside the rest of the suite; the test runs last and waits for it."""
 
 import json
 
-from e2e_helpers import start_study
+import background_study
 
 # the bounds study.sh --small gives `mavsr claims` (the full study uses the defaults: 10, 20, 1.5, 80)
 SMALL_BOUNDS = {"target_best": 40.0, "target_worst": 50.0, "margin": 8.0, "video_max": 90.0, "av_slack": 0.0,
@@ -15,13 +15,8 @@ SMALL_BOUNDS = {"target_best": 40.0, "target_worst": 50.0, "margin": 8.0, "video
 
 
 def test_the_small_study_checks_every_claim():
-    study = start_study()
-    try:
-        rc = study.proc.wait(timeout=1800)
-    finally:
-        log = study.log.read_text()
+    rc, log, d = background_study.wait(timeout=1800)
     assert rc == 0, log[-5000:]
-    d = study.dir
     out = json.loads((d / "exp/bench/claims.json").read_text())
     assert {k: out["bounds"][k] for k in SMALL_BOUNDS} == SMALL_BOUNDS
     verdicts = {c["number"]: c for c in out["claims"]}
