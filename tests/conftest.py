@@ -1,4 +1,5 @@
 import os
+import sys
 
 # Tests never reach a model hub: every model is built from a config and saved locally.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -21,8 +22,6 @@ def pytest_collection_modifyitems(items):
 def pytest_collection_finish(session):
     if any(i.path.name == background_study.STUDY_TEST for i in session.items):
         os.environ.update(background_study.ONE_THREAD)  # the mavsr processes the other tests start
-        import sys
-
         if "torch" in sys.modules:  # and this one
             sys.modules["torch"].set_num_threads(1)
         if not os.environ.get("PYTEST_XDIST_WORKER"):  # in workers, the controller starts it
