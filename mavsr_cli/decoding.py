@@ -34,6 +34,7 @@ from .extraction import extract
 from .features import FeatureStore, batch_features, cache_split
 from .fsutil import atomic_write_text, clean_stale, staged_dir
 from .model.build import build_model
+from .model.step import one_token_step
 from .progress import bar
 from .rates import DecodeTag, Rates, condition_name, most_accurate_first, require
 from .recipe import Recipe, checksum_or_none, done_text, finished, is_done, resolve_model, write_provenance
@@ -220,18 +221,20 @@ def greedy_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, max_new_
     out = llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
               logits_to_keep=1)
     full = _search_mask(mask, max_new_tokens)
-    done = torch.zeros(emb.shape[0], dtype=torch.bool)
+    step_logits = one_token_step(_causal_lm(llm), mask.shape[1] + max_new_tokens)
+    logits = out.logits[:, -1]  # (B, V)
+    done = [False] * emb.shape[0]
     seqs: list[list[int]] = [[] for _ in range(emb.shape[0])]
     for step in range(max_new_tokens):
-        nxt = out.logits[:, -1].argmax(-1)  # (B,)
-        for i in (~done).nonzero().squeeze(1).tolist():
-            if nxt[i] != eos:
-                seqs[i].append(int(nxt[i]))
-        done |= nxt == eos
-        if bool(done.all()) or step == max_new_tokens - 1:
+        nxt = logits.argmax(-1)  # (B,)
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i] and t != eos:
+                seqs[i].append(t)
+            done[i] = done[i] or t == eos
+        if all(done) or step == max_new_tokens - 1:
             break
-        out = llm(inputs_embeds=llm.get_input_embeddings()(nxt[:, None]), position_ids=pos[:, -1:] + step + 1,
-                  attention_mask=full[..., : mask.shape[1] + step + 1], cache=cache, use_cache=True)
+        logits = step_logits(llm.get_input_embeddings()(nxt[:, None]), pos[:, -1] + step + 1,
+                             full[..., : mask.shape[1] + step + 1], cache)
     return seqs
 
 
@@ -305,6 +308,7 @@ def beam_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, beam: int,
     full = _search_mask(mask, max_new_tokens).repeat_interleave(k, 0)
     last_pos = pos[:, -1].repeat_interleave(k)
     beams = _Beams(b, k, eos, length_penalty)
+    step_logits = one_token_step(_causal_lm(llm), mask.shape[1] + max_new_tokens)
     for step in range(max_new_tokens):
         rows, toks = beams.step(logp, last=step == max_new_tokens - 1)
         if not rows:
@@ -315,9 +319,8 @@ def beam_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, beam: int,
             full = full[idx]
         last_pos = last_pos[idx] + 1
         step_emb = llm.get_input_embeddings()(torch.tensor(toks)[:, None])
-        out = llm(inputs_embeds=step_emb, attention_mask=full[..., : mask.shape[1] + step + 1],
-                  position_ids=last_pos[:, None], cache=cache, use_cache=True)
-        logp = torch.log_softmax(out.logits[:, -1].float(), -1)
+        logits = step_logits(step_emb, last_pos, full[..., : mask.shape[1] + step + 1], cache)  # (A*K, V)
+        logp = torch.log_softmax(logits.float(), -1)
     return beams.best(b)
 
 

@@ -6,11 +6,12 @@ import torch
 
 from mavsr_cli import config as C
 from mavsr_cli.datasets import synth
-from mavsr_cli.decoding import beam_search, generate
+from mavsr_cli.decoding import _in_place_cache, _search_mask, beam_search, generate
 from mavsr_cli.model import attention
 from mavsr_cli.model import llm as llm_mod
 from mavsr_cli.model.build import build_model
 from mavsr_cli.model.last_layer import last_layer_at, query_windows
+from mavsr_cli.model.step import LlamaStep, one_token_step
 from mavsr_cli.rates import Rates
 
 
@@ -78,12 +79,13 @@ def test_a_one_token_steps_matmul_attention_equals_sdpa():
     torch.testing.assert_close(got, _sdpa(q, k, v, mask), rtol=1e-5, atol=1e-6)
 
 
-def _model(tmp_path):
+def _model(tmp_path, strategy: str = "ms", frozen: str = "float32"):
     d = llm_mod.tiny(tmp_path / "llm", synth.vocabulary() + "transcribe speech and video to text".split(), hidden=64,
                      layers=2, heads=4)
     cfg = C.from_dict({"model": {"llm": str(d), "projector_hidden": 16,
-                                 "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "strategy": "ms"}}})
-    m = build_model(cfg, 32, 32, seed=0).eval()
+                                 "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "strategy": strategy},
+                                 "frozen_dtype": frozen}, "train": {"precision": "auto"}})
+    m = build_model(cfg, 32, 32, seed=0, bf16=frozen == "bfloat16").eval()
     with torch.no_grad():  # outputs that depend on the input, as a trained model's do
         g = torch.Generator().manual_seed(1)
         for n, p in m.named_parameters():
@@ -120,3 +122,43 @@ def test_beam_search_with_the_matmul_step_attention_gives_sdpas_hypotheses(tmp_p
     assert any(len(h) < 12 for h in ours)  # an utterance finished early
     assert generate(m, f, Rates(4, 2), 12, beam=5)[0] == [" ".join(t.split()) for t in
                                                           m.tokenizer.batch_decode(ours, skip_special_tokens=True)]
+
+
+@pytest.mark.parametrize("strategy,frozen", [("ms", "float32"), ("mss", "float32"), ("ms", "bfloat16")])
+def test_the_llama_step_gives_the_full_calls_logits(tmp_path, strategy, frozen):
+    """Five one-token steps over 3 left-padded prompts (15 rows, as a beam of 5 has them): the step's
+    logits are the full transformers call's, number for number, with MS's one LoRA, MSS's two summed,
+    and a bf16 LLM under autocast; the two write equal caches."""
+    m = _model(tmp_path, strategy, frozen)
+    llm = m.llm.get_base_model()
+    assert LlamaStep.fits(llm) and isinstance(one_token_step(llm, 8), LlamaStep)
+    g = torch.Generator().manual_seed(2)
+    f = {"audio": (torch.randn(3, 60, 32, generator=g), torch.tensor([60, 36, 48])),
+         "video": (torch.randn(3, 30, 32, generator=g), torch.tensor([30, 18, 24]))}
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=frozen == "bfloat16")
+    with torch.no_grad(), bf16:
+        emb, mask, _ = m.build(f, Rates(4, 2), None, left_pad=True)
+        emb, mask = emb.repeat_interleave(5, 0), mask.repeat_interleave(5, 0)
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        caches = [_in_place_cache(5), _in_place_cache(5)]
+        for c in caches:
+            llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=c, use_cache=True)
+        step, full = LlamaStep(llm, mask.shape[1] + 5), _search_mask(mask, 5)
+        for t in range(5):
+            tok = llm.get_input_embeddings()(torch.randint(0, 100, (15, 1), generator=g))
+            at, attend = pos[:, -1] + t + 1, full[..., : mask.shape[1] + t + 1]
+            ref = llm(inputs_embeds=tok, attention_mask=attend, position_ids=at[:, None], cache=caches[0],
+                      use_cache=True).logits[:, -1]
+            got = step(tok, at, attend, caches[1])
+            assert got.dtype == ref.dtype and torch.equal(got, ref), f"step {t}"
+    for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_other_attentions_take_the_full_call(lm):
+    lm.set_attn_implementation("eager")
+    try:
+        assert not LlamaStep.fits(lm) and not isinstance(one_token_step(lm, 8), LlamaStep)
+    finally:
+        lm.set_attn_implementation(attention.NAME)
+    assert LlamaStep.fits(lm)
