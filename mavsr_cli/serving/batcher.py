@@ -70,6 +70,7 @@ class Job:
     arrived: float  # time.perf_counter() when the request came in
     encode_seconds: float = 0.0  # reading and encoding its upload, on the prep thread
     future: asyncio.Future = None
+    queued: float = 0.0  # time.perf_counter() when it joined the batcher's queue, encoded
 
     @property
     def key(self) -> tuple:
@@ -123,6 +124,7 @@ class Batcher:
 
     async def submit(self, job: Job) -> Done:
         job.future = asyncio.get_running_loop().create_future()
+        job.queued = time.perf_counter()
         self.pending.append(job)
         self._wake.set()
         return await job.future
@@ -151,13 +153,15 @@ class Batcher:
         return elastic.choose(j.engine.pairs, self.cost, j.beam, load, self.slo_s)[0]
 
     async def run(self) -> None:
-        """Forever: wait for a request, give others wait_s to join it, decode the batch, answer."""
+        """Forever: wait for a request, give others wait_s to join it, decode the batch, answer. A
+        request that queued while the last batch was decoding has had its wait_s, or part of it."""
         while True:
             while not self.pending:
                 self._wake.clear()
                 await self._wake.wait()
-            if len(self.pending) < self.max_batch and self.wait_s > 0:
-                await asyncio.sleep(self.wait_s)
+            left = self.wait_s - (time.perf_counter() - self.pending[0].queued)
+            if len(self.pending) < self.max_batch and left > 0:
+                await asyncio.sleep(left)
             batch = self._take()
             if not batch:
                 continue

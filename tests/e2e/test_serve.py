@@ -111,6 +111,7 @@ def _bad_media(recipe, tmp_path) -> dict:
 def test_bad_input_gets_a_status_and_one_line_and_the_server_goes_on(recipe, served, tmp_path):
     media = _bad_media(recipe, tmp_path)
     good = media["good"]
+    answered = metric(served.metrics(), "mavsr_request_seconds_count")
     cases = [  # (post arguments, status, words of the message)
         (dict(media=os.urandom(3 << 19)), 413, "over --max-upload-mb 1"),
         (dict(media=b"no video here " * 200, name="x.mp4"), 400, "not a media file"),
@@ -148,11 +149,13 @@ def test_bad_input_gets_a_status_and_one_line_and_the_server_goes_on(recipe, ser
     r = httpx.post(served.url + ENDPOINT, data={"file": "/etc/hostname"}, headers=served.auth)
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("file:")  # a path is not a file
     assert httpx.get(served.url + "/metrics").status_code == 401  # behind the key; health is not
+    assert metric(served.metrics(), "mavsr_request_seconds_count") == answered  # latency: transcriptions only
     assert served.post(good).status_code == 200 and served.proc.poll() is None
     assert [p for p in served.tmp.rglob("*") if p.is_file()] == []  # every upload was removed
     m = served.metrics()
     assert metric(m, "mavsr_errors_total", kind="too_large") >= 1
     assert metric(m, "mavsr_requests_total", status="422") >= 2
+    assert metric(m, "mavsr_request_seconds_count") == answered + 1
 
 
 def test_a_full_queue_answers_503_and_sigterm_finishes_the_requests_in_flight(recipe, tmp_path):

@@ -83,3 +83,36 @@ def test_retry_after_is_the_queue_drained_at_the_cheapest_pair():
     m = costs()
     assert elastic.retry_after(m, PAIRS, 1, 64, 8) >= 1
     assert elastic.retry_after(m, PAIRS, 1, 640, 8) > elastic.retry_after(m, PAIRS, 1, 64, 8)
+
+
+def test_a_request_that_queued_during_a_decode_is_not_held_for_the_batch_wait_again():
+    """--batch-wait-ms lets others join the oldest queued request: one that has already waited that long
+    behind a decode goes at once (the batcher used to wait the whole wait_s after every decode)."""
+    import asyncio
+    import time
+    import types
+
+    from mavsr_cli.serving.batcher import Batcher, Job
+
+    started = []
+
+    def decode(clips, rates, mnt, beam):  # the decode thread's work: 1.5 s for the first batch
+        started.append(time.perf_counter())
+        time.sleep(1.5 if len(started) == 1 else 0.0)
+        return ["x"] * len(clips), [1] * len(clips)
+
+    engine = types.SimpleNamespace(name="t", fixed=None, tr=types.SimpleNamespace(decode=decode))
+
+    async def scenario():
+        b = Batcher(max_batch=4, wait_s=1.0, slo_s=60.0)
+        loop = asyncio.create_task(b.run())
+        first = asyncio.create_task(b.submit(Job(engine, None, Rates(4, 2), 1, 4, time.perf_counter())))
+        await asyncio.sleep(1.2)  # the first batch is decoding (from 1.0 s to 2.5 s)
+        second = await b.submit(Job(engine, None, Rates(4, 2), 1, 4, time.perf_counter()))
+        await first
+        loop.cancel()
+        b.close()
+        return (await first).started, second.started
+
+    t_first, t_second = asyncio.run(scenario())
+    assert t_second - t_first < 1.5 + 0.5  # at the end of the first decode, not 1.0 s after it
