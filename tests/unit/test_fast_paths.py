@@ -3,6 +3,7 @@ a search step's matmul attention. Each equals the plain computation."""
 
 import pytest
 import torch
+from model_helpers import as_trained, input_dependent
 
 from mavsr_cli import config as C
 from mavsr_cli.datasets import synth
@@ -85,15 +86,7 @@ def _model(tmp_path, strategy: str = "ms", frozen: str = "float32"):
     cfg = C.from_dict({"model": {"llm": str(d), "projector_hidden": 16,
                                  "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "strategy": strategy},
                                  "frozen_dtype": frozen}, "train": {"precision": "auto"}})
-    m = build_model(cfg, 32, 32, seed=0, bf16=frozen == "bfloat16").eval()
-    with torch.no_grad():  # outputs that depend on the input, as a trained model's do
-        g = torch.Generator().manual_seed(1)
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            if n.startswith("projectors.") or n == "markers":
-                p.mul_(20.0)
-    return m
+    return input_dependent(as_trained(build_model(cfg, 32, 32, seed=0, bf16=frozen == "bfloat16").eval()))
 
 
 def test_beam_search_with_the_matmul_step_attention_gives_sdpas_hypotheses(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_helpers import as_trained, input_dependent
 
 from mavsr_cli import config as C
 from mavsr_cli.datasets import synth
@@ -263,13 +264,7 @@ def test_packed_configurations_give_the_same_losses_and_gradients(parts):
 def _strategy_model(parts, strategy):
     cfg = C.from_dict({"model": {"llm": str(parts / "llm"), "projector_hidden": 16,
                                  "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "strategy": strategy}}})
-    m = build_model(cfg, 32, 32, seed=0)
-    with torch.no_grad():  # as if trained: LoRA B starts at zero, which would hide every difference
-        g = torch.Generator().manual_seed(1)
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return m.eval()
+    return as_trained(build_model(cfg, 32, 32, seed=0)).eval()
 
 
 def test_ss_uses_each_configurations_own_adapter(parts):
@@ -461,11 +456,7 @@ def test_gradient_checkpointing_and_bf16_autocast_keep_the_loss(parts):
 
 @pytest.mark.parametrize("beam", [1, 5])
 def test_beam_search_is_batch_independent_and_repeatable(parts, beam):
-    m = _strategy_model(parts, "ms")
-    with torch.no_grad():  # a model whose outputs depend on its input (as a trained one's do)
-        for n, p in m.named_parameters():
-            if n.startswith("projectors.") or n == "markers":
-                p.mul_(20.0)
+    m = input_dependent(_strategy_model(parts, "ms"))
     g = torch.Generator().manual_seed(3)
     lens = [100, 60, 80, 40]
     f = {"audio": (torch.randn(4, 100, 32, generator=g), torch.tensor(lens)),
@@ -481,11 +472,7 @@ def test_beam_search_is_batch_independent_and_repeatable(parts, beam):
 def test_beam_search_of_width_one_is_greedy_search(parts):
     """mavsr's beam search (prefix run once, cache expanded and reordered) at width 1 must follow
     transformers' greedy search token for token: this checks the cache bookkeeping."""
-    m = _strategy_model(parts, "ms")
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if n.startswith("projectors.") or n == "markers":
-                p.mul_(20.0)
+    m = input_dependent(_strategy_model(parts, "ms"))
     g = torch.Generator().manual_seed(5)
     f = {"audio": (torch.randn(3, 100, 32, generator=g), torch.tensor([100, 70, 40])),
          "video": (torch.randn(3, 50, 32, generator=g), torch.tensor([50, 35, 20]))}
