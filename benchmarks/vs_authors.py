@@ -12,8 +12,8 @@ projectors 2048 wide, LoRA r64 on q/v, 2 threads. Rows:
 
 The driver runs a worker per checkout (`--tree NAME=DIR`, e.g. the working tree and a `git
 worktree` of an older commit), in interleaved rounds, each worker timing every row after a
-warm-up; it reports medians and least rounds per tree, the ratios to the first tree, and whether each tree's
-hypotheses equal the first's.
+warm-up; it reports medians and least rounds per tree, the ratios to the first tree, the median of
+the per-round ratios, and whether each tree's hypotheses equal the first's.
 
     python benchmarks/vs_authors.py --tree before=/tmp/base --tree after=. [--rounds 5] [--out FILE]
 """
@@ -192,6 +192,16 @@ def _table(trees: dict[str, Path], times: dict[str, dict[str, float]]) -> list[s
     return lines
 
 
+def _paired(trees: dict[str, Path], results: dict[str, list[dict]]) -> list[str]:
+    first, others = next(iter(trees)), list(trees)[1:]
+    lines = ["| row | " + " | ".join(f"{t} vs {first}" for t in others) + " |", "|---|" + "---|" * len(others)]
+    for row in ROWS:
+        ratios = [statistics.median(a["seconds"][row] / b["seconds"][row] for a, b in
+                                    zip(results[first], results[t], strict=True)) for t in others]
+        lines.append(f"| {row} | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
+    return lines
+
+
 def report(trees: dict[str, Path], results: dict[str, list[dict]], rounds: int) -> list[str]:
     """Two tables: the medians over the rounds, and the least round, the figure least disturbed by
     other work on the machine (on a shared 2-core machine one round of a row can take 3x another)."""
@@ -202,7 +212,9 @@ def report(trees: dict[str, Path], results: dict[str, list[dict]], rounds: int) 
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {THREADS} threads, "
              f"{rounds} interleaved rounds; times in ms; ratio = {first} time / tree time (higher is faster)", "",
              "Medians over the rounds:", ""] + _table(trees, over[statistics.median])
-    lines += ["", "The least round of each tree and row:", ""] + _table(trees, over[min]) + [""]
+    lines += ["", "The least round of each tree and row:", ""] + _table(trees, over[min])
+    lines += ["", "The median of the per-round ratios (a round runs the trees back to back, so a slow spell of "
+              "the machine slows both sides of its ratio):", ""] + _paired(trees, results) + [""]
     for t in list(trees)[1:]:
         same = all(x["hyps"] == results[first][0]["hyps"] for x in results[t])
         lines.append(f"- hypotheses of {t} {'equal' if same else 'DIFFER FROM'} {first}'s on every decode row")
