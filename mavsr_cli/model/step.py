@@ -108,12 +108,14 @@ def _linear(mod: torch.nn.Module):
     if type(mod) is not LoraLinear or mod.disable_adapters or mod.merged or not isinstance(mod.base_layer,
                                                                                          torch.nn.Linear):
         return mod
+    if not (hasattr(mod, "lora_variant") and hasattr(mod, "_cast_input_dtype")):
+        return mod  # a peft without adapter variants: not the forward this follows (read in peft 0.21)
     names = [a for a in mod.active_adapters if a in mod.lora_A.keys()]
-    if any(a in getattr(mod, "lora_variant", {}) or not _identity(mod.lora_dropout[a]) for a in names):
+    if any(a in mod.lora_variant or not _identity(mod.lora_dropout[a]) for a in names):
         return mod
     base = mod.base_layer
     lora = [(mod.lora_A[a].weight, mod.lora_B[a].weight, mod.scaling[a]) for a in names]
-    if any(mod.lora_A[a].bias is not None or mod.lora_B[a].bias is not None for a in names):
+    if any(type(m) is not torch.nn.Linear or m.bias is not None for a in names for m in (mod.lora_A[a], mod.lora_B[a])):
         return mod
 
     def forward(x: torch.Tensor) -> torch.Tensor:
