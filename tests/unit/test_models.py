@@ -79,7 +79,8 @@ def test_whisper_encode_batch_equals_one_utterance_at_a_time(parts, mode):
         for k, w in enumerate(wavs):
             torch.testing.assert_close(h[k, : lens[k]], enc(w), atol=1e-5, rtol=1e-5)
             assert not h[k, lens[k]:].any()  # padded as pad_batch pads
-        if enc.batch_invariant:  # extract-features batches only such an encoder: a cache is the same to the bit
+        if enc.batch_invariant:  # extract-features and serve batch only such an encoder: the same to the bit
+            assert all(torch.equal(h[k, : lens[k]], enc(w)) for k, w in enumerate(wavs))  # as transcribe encodes
             for grp in ([0, 1], [2, 0, 1], [1]):
                 g, n = enc.encode_batch([wavs[i] for i in grp])
                 assert all(torch.equal(g[j, : n[j]], h[i, : lens[i]]) for j, i in enumerate(grp))
