@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .clocks import SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME
 from .config import STREAMS
 from .decoding import Decoder, generate
 from .errors import MavsrError
+from .extraction import ENCODE_BATCH
 from .features import pad_batch
 from .media import (
     ROI_SIZE,
@@ -31,6 +33,7 @@ from .media import (
     to_roi,
     write_av,
 )
+from .model.audio_encoder import WINDOW_TOKENS
 from .rates import Rates, most_accurate_first
 from .recipe import Recipe, resolve_model
 
@@ -78,6 +81,16 @@ class Clip:
     mouth: str | None  # how the mouth was found (roi, mouth crop, detected); None without video
 
 
+@dataclasses.dataclass(eq=False)
+class EncoderInputs:
+    """One file read for the encoders: the waveform and the mouth crops the modality needs."""
+
+    wav: np.ndarray | None  # (S,) float32 mono 16 kHz, fitted to the video's length where the config says
+    frames: np.ndarray | None  # (T, 96, 96) uint8 mouth crops at the video encoder's fps
+    duration: float  # seconds of media
+    mouth: str | None  # how the mouth was found; None without video
+
+
 class Transcriber:
     """A loaded experiment with its encoders: files -> Clips -> texts at any trained rate pair."""
 
@@ -120,7 +133,12 @@ class Transcriber:
     def clip(self, media: Path, roi: str | None = None, mouth_crop: bool = False,
              save_roi: Path | None = None, max_seconds: float | None = None) -> Clip:
         """Read and encode one file for this experiment's modality (longer than `max_seconds`: MediaError)."""
-        feats, duration, wav, found = {}, 0.0, None, None
+        return self.encode([self.read(media, roi, mouth_crop, save_roi, max_seconds)])[0]
+
+    def read(self, media: Path, roi: str | None = None, mouth_crop: bool = False,
+             save_roi: Path | None = None, max_seconds: float | None = None) -> EncoderInputs:
+        """The file's audio and mouth crops, as the modality needs them (longer than `max_seconds`: MediaError)."""
+        duration, wav, frames, found = 0.0, None, None, None
         vc = self.cfg.video_encoder
         if "audio" in STREAMS[self.modality]:
             wav = read_audio(media, max_seconds=max_seconds)
@@ -132,12 +150,36 @@ class Transcriber:
             if save_roi is not None:  # with the audio decoded beside it: a clip transcribe takes back
                 write_av(Path(save_roi), frames, wav, fps=vc.fps)
             duration = max(duration, len(frames) / vc.fps)
-            feats["video"] = self._video_encoder()(encoder_video(frames, vc)).float()  # (T_v, D_v)
             if wav is not None and self.cfg.audio_encoder.fit_video:
                 wav = fit_audio(wav, len(frames), vc.fps)
-        if wav is not None:
-            feats["audio"] = self._audio_encoder()(wav).float()  # (T_a, D_a)
-        return Clip(feats, duration, found)
+        return EncoderInputs(wav, frames, duration, found)
+
+    @torch.inference_mode()
+    def encode(self, items: list[EncoderInputs]) -> list[Clip]:
+        """The encoders' features of several files. An encoder whose rows do not depend on the rest of
+        the batch (faithful Whisper, `batch_invariant`) takes up to ENCODE_BATCH clips of at most 30 s
+        per call, the same features to the bit as one at a time (tested); the others, and longer
+        clips, one at a time, so a served transcript never depends on what else was uploaded."""
+        feats: list[dict[str, torch.Tensor]] = [{} for _ in items]
+        if "video" in STREAMS[self.modality]:
+            vc = self.cfg.video_encoder
+            for f, m in zip(feats, items, strict=True):
+                f["video"] = self._video_encoder()(encoder_video(m.frames, vc)).float()  # (T_v, D_v)
+        if "audio" in STREAMS[self.modality]:
+            for k, h in self._audio_features([m.wav for m in items]).items():
+                feats[k]["audio"] = h  # (T_a, D_a)
+        return [Clip(f, m.duration, m.mouth) for f, m in zip(feats, items, strict=True)]
+
+    def _audio_features(self, wavs: list[np.ndarray]) -> dict[int, torch.Tensor]:
+        """{index: (T_a, D_a) float32} of the waveforms, batched where `encode` says."""
+        enc, window = self._audio_encoder(), WINDOW_TOKENS * SAMPLES_PER_AUDIO_FRAME
+        batched = [k for k, w in enumerate(wavs) if enc.batch_invariant and len(w) <= window] if len(wavs) > 1 else []
+        out = {k: enc(w).float() for k, w in enumerate(wavs) if k not in batched}
+        for i in range(0, len(batched), ENCODE_BATCH):
+            group = batched[i:i + ENCODE_BATCH]
+            h, lens = enc.encode_batch([wavs[k] for k in group])  # (B, T, D) zero-padded, (B,)
+            out.update({k: h[j, : lens[j]].float() for j, k in enumerate(group)})
+        return out
 
     @torch.inference_mode()
     def decode(self, clips: list[Clip], rates: Rates, max_new_tokens: int, beam: int) -> tuple[list[str], list[int]]:

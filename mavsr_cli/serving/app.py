@@ -1,6 +1,8 @@
 """The ASGI app of `mavsr serve` (FastAPI): the OpenAI-shaped transcription endpoint, health and
 Prometheus metrics. Requests are admitted up to --max-queue, their upload copied into a private
-temporary dir, read and encoded on one thread, decoded in batches on another (batcher.py).
+temporary dir, read, then encoded on one thread (the uploads read by the time the encoder is free
+in one call, where the encoder's features do not depend on the batch: transcription.Transcriber.encode),
+decoded in batches on another (batcher.py).
 
   POST /v1/audio/transcriptions  multipart: file, and optional rates (auto or a tag), budget, beam,
                                  response_format (json | text | verbose_json); the OpenAI fields
@@ -71,6 +73,8 @@ class Metrics:
         self.in_flight = Gauge("mavsr_requests_in_flight", "Transcription requests being handled", registry=r)
         self.batch = Histogram("mavsr_batch_size", "Utterances per decoded batch", registry=r,
                                buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.encode_batch = Histogram("mavsr_encode_batch_size", "Uploads encoded together (one encoder call where its features do not depend on the batch)", registry=r,
+                                      buckets=(1, 2, 4, 8, 16, 32, 64))
         self.pairs = Counter("mavsr_rate_pair", "Utterances decoded, by experiment and rate pair",
                              ["experiment", "rates"], registry=r)
 
@@ -89,6 +93,8 @@ class Server:
         self.prep = ThreadPoolExecutor(1, thread_name_prefix="mavsr-prep")
         self.admitted = 0
         self.uploads = 0
+        self.to_encode: list[tuple[Job, asyncio.Future]] = []  # read, waiting for the encoder
+        self.encoder: asyncio.Task | None = None  # the task encoding them, while there are any
 
     def _on_batch(self, job: Job, n: int, rates: Rates, seconds: float) -> None:
         self.metrics.batch.observe(n)
@@ -167,7 +173,7 @@ class Server:
         raise Refused(422, "no_stream", f"{label} has {got}; this server decodes {served}")
 
     def prepare(self, path: Path, label: str, form: dict) -> Job:
-        """On the prep thread: route, read and encode the clip, resolve its rates, beam and token limit."""
+        """On the prep thread: route and read the clip, resolve its rates, beam and token limit."""
         t0 = time.perf_counter()
         e, rates = self.route(path, label), None
         if form["rates"] not in AUTO:  # checked against the grid before the clip is read
@@ -176,7 +182,7 @@ class Server:
                 raise Refused(400, "bad_request", f"rates {rates.tag} are not in {e.name}'s trained grid: "
                               + ", ".join(r.tag for r in e.pairs))
         try:
-            clip = e.tr.clip(path, max_seconds=self.opts.max_seconds)
+            clip = e.tr.read(path, max_seconds=self.opts.max_seconds)
         except TooLong:
             raise Refused(413, "too_long", f"{label} is longer than --max-seconds {self.opts.max_seconds:g}") from None
         except MavsrError as err:
@@ -188,8 +194,57 @@ class Server:
             except MavsrError as err:
                 raise Refused(400, "bad_request", str(err)) from None
         beam = form["beam"] or e.beam
-        return Job(e, clip, rates, beam, e.max_new_tokens(clip.duration), form["arrived"],
-                   encode_seconds=time.perf_counter() - t0)
+        return Job(e, None, rates, beam, e.max_new_tokens(clip.duration), form["arrived"],
+                   encode_seconds=time.perf_counter() - t0, inputs=clip)
+
+    async def encode(self, job: Job) -> None:
+        """Encode the job's upload into `job.clip`, together with the others read by the time the
+        encoder is free: one task takes all that wait, experiment by experiment, to the prep thread."""
+        future = asyncio.get_running_loop().create_future()
+        self.to_encode.append((job, future))
+        if self.encoder is None:
+            self.encoder = asyncio.create_task(self._encode_waiting())
+        await future
+
+    async def _encode_waiting(self) -> None:
+        loop, waiting = asyncio.get_running_loop(), []
+        try:
+            while self.to_encode:
+                waiting, self.to_encode = self.to_encode, []
+                for e in {id(j.engine): j.engine for j, _ in waiting}.values():
+                    mine = [(j, f) for j, f in waiting if j.engine is e]
+                    got = await loop.run_in_executor(self.prep, self._encode_now, e, [j for j, _ in mine])
+                    for (_, f), r in zip(mine, got, strict=True):
+                        if not f.done():  # its client may have gone
+                            f.set_exception(r) if isinstance(r, BaseException) else f.set_result(None)
+        except BaseException as err:  # stopped (or a bug): no request is left waiting for an answer
+            for _, f in waiting + self.to_encode:
+                if not f.done():
+                    f.set_exception(err if isinstance(err, Exception) else RuntimeError("the server is stopping"))
+            raise
+        finally:
+            self.encoder = None
+
+    def _encode_now(self, e: Engine, jobs: list[Job]) -> list[BaseException | None]:
+        """On the prep thread: the jobs' clips in one encoder call; if it fails, each on its own, so one
+        bad upload fails alone. Each job's encode_seconds gets its share of the call."""
+        t0 = time.perf_counter()
+        try:
+            clips = e.tr.encode([j.inputs for j in jobs])
+        except Exception as err:  # noqa: BLE001  (answered per job)
+            if len(jobs) == 1:
+                return [_encode_error(err)]
+            return [r for j in jobs for r in self._encode_now(e, [j])]
+        self.metrics.encode_batch.observe(len(jobs))
+        share = (time.perf_counter() - t0) / len(jobs)
+        for j, c in zip(jobs, clips, strict=True):
+            j.clip, j.inputs, j.encode_seconds = c, None, j.encode_seconds + share
+        return [None] * len(jobs)
+
+
+def _encode_error(err: BaseException) -> BaseException:
+    """What a request whose clip failed to encode is answered: a MavsrError is the clip's (422)."""
+    return Refused(422, "no_stream", str(err)) if isinstance(err, MavsrError) else err
 
 
 def check_form(rates, budget, beam, response_format, language, temperature) -> None:
@@ -366,6 +421,7 @@ async def _admitted(srv: Server, file: UploadFile, form: dict) -> tuple[Job, Don
                 job = await loop.run_in_executor(srv.prep, srv.prepare, path, "the upload", form)
             finally:
                 path.unlink(missing_ok=True)
+            await srv.encode(job)
             t1 = time.perf_counter()
             srv.batcher.observe_prep(job.encode_seconds)  # its own work, not its wait for the prep thread
         finally:

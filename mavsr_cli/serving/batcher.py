@@ -22,7 +22,7 @@ from ..config import STREAMS
 from ..decoding import max_new_tokens, ranking_scores
 from ..errors import MavsrError
 from ..rates import Rates, most_accurate_first
-from ..transcription import Clip, Transcriber
+from ..transcription import Clip, EncoderInputs, Transcriber
 from . import elastic
 
 
@@ -68,7 +68,8 @@ class Job:
     beam: int
     max_new_tokens: int
     arrived: float  # time.perf_counter() when the request came in
-    encode_seconds: float = 0.0  # reading and encoding its upload, on the prep thread
+    encode_seconds: float = 0.0  # reading and encoding its upload (its share of a batched encode), on the prep thread
+    inputs: EncoderInputs | None = None  # the upload as read, until it is encoded into `clip`
     future: asyncio.Future = None
     queued: float = 0.0  # time.perf_counter() when it joined the batcher's queue, encoded
 

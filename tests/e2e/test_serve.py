@@ -218,3 +218,44 @@ def test_the_load_benchmark_reports_each_mode_and_load(recipe, tmp_path):
     res = json.loads((tmp_path / "load.json").read_text())
     assert set(res["a16v5"][0]["pairs"]) == {"a16v5"} and res["auto"][1]["ok"] == 6
     assert all(0 < s["p50"] <= s["p95"] for rows in res.values() for s in rows)
+
+
+def test_uploads_read_together_are_encoded_together_and_each_transcribed_as_alone(recipe, tmp_path):
+    """An audio-only experiment on faithful Whisper, whose features do not depend on the batch (each
+    clip is one padded 30 s window): the uploads read while the encoder was busy are encoded in one
+    call, to the same features as one at a time, and each transcript is what `transcribe` prints."""
+    import shutil
+
+    import torch
+    import yaml
+
+    from mavsr_cli.recipe import Recipe
+    from mavsr_cli.transcription import Transcriber
+
+    d = tmp_path / "r"
+    shutil.copytree(recipe, d, ignore=shutil.ignore_patterns("exp", "dump"))
+    conf = yaml.safe_load((d / "conf/tiny.yaml").read_text())
+    conf["audio_encoder"]["mode"], conf["model"]["modality"], conf["train"]["epochs"] = "faithful", "a", 1
+    (d / "conf/faithful.yaml").write_text(yaml.safe_dump(conf))
+    mavsr(d, "extract-features", "--config", "conf/faithful.yaml")
+    mavsr(d, "train", "--config", "conf/faithful.yaml", "--rates", "all", "--tag", "t")
+    clips = clips_of(d)
+    tr = Transcriber(Recipe(d), d / "exp/t").load()
+    together = tr.encode([tr.read(video) for _, video in clips])
+    assert len(clips) > 1 and all(torch.equal(c.feats["audio"], tr.clip(video).feats["audio"])
+                                  for c, (_, video) in zip(together, clips, strict=True))
+    want = {rec["id"]: _transcribe_here(d, video, None) for rec, video in clips}
+    s = Served(d, "--max-batch", "4", "--batch-wait-ms", "400", tmp=tmp_path / "tmp")
+    try:
+        jobs = clips * 2
+        res = _parallel(lambda j: s.post(j[1]), jobs)
+        for (rec, _), r in zip(jobs, res, strict=True):
+            assert r.status_code == 200, r.text
+            ref = want[rec["id"]]
+            assert (r.json()["text"], r.json()["rates"], r.json()["tokens_in"]) == (
+                ref["text"], ref["rates"], ref["tokens_in"])
+        m = s.metrics()
+        assert metric(m, "mavsr_encode_batch_size_sum") == len(jobs)
+        assert metric(m, "mavsr_encode_batch_size_count") < len(jobs)  # some were encoded in one call
+    finally:
+        s.stop()
