@@ -77,7 +77,7 @@ class Load:
     waiting: int  # requests behind it (queued, or still being read and encoded)
     waited: float  # seconds the oldest request of the batch has already spent in the server
     max_batch: int  # the batcher's largest batch
-    preparing: int = 0  # of the waiting, those still to be read and encoded (one at a time)
+    preparing: int = 0  # of the waiting, those still to be read and encoded (each its share of the prep thread)
     prep: float = 0.0  # seconds to read and encode one request (measured)
 
 
@@ -85,7 +85,8 @@ def predicted_latency(seconds_for, load: Load) -> float:
     """From the oldest request's arrival until the last request now in the server is answered, if every
     batch ran at one pair: an upper bound on any of their latencies. The oldest's wait, then whichever
     is longer of this batch plus the queue behind it drained in full batches, and the requests still
-    to be encoded (one at a time, at any pair) with the last one's decode. `seconds_for(n)`: one batch of n."""
+    to be encoded (their shares of the prep thread, at any pair) with the last one's decode.
+    `seconds_for(n)`: one batch of n."""
     full, rest = divmod(load.waiting, load.max_batch)
     decode = seconds_for(load.batch) + full * seconds_for(load.max_batch) + (seconds_for(rest) if rest else 0.0)
     encode = load.preparing * load.prep + seconds_for(1)
