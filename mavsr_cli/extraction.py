@@ -85,13 +85,25 @@ class Encoders:
         the bit however the work is split into shards, workers and resumed runs (tested)."""
         out = {}
         for enc, items in ((self.audio, audio), (self.video, video)):
-            keys = sorted(items, key=lambda k: -len(items[k]))
-            step = ENCODE_BATCH if getattr(enc, "batch_invariant", False) else 1
-            for i in range(0, len(keys), step):
-                group = keys[i:i + step]
-                h, lens = enc.encode_batch([items[k] for k in group])
-                out.update({k: h[j, : lens[j]].half().contiguous() for j, k in enumerate(group)})
+            keys = list(items)
+            out.update({k: h.half().contiguous() for k, h in zip(keys, encode_grouped(enc, [items[k] for k in keys]),
+                                                                  strict=True)})
         return out
+
+
+def encode_grouped(enc, items: list) -> list[torch.Tensor]:
+    """Each item's features (T, D), in the items' order, through `enc.encode_batch`: ENCODE_BATCH per
+    call, longest first, for an encoder whose rows do not depend on the rest of the batch
+    (`batch_invariant`: faithful Whisper), one per call for the others."""
+    order = sorted(range(len(items)), key=lambda k: -len(items[k]))
+    step = ENCODE_BATCH if getattr(enc, "batch_invariant", False) else 1
+    out: list[torch.Tensor] = [None] * len(items)
+    for i in range(0, len(order), step):
+        group = order[i:i + step]
+        h, lens = enc.encode_batch([items[k] for k in group])  # (B, T, D) zero-padded, (B,)
+        for j, k in enumerate(group):
+            out[k] = h[j, : lens[j]]
+    return out
 
 
 @dataclass

@@ -18,7 +18,7 @@ from .clocks import SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME
 from .config import STREAMS
 from .decoding import Decoder, generate
 from .errors import MavsrError
-from .extraction import ENCODE_BATCH
+from .extraction import encode_grouped
 from .features import pad_batch
 from .media import (
     ROI_SIZE,
@@ -33,7 +33,6 @@ from .media import (
     to_roi,
     write_av,
 )
-from .model.audio_encoder import WINDOW_TOKENS
 from .rates import Rates, most_accurate_first
 from .recipe import Recipe, resolve_model
 
@@ -154,32 +153,27 @@ class Transcriber:
                 wav = fit_audio(wav, len(frames), vc.fps)
         return EncoderInputs(wav, frames, duration, found)
 
+    @property
+    def batches(self) -> bool:
+        """Whether `encode` gains from several files at once: an audio encoder whose rows do not depend
+        on the rest of the batch (faithful Whisper)."""
+        return "audio" in STREAMS[self.modality] and self._audio_encoder().batch_invariant
+
     @torch.inference_mode()
     def encode(self, items: list[EncoderInputs]) -> list[Clip]:
-        """The encoders' features of several files. An encoder whose rows do not depend on the rest of
-        the batch (faithful Whisper, `batch_invariant`) takes up to ENCODE_BATCH clips of at most 30 s
-        per call, the same features to the bit as one at a time (tested); the others, and longer
-        clips, one at a time, so a served transcript never depends on what else was uploaded."""
+        """The encoders' features of several files: the audio as extract-features encodes it
+        (extraction.encode_grouped: faithful Whisper ENCODE_BATCH clips per call, the same features to
+        the bit as one at a time, tested; any other encoder one clip per call), the video one clip
+        at a time, so a served transcript never depends on what else was uploaded."""
         feats: list[dict[str, torch.Tensor]] = [{} for _ in items]
         if "video" in STREAMS[self.modality]:
             vc = self.cfg.video_encoder
             for f, m in zip(feats, items, strict=True):
                 f["video"] = self._video_encoder()(encoder_video(m.frames, vc)).float()  # (T_v, D_v)
         if "audio" in STREAMS[self.modality]:
-            for k, h in self._audio_features([m.wav for m in items]).items():
-                feats[k]["audio"] = h  # (T_a, D_a)
+            for f, h in zip(feats, encode_grouped(self._audio_encoder(), [m.wav for m in items]), strict=True):
+                f["audio"] = h.float()  # (T_a, D_a)
         return [Clip(f, m.duration, m.mouth) for f, m in zip(feats, items, strict=True)]
-
-    def _audio_features(self, wavs: list[np.ndarray]) -> dict[int, torch.Tensor]:
-        """{index: (T_a, D_a) float32} of the waveforms, batched where `encode` says."""
-        enc, window = self._audio_encoder(), WINDOW_TOKENS * SAMPLES_PER_AUDIO_FRAME
-        batched = [k for k, w in enumerate(wavs) if enc.batch_invariant and len(w) <= window] if len(wavs) > 1 else []
-        out = {k: enc(w).float() for k, w in enumerate(wavs) if k not in batched}
-        for i in range(0, len(batched), ENCODE_BATCH):
-            group = batched[i:i + ENCODE_BATCH]
-            h, lens = enc.encode_batch([wavs[k] for k in group])  # (B, T, D) zero-padded, (B,)
-            out.update({k: h[j, : lens[j]].float() for j, k in enumerate(group)})
-        return out
 
     @torch.inference_mode()
     def decode(self, clips: list[Clip], rates: Rates, max_new_tokens: int, beam: int) -> tuple[list[str], list[int]]:

@@ -121,9 +121,11 @@ class Server:
         self.log("serve: ready")
 
     async def stop(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        for task in (self.task, self.encoder):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self.batcher.close()
         self.prep.shutdown(wait=True)
 
@@ -195,15 +197,20 @@ class Server:
             except MavsrError as err:
                 raise Refused(400, "bad_request", str(err)) from None
         beam = form["beam"] or e.beam
-        return Job(e, None, rates, beam, e.max_new_tokens(clip.duration), form["arrived"],
-                   encode_seconds=time.perf_counter() - t0, inputs=clip)
+        job = Job(e, None, rates, beam, e.max_new_tokens(clip.duration), form["arrived"],
+                  encode_seconds=time.perf_counter() - t0, inputs=clip)
+        if not e.tr.batches:  # nothing to share an encoder call with: encoded now, not behind later reads
+            (err,) = self._encode_now(e, [job])
+            if err is not None:
+                raise err
+        return job
 
     async def encode(self, job: Job) -> None:
         """Encode the job's upload into `job.clip`, together with the others read by the time the
         encoder is free: one task takes all that wait, experiment by experiment, to the prep thread."""
         future = asyncio.get_running_loop().create_future()
         self.to_encode.append((job, future))
-        if self.encoder is None:
+        if self.encoder is None or self.encoder.done():
             self.encoder = asyncio.create_task(self._encode_waiting())
         await future
 
@@ -219,10 +226,13 @@ class Server:
                         if not f.done():  # its client may have gone
                             f.set_exception(r) if isinstance(r, BaseException) else f.set_result(None)
         except BaseException as err:  # stopped (or a bug): no request is left waiting for an answer
-            for _, f in waiting + self.to_encode:
+            stale, self.to_encode = waiting + self.to_encode, []
+            for _, f in stale:
                 if not f.done():
                     f.set_exception(err if isinstance(err, Exception) else RuntimeError("the server is stopping"))
-            raise
+            if not isinstance(err, Exception):
+                raise
+            self.log("serve: error: " + "".join(traceback.format_exception(err)).rstrip())  # and answered 500
         finally:
             self.encoder = None
 
@@ -422,7 +432,8 @@ async def _admitted(srv: Server, file: UploadFile, form: dict) -> tuple[Job, Don
                 job = await loop.run_in_executor(srv.prep, srv.prepare, path, "the upload", form)
             finally:
                 path.unlink(missing_ok=True)
-            await srv.encode(job)
+            if job.clip is None:  # an experiment that batches its encoder: with the others read by then
+                await srv.encode(job)
             t1 = time.perf_counter()
             srv.batcher.observe_prep(job.encode_seconds)  # its own work, not its wait for the prep thread
         finally:

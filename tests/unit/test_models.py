@@ -86,6 +86,32 @@ def test_whisper_encode_batch_equals_one_utterance_at_a_time(parts, mode):
                 assert all(torch.equal(g[j, : n[j]], h[i, : lens[i]]) for j, i in enumerate(grp))
 
 
+def test_encoding_is_grouped_only_for_an_encoder_whose_rows_do_not_depend_on_the_batch():
+    """extraction.encode_grouped, which extract-features and serve share: ENCODE_BATCH clips per call,
+    longest first, for a batch-invariant encoder; one per call otherwise; features in the items' order."""
+    from mavsr_cli.extraction import ENCODE_BATCH, encode_grouped
+
+    class Recorder:
+        def __init__(self, batch_invariant):
+            self.batch_invariant, self.calls = batch_invariant, []
+
+        def encode_batch(self, clips):  # row b: clip b's values, zero-padded to the longest
+            self.calls.append([len(c) for c in clips])
+            h = torch.zeros(len(clips), max(len(c) for c in clips), 1)
+            for b, c in enumerate(clips):
+                h[b, : len(c), 0] = torch.as_tensor(c)
+            return h, torch.tensor([len(c) for c in clips])
+
+    items = [np.arange(n, dtype=np.float32) + n for n in (3, 9, 1, 4, 7, 2, 8, 5, 6, 10)]
+    for invariant in (True, False):
+        enc = Recorder(invariant)
+        out = encode_grouped(enc, items)
+        assert all(torch.equal(o[:, 0], torch.as_tensor(x)) for o, x in zip(out, items, strict=True))
+        step = ENCODE_BATCH if invariant else 1
+        lengths = sorted((len(x) for x in items), reverse=True)
+        assert enc.calls == [lengths[i:i + step] for i in range(0, len(items), step)]
+
+
 def test_faithful_whisper_encodes_long_audio_in_30_s_windows_never_cutting_it(parts):
     """A 40 s or 61 s clip: every 20 ms of it gets a frame (it was cut at 30 s, 1500 frames), each
     30 s window encoded as Whisper was trained; the first window's frames are those of its 30 s alone."""
