@@ -91,19 +91,38 @@ class Encoders:
         return out
 
 
-def encode_grouped(enc, items: list) -> list[torch.Tensor]:
+def encode_grouped(enc, items: list, isolate: bool = False, on_call=None) -> list:
     """Each item's features (T, D), in the items' order, through `enc.encode_batch`: ENCODE_BATCH per
     call, longest first, for an encoder whose rows do not depend on the rest of the batch
-    (`batch_invariant`: faithful Whisper), one per call for the others."""
+    (`batch_invariant`: faithful Whisper), one per call for the others. With `isolate` (serve: one
+    bad upload fails alone), a group whose call fails is encoded again one item per call, and an
+    item that fails alone gets its exception in its place instead of raising. `on_call(n)` is told
+    the size of each call that succeeded."""
     order = sorted(range(len(items)), key=lambda k: -len(items[k]))
     step = ENCODE_BATCH if getattr(enc, "batch_invariant", False) else 1
-    out: list[torch.Tensor] = [None] * len(items)
+    out: list = [None] * len(items)
     for i in range(0, len(order), step):
-        group = order[i:i + step]
-        h, lens = enc.encode_batch([items[k] for k in group])  # (B, T, D) zero-padded, (B,)
-        for j, k in enumerate(group):
-            out[k] = h[j, : lens[j]]
+        _encode_group(enc, items, order[i:i + step], out, isolate, on_call)
     return out
+
+
+def _encode_group(enc, items: list, group: list[int], out: list, isolate: bool, on_call) -> None:
+    """One encoder call for the items at `group`, into `out` (see encode_grouped)."""
+    try:
+        h, lens = enc.encode_batch([items[k] for k in group])  # (B, T, D) zero-padded, (B,)
+    except Exception as err:
+        if not isolate:
+            raise
+        if len(group) == 1:
+            out[group[0]] = err
+        else:  # only this group's items again, each alone
+            for k in group:
+                _encode_group(enc, items, [k], out, isolate, on_call)
+        return
+    if on_call is not None:
+        on_call(len(group))
+    for j, k in enumerate(group):
+        out[k] = h[j, : lens[j]]
 
 
 @dataclass

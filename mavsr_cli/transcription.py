@@ -160,20 +160,39 @@ class Transcriber:
         return "audio" in STREAMS[self.modality] and self._audio_encoder().batch_invariant
 
     @torch.inference_mode()
-    def encode(self, items: list[EncoderInputs]) -> list[Clip]:
+    def encode(self, items: list[EncoderInputs], isolate: bool = False, on_call=None) -> list:
         """The encoders' features of several files: the audio as extract-features encodes it
         (extraction.encode_grouped: faithful Whisper ENCODE_BATCH clips per call, the same features to
         the bit as one at a time, tested; any other encoder one clip per call), the video one clip
-        at a time, so a served transcript never depends on what else was uploaded."""
+        at a time, so a served transcript never depends on what else was uploaded. With `isolate`
+        (serve), an item whose encoding fails gets its exception in its place instead of a Clip, and
+        only its own group is encoded again; `on_call(n)` is told the clips in each encoder call."""
+        errors: list[Exception | None] = [None] * len(items)
         feats: list[dict[str, torch.Tensor]] = [{} for _ in items]
         if "video" in STREAMS[self.modality]:
-            vc = self.cfg.video_encoder
-            for f, m in zip(feats, items, strict=True):
-                f["video"] = self._video_encoder()(encoder_video(m.frames, vc)).float()  # (T_v, D_v)
+            for k, m in enumerate(items):
+                try:
+                    feats[k]["video"] = self._encode_video(m.frames)
+                except Exception as err:
+                    if not isolate:
+                        raise
+                    errors[k] = err
+                else:
+                    if on_call is not None:
+                        on_call(1)
         if "audio" in STREAMS[self.modality]:
-            for f, h in zip(feats, encode_grouped(self._audio_encoder(), [m.wav for m in items]), strict=True):
-                f["audio"] = h.float()  # (T_a, D_a)
-        return [Clip(f, m.duration, m.mouth) for f, m in zip(feats, items, strict=True)]
+            todo = [k for k in range(len(items)) if errors[k] is None]
+            got = encode_grouped(self._audio_encoder(), [items[k].wav for k in todo], isolate, on_call)
+            for k, h in zip(todo, got, strict=True):
+                if isinstance(h, Exception):
+                    errors[k] = h
+                else:  # a copy: a row must not keep its whole batch alive in the server's queue
+                    feats[k]["audio"] = h.to(torch.float32, copy=True)  # (T_a, D_a)
+        return [err or Clip(f, m.duration, m.mouth) for f, m, err in zip(feats, items, errors, strict=True)]
+
+    def _encode_video(self, frames) -> torch.Tensor:
+        """One clip's mouth crops through the video encoder: (T_v, D_v) float32."""
+        return self._video_encoder()(encoder_video(frames, self.cfg.video_encoder)).float()
 
     @torch.inference_mode()
     def decode(self, clips: list[Clip], rates: Rates, max_new_tokens: int, beam: int) -> tuple[list[str], list[int]]:

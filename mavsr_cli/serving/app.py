@@ -73,8 +73,8 @@ class Metrics:
         self.in_flight = Gauge("mavsr_requests_in_flight", "Transcription requests being handled", registry=r)
         self.batch = Histogram("mavsr_batch_size", "Utterances per decoded batch", registry=r,
                                buckets=(1, 2, 4, 8, 16, 32, 64))
-        self.encode_batch = Histogram("mavsr_encode_batch_size", "Uploads encoded together (in one encoder "
-                                      "call where its features do not depend on the batch)", registry=r,
+        self.encode_batch = Histogram("mavsr_encode_batch_size", "Uploads per encoder call (several only "
+                                      "where an encoder's features do not depend on the batch)", registry=r,
                                       buckets=(1, 2, 4, 8, 16, 32, 64))
         self.pairs = Counter("mavsr_rate_pair", "Utterances decoded, by experiment and rate pair",
                              ["experiment", "rates"], registry=r)
@@ -237,20 +237,20 @@ class Server:
             self.encoder = None
 
     def _encode_now(self, e: Engine, jobs: list[Job]) -> list[BaseException | None]:
-        """On the prep thread: the jobs' clips in one encoder call; if it fails, each on its own, so one
-        bad upload fails alone. Each job's encode_seconds gets its share of the call."""
+        """On the prep thread: the jobs' clips in one encoder call; a failed call's clips are encoded
+        again each alone, so one bad upload fails alone (Transcriber.encode's `isolate`). Each job's
+        encode_seconds gets its share of the time, retries included."""
         t0 = time.perf_counter()
         try:
-            clips = e.tr.encode([j.inputs for j in jobs])
-        except Exception as err:  # noqa: BLE001  (answered per job)
-            if len(jobs) == 1:
-                return [_encode_error(err)]
-            return [r for j in jobs for r in self._encode_now(e, [j])]
-        self.metrics.encode_batch.observe(len(jobs))
+            got = e.tr.encode([j.inputs for j in jobs], isolate=True, on_call=self.metrics.encode_batch.observe)
+        except Exception as err:  # noqa: BLE001  (not one clip's: loading an encoder, say; answered per job)
+            got = [err] * len(jobs)
         share = (time.perf_counter() - t0) / len(jobs)
-        for j, c in zip(jobs, clips, strict=True):
-            j.clip, j.inputs, j.encode_seconds = c, None, j.encode_seconds + share
-        return [None] * len(jobs)
+        for j, c in zip(jobs, got, strict=True):
+            j.inputs, j.encode_seconds = None, j.encode_seconds + share
+            if not isinstance(c, BaseException):
+                j.clip = c
+        return [_encode_error(c) if isinstance(c, BaseException) else None for c in got]
 
 
 def _encode_error(err: BaseException) -> BaseException:

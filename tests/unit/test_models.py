@@ -111,6 +111,23 @@ def test_encoding_is_grouped_only_for_an_encoder_whose_rows_do_not_depend_on_the
         lengths = sorted((len(x) for x in items), reverse=True)
         assert enc.calls == [lengths[i:i + step] for i in range(0, len(items), step)]
 
+    class FailsOnTwo(Recorder):  # the clip of length 2 cannot be encoded
+        def encode_batch(self, clips):
+            out = super().encode_batch(clips)
+            if any(len(c) == 2 for c in clips):
+                raise ValueError("bad clip")
+            return out
+
+    enc = FailsOnTwo(True)
+    with pytest.raises(ValueError):  # extract-features: the stage fails
+        encode_grouped(enc, items)
+    enc.calls, sizes = [], []
+    out = encode_grouped(enc, items, isolate=True, on_call=sizes.append)  # serve: that clip fails alone
+    assert enc.calls == [lengths[:8], lengths[8:], [2], [1]]  # only the failed call's group again, each alone
+    assert sizes == [8, 1] and isinstance(out[5], ValueError)
+    rest = [k for k in range(len(items)) if k != 5]
+    assert all(torch.equal(out[k][:, 0], torch.as_tensor(items[k])) for k in rest)
+
 
 def test_faithful_whisper_encodes_long_audio_in_30_s_windows_never_cutting_it(parts):
     """A 40 s or 61 s clip: every 20 ms of it gets a frame (it was cut at 30 s, 1500 frames), each
