@@ -18,6 +18,7 @@ from . import lifecycle
 from .config import DecodeConfig, Modality, Strategy
 from .errors import MavsrError
 from .options import (
+    EXTRACT_DEVICE,
     LANDMARKS,
     MOUTH_CROP,
     MOUTH_CROP_MAX_SIDE,
@@ -431,6 +432,9 @@ def extract_features(
     modality: Annotated[Modality | None, typer.Option(help="Overriding the config: av, a (audio encoder only) or v "
                                                       "(video encoder only), as `train --modality` will read it.")]
     = None,
+    device: Annotated[str, typer.Option(help="Where the encoders run: auto (a GPU when torch sees one, else the "
+                                        "CPU), cpu, cuda or cuda:N. With --shard, give each worker its own GPU "
+                                        "(CUDA_VISIBLE_DEVICES).")] = EXTRACT_DEVICE,
     force: ForceOpt = False,
 ) -> None:
     """Run the frozen encoders once and cache native-rate features in dump/<encoders>/<split>/."""
@@ -441,7 +445,7 @@ def extract_features(
     cfg = C.load(config)
     if modality is not None:
         cfg = C.with_modality(cfg, modality.value)
-    stage.run(_recipe(dir, "dump"), cfg, split, force, _log, parse_shard(shard), shard_size)
+    stage.run(_recipe(dir, "dump"), cfg, split, force, _log, parse_shard(shard), shard_size, device)
     if shard is None:
         _next(f"mavsr train{f' --config {config}' if config else ''} --rates all")
 

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import devices
 from .augment import Augmenter, NoiseSource
 from .config import Config
 from .errors import MavsrError
@@ -27,6 +28,7 @@ from .fsutil import atomic_file, atomic_write_json, atomic_write_text, clean_sta
 from .media import encoder_video, fit_audio, read_audio, read_mouth_roi
 from .model.audio_encoder import WhisperAudioEncoder
 from .model.video_encoder import load_video_encoder
+from .options import EXTRACT_DEVICE
 from .progress import bar
 from .rates import condition_name
 from .recipe import Recipe, finished, is_done, mark_done, resolve_model, write_provenance
@@ -41,16 +43,18 @@ class Encoders:
     """The frozen encoders a config names, loaded on first use; `inputs` reads an utterance (and makes
     its augmented copies), `encode` turns the inputs of several into fp16 features (T, D), batched."""
 
-    def __init__(self, recipe: Recipe, cfg: Config, prov: dict) -> None:
+    def __init__(self, recipe: Recipe, cfg: Config, prov: dict, device: torch.device | None = None) -> None:
         self.recipe, self.cfg, self.prov = recipe, cfg, prov
+        self.device = device or torch.device("cpu")  # where the encoders run; features are stored from the CPU
         self.audio = self.video = None
 
     def load(self) -> None:
         if self.audio is None and self.prov["audio"]:
             a = self.cfg.audio_encoder
-            self.audio = WhisperAudioEncoder.from_config(resolve_model(self.recipe, a.path), a)
+            self.audio = WhisperAudioEncoder.from_config(resolve_model(self.recipe, a.path), a).to(self.device)
         if self.video is None and self.prov["video"]:
-            self.video = load_video_encoder(resolve_model(self.recipe, self.cfg.video_encoder.path))
+            path = resolve_model(self.recipe, self.cfg.video_encoder.path)
+            self.video = load_video_encoder(path).to(self.device)
 
     def inputs(self, u, noise: NoiseSource | None, snr: float | None, aug: Augmenter | None,
                n_copies: int) -> tuple[dict, dict, list]:
@@ -85,9 +89,10 @@ class Encoders:
         the bit however the work is split into shards, workers and resumed runs (tested)."""
         out = {}
         for enc, items in ((self.audio, audio), (self.video, video)):
-            keys = list(items)
-            out.update({k: h.half().contiguous() for k, h in zip(keys, encode_grouped(enc, [items[k] for k in keys]),
-                                                                  strict=True)})
+            keys = list(items)  # a waveform is read by the extractor on the CPU; mouth crops go to the device
+            inputs = [items[k].to(self.device) if torch.is_tensor(items[k]) else items[k] for k in keys]
+            out.update({k: h.half().cpu().contiguous() for k, h in zip(keys, encode_grouped(enc, inputs),
+                                                                        strict=True)})
         return out
 
 
@@ -139,12 +144,14 @@ class SplitJob:
 
 
 def extract(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log=print,
-            shard: Shard | None = None, shard_size: int = SHARD_SIZE, condition: Condition | None = None) -> str:
+            shard: Shard | None = None, shard_size: int = SHARD_SIZE, condition: Condition | None = None,
+            device: str = EXTRACT_DEVICE) -> str:
     """Extract the splits; returns the encoders tag (dump/<tag>/). `condition` makes a noisy copy
-    of a split instead, each utterance's noise seeded by its id so every run gives the same input."""
+    of a split instead, each utterance's noise seeded by its id so every run gives the same input.
+    `device` (devices.resolve) is where the encoders run; each shard file records its type."""
     prov = provenance(recipe, cfg)
     tag = encoders_tag(prov)
-    encoders = Encoders(recipe, cfg, prov)
+    encoders = Encoders(recipe, cfg, prov, devices.resolve(device))  # a device not here: refused before any write
     for split in splits:
         utts = recipe.utterances(split)  # the manifest first: a missing one fails before any write
         job = _job(recipe, cfg, split, tag, prov, condition)
@@ -237,18 +244,20 @@ def _write_shards(job: SplitJob, encoders: Encoders, chunks: list[list], shard: 
             with atomic_file(job.out / name) as tmp:  # disk full, interrupted: no half shard left behind
                 save_file(tensors, str(tmp), metadata={"ids": json.dumps([u.id for u in chunk]),
                                                        "augment": json.dumps(job.settings),
-                                                       "snrs": json.dumps(snrs)})
+                                                       "snrs": json.dumps(snrs),
+                                                       "device": encoders.device.type})
     return len(todo)
 
 
 def _write_index(job: SplitJob, prov: dict, chunks: list[list]) -> int:
     """index.jsonl and the final provenance.json (dims, shard checksums) over every shard file."""
-    index, dims, sums = [], {}, {}
+    index, dims, sums, where = [], {}, {}, set()
     for n, chunk in enumerate(chunks):
         name = _shard_name(n)
         sums[name] = sha256_file(job.out / name)
         with safe_open(str(job.out / name), framework="pt") as f:
             snrs = json.loads(f.metadata().get("snrs", "{}"))
+            where.add(f.metadata().get("device", "cpu"))  # shards written before devices were recorded: the CPU
             for u in chunk:
                 e = {"id": u.id, "shard": name}
                 if u.id in snrs:
@@ -261,5 +270,6 @@ def _write_index(job: SplitJob, prov: dict, chunks: list[list]) -> int:
                 index.append(e)
     atomic_write_text(job.out / "index.jsonl", "".join(json.dumps(e) + "\n" for e in index))
     atomic_write_json(job.out / "provenance.json", {"encoders": prov, "dims": dims, "utterances": len(index),
-                                                     "augment": job.settings, "shards": sums})
+                                                     "augment": job.settings, "shards": sums,
+                                                     "devices": sorted(where)})
     return len(index)

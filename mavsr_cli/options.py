@@ -39,6 +39,9 @@ LANDMARKS = ("a pickle of a per-frame list, each a 68 x 2 array of (x, y) points
              "(None for a frame without a face)")
 
 
+EXTRACT_DEVICE = "auto"  # where extract-features runs the encoders: a GPU when torch sees one (devices.resolve)
+
+
 def default_jobs() -> int:
     """Worker processes by default: the cores, at most 4."""
     return min(4, os.cpu_count() or 1)

@@ -55,10 +55,11 @@ class SmallVideoEncoder(nn.Module):
         """Several clips in one call -> ((B, T, dim) zero-padded, lengths (B,)); zero frames pad as the
         stem's convolution does and the attention masks them, so each row equals `forward`'s."""
         lens = torch.tensor([c.shape[0] for c in clips])
-        x = torch.zeros(len(clips), 1, int(lens.max()), *clips[0].shape[1:], dtype=clips[0].dtype)
+        x = torch.zeros(len(clips), 1, int(lens.max()), *clips[0].shape[1:], dtype=clips[0].dtype,
+                        device=clips[0].device)
         for b, c in enumerate(clips):
             x[b, 0, : c.shape[0]] = c
-        pad = torch.arange(x.shape[2])[None] >= lens[:, None]  # (B, T) True = padding
+        pad = (torch.arange(x.shape[2])[None] >= lens[:, None]).to(x.device)  # (B, T) True = padding
         h = self._encode(x, pad if len(clips) > 1 else None)
         return h.masked_fill(pad[..., None], 0.0), lens
 

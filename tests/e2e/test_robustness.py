@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from e2e_helpers import MAVSR, av_dump, mavsr
 from safetensors import safe_open
@@ -119,6 +120,40 @@ def test_extraction_interrupted_then_rerun_equals_an_uninterrupted_run(recipe, t
         assert got.keys() == want.keys()
         assert all((got[k] == want[k]).all() for k in want)
     assert not leftovers(d)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU this machine must not have")
+def test_extraction_on_a_device_not_here_is_one_line_before_any_write_and_the_cache_names_its_device(recipe, tmp_path):
+    d = copy_recipe(recipe, tmp_path / "r", without=("exp", "dump"))
+    for dev, says in (("cuda", "sees no CUDA GPU"), ("cuda:1", "sees no CUDA GPU"), ("tpu", "auto, cpu, cuda")):
+        r = mavsr(d, "extract-features", "--config", "conf/tiny.yaml", "--device", dev, ok=False)
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(err) == 1 and says in err[0], r.stderr
+        assert not (d / "dump").exists()  # refused before any write
+    mavsr(d, "extract-features", "--config", "conf/tiny.yaml", "--split", "test", "--device", "cpu")
+    ref = av_dump(recipe)
+    out = d / "dump" / ref.name / "test"
+    got, want = features(out), features(ref / "test")  # the default (auto: the CPU here) made the same cache
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads((out / "provenance.json").read_text())["devices"] == ["cpu"]
+    for f in out.glob("shard-*.safetensors"):
+        with safe_open(str(f), framework="pt") as sf:
+            assert sf.metadata()["device"] == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on the CI machine)")
+def test_extraction_on_a_gpu_gives_the_cpu_cache_within_fp16_rounding(recipe, tmp_path):
+    d = copy_recipe(recipe, tmp_path / "r", without=("exp", "dump"))
+    mavsr(d, "extract-features", "--config", "conf/tiny.yaml", "--split", "test", "--device", "cuda")
+    ref = av_dump(recipe)  # made with --device auto: on such a machine, the GPU too; so the CPU's again
+    cpu = copy_recipe(recipe, tmp_path / "c", without=("exp", "dump"))
+    mavsr(cpu, "extract-features", "--config", "conf/tiny.yaml", "--split", "test", "--device", "cpu")
+    out = d / "dump" / ref.name / "test"
+    got, want = features(out), features(cpu / "dump" / ref.name / "test")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k].float(), want[k].float(), atol=2e-2, rtol=2e-2)
+    assert json.loads((out / "provenance.json").read_text())["devices"] == ["cuda"]
 
 
 TRAIN = ["train", "--config", "conf/long.yaml", "--rates", "all", "--tag", "t"]

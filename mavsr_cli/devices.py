@@ -1,0 +1,35 @@
+"""Where a stage runs its models: one rule for `train.device` and `extract-features --device`.
+
+`auto` is a GPU when torch sees one, else the CPU; `cuda` / `cuda:N` on a machine (or a torch
+build) without one is refused in one line before any work, not left to fail at the first tensor.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .errors import MavsrError
+
+CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve(pref: str) -> torch.device:
+    """The device `pref` names (auto: cuda when torch sees a GPU, else cpu)."""
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if pref == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", pref)
+    if m is None:
+        try:
+            return torch.device(pref)  # another accelerator torch names (mps, xpu): torch's own checks apply
+        except RuntimeError:
+            raise MavsrError(f"device must be {CHOICES}, got {pref!r}") from None
+    if not torch.cuda.is_available():
+        raise MavsrError(f"device {pref}: torch {torch.__version__} sees no CUDA GPU here (a CPU build, or no "
+                         "driver); choose cpu or auto")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise MavsrError(f"device {pref}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    return torch.device(pref)
