@@ -417,7 +417,8 @@ class Decoder:
             if opts.snr is not None:
                 if self.cfg.model.modality == "v":
                     raise MavsrError("--snr adds noise to the audio; this is a video-only model")
-                extract(self.recipe, self.cfg, [self.split], log=self.log, condition=(opts.noise, float(opts.snr)))
+                extract(self.recipe, self.cfg, [self.split], log=self.log, condition=(opts.noise, float(opts.snr)),
+                        device="cpu")  # as decode runs its model: no --device of its own yet
             self._stores[key] = FeatureStore(self.recipe.dump(self.meta["encoders_tag"], key))
         return self._stores[key]
 

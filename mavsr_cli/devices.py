@@ -1,4 +1,4 @@
-"""Where a stage runs its models: one rule for `train.device` and `extract-features --device`.
+"""Where extract-features runs its encoders (`--device`).
 
 `auto` is a GPU when torch sees one, else the CPU; `cuda` / `cuda:N` on a machine (or a torch
 build) without one is refused in one line before any work, not left to fail at the first tensor.
@@ -22,11 +22,8 @@ def resolve(pref: str) -> torch.device:
     if pref == "cpu":
         return torch.device("cpu")
     m = re.fullmatch(r"cuda(?::(\d+))?", pref)
-    if m is None:
-        try:
-            return torch.device(pref)  # another accelerator torch names (mps, xpu): torch's own checks apply
-        except RuntimeError:
-            raise MavsrError(f"device must be {CHOICES}, got {pref!r}") from None
+    if m is None:  # torch.device would also take mps, xpu, meta, ... without asking whether one is here
+        raise MavsrError(f"device must be {CHOICES}, got {pref!r}")
     if not torch.cuda.is_available():
         raise MavsrError(f"device {pref}: torch {torch.__version__} sees no CUDA GPU here (a CPU build, or no "
                          "driver); choose cpu or auto")

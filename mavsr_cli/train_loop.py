@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import augment, checkpoint, devices, faults, seeds
+from . import augment, checkpoint, faults, seeds
 from .config import Config
 from .errors import MavsrError
 from .features import FeatureStore, batch_features
@@ -166,8 +166,10 @@ def _dist():
 
 
 def device_type(device_pref: str) -> str:
-    """train.device as the device type training runs on (devices.resolve: auto is cuda when there is one)."""
-    return devices.resolve(device_pref).type
+    """train.device as the device type training runs on (auto: cuda when there is one)."""
+    if device_pref == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device_pref
 
 
 def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:

@@ -170,9 +170,10 @@ class Transcriber:
         errors: list[Exception | None] = [None] * len(items)
         feats: list[dict[str, torch.Tensor]] = [{} for _ in items]
         if "video" in STREAMS[self.modality]:
+            enc = self._video_encoder()  # loaded before the loop: a failure to load is no upload's
             for k, m in enumerate(items):
                 try:
-                    feats[k]["video"] = self._encode_video(m.frames)
+                    feats[k]["video"] = enc(encoder_video(m.frames, self.cfg.video_encoder)).float()  # (T_v, D_v)
                 except Exception as err:
                     if not isolate:
                         raise
@@ -189,10 +190,6 @@ class Transcriber:
                 else:  # a copy: a row must not keep its whole batch alive in the server's queue
                     feats[k]["audio"] = h.to(torch.float32, copy=True)  # (T_a, D_a)
         return [err or Clip(f, m.duration, m.mouth) for f, m, err in zip(feats, items, errors, strict=True)]
-
-    def _encode_video(self, frames) -> torch.Tensor:
-        """One clip's mouth crops through the video encoder: (T_v, D_v) float32."""
-        return self._video_encoder()(encoder_video(frames, self.cfg.video_encoder)).float()
 
     @torch.inference_mode()
     def decode(self, clips: list[Clip], rates: Rates, max_new_tokens: int, beam: int) -> tuple[list[str], list[int]]:
