@@ -73,8 +73,10 @@ class Metrics:
         self.in_flight = Gauge("mavsr_requests_in_flight", "Transcription requests being handled", registry=r)
         self.batch = Histogram("mavsr_batch_size", "Utterances per decoded batch", registry=r,
                                buckets=(1, 2, 4, 8, 16, 32, 64))
-        self.encode_batch = Histogram("mavsr_encode_batch_size", "Uploads per encoder call (several only "
-                                      "where an encoder's features do not depend on the batch)", registry=r,
+        self.encode_batch = Histogram("mavsr_encode_batch_size", "Clips per successful encoder call, each "
+                                      "encoder counted apart (an audio-visual upload: one audio and one video "
+                                      "call); several only where an encoder's features do not depend on the "
+                                      "batch", registry=r,
                                       buckets=(1, 2, 4, 8, 16, 32, 64))
         self.pairs = Counter("mavsr_rate_pair", "Utterances decoded, by experiment and rate pair",
                              ["experiment", "rates"], registry=r)
