@@ -22,6 +22,7 @@ from .options import (
     LANDMARKS,
     MOUTH_CROP,
     MOUTH_CROP_MAX_SIDE,
+    SHARD_SIZE,
     BenchOptions,
     Bounds,
     CtcUnits,
@@ -428,7 +429,7 @@ def extract_features(
                                                     "for several. Default: every prepared split (data/*/).")] = None,
     shard: Annotated[str | None, typer.Option(help="i/N: compute only this worker's share of the shard files (N "
                                               "workers, one dump dir); run again without it to merge.")] = None,
-    shard_size: Annotated[int, typer.Option(help="Utterances per shard file.")] = 256,
+    shard_size: Annotated[int, typer.Option(min=1, help="Utterances per shard file.")] = SHARD_SIZE,
     modality: Annotated[Modality | None, typer.Option(help="Overriding the config: av, a (audio encoder only) or v "
                                                       "(video encoder only), as `train --modality` will read it.")]
     = None,

@@ -28,13 +28,12 @@ from .fsutil import atomic_file, atomic_write_json, atomic_write_text, clean_sta
 from .media import encoder_video, fit_audio, read_audio, read_mouth_roi
 from .model.audio_encoder import WhisperAudioEncoder
 from .model.video_encoder import load_video_encoder
-from .options import EXTRACT_DEVICE
+from .options import EXTRACT_DEVICE, SHARD_SIZE
 from .progress import bar
 from .rates import condition_name
 from .recipe import Recipe, finished, is_done, mark_done, resolve_model, write_provenance
 from .sharding import Shard
 
-SHARD_SIZE = 256  # utterances per shard file
 ENCODE_BATCH = 8  # clips per encoder call (benchmarks/vs_authors.md)
 Condition = tuple[str, float]  # a noisy copy of a split: (noise kind or file, SNR in dB)
 
@@ -160,10 +159,11 @@ def extract(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False,
             continue
         job.out.mkdir(parents=True, exist_ok=True)
         clean_stale(job.out)
+        chunks = [utts[i:i + shard_size] for i in range(0, len(utts), shard_size)]
+        todo = _todo(job, chunks, shard, force, encoders.device.type, recipe)  # refuses another device's resume
         encoders.load()
         atomic_write_json(job.out / "provenance.json", {"encoders": prov})
-        chunks = [utts[i:i + shard_size] for i in range(0, len(utts), shard_size)]
-        n_written = _write_shards(job, encoders, chunks, shard, force)
+        n_written = _write_shards(job, encoders, todo)
         if shard is not None:
             log(f"extract-features {split}: shard {shard[0]}/{shard[1]} done ({n_written} shard files written); "
                 "run without --shard to merge")
@@ -219,14 +219,32 @@ def _shard_ok(path: Path, ids: list[str], settings: dict | None) -> bool:
         return False
 
 
-def _write_shards(job: SplitJob, encoders: Encoders, chunks: list[list], shard: Shard | None, force: bool) -> int:
-    """Encode and write the shard files this worker owns that are not finished yet; returns how many."""
-    todo = []
+def _todo(job: SplitJob, chunks: list[list], shard: Shard | None, force: bool, device: str, recipe: Recipe) -> list:
+    """(name, utterances) of the shard files this worker owns that are not finished yet. A cache is the
+    same to the bit however it is split and resumed only on one device type, so a run that would
+    finish its share on another type than its finished shards' is refused (--force re-extracts);
+    `--shard` workers on different devices each keep to their own (provenance.json lists them all)."""
+    todo, done = [], []
     for n, chunk in enumerate(chunks):
+        path = job.out / _shard_name(n)
         if shard is not None and n % shard[1] != shard[0]:
             continue  # another worker's shard
-        if force or not _shard_ok(job.out / _shard_name(n), [u.id for u in chunk], job.settings):
-            todo.append((_shard_name(n), chunk))
+        ok = not force and _shard_ok(path, [u.id for u in chunk], job.settings)
+        (done if ok else todo).append((path, chunk))
+    for path, _ in done if todo else []:  # nothing to encode (a merge): any device may gather the shards
+        if (was := _device_of(path)) != device:
+            raise MavsrError(f"{job.out.relative_to(recipe.root)}/{path.name} was encoded on {was}, this run would "
+                             f"encode on {device}; resume with --device {was}, or re-extract with --force")
+    return [(path.name, chunk) for path, chunk in todo]
+
+
+def _device_of(path: Path) -> str:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata().get("device", "cpu")  # shards written before devices were recorded: the CPU
+
+
+def _write_shards(job: SplitJob, encoders: Encoders, todo: list) -> int:
+    """Encode and write the shard files `todo` (_todo); returns how many."""
     with torch.inference_mode(), bar() as pbar:
         task = pbar.add_task(f"extract {job.split}", total=sum(len(c) for _, c in todo), info="")
         for name, chunk in todo:

@@ -40,6 +40,7 @@ LANDMARKS = ("a pickle of a per-frame list, each a 68 x 2 array of (x, y) points
 
 
 EXTRACT_DEVICE = "auto"  # where extract-features runs the encoders: a GPU when torch sees one (devices.resolve)
+SHARD_SIZE = 256  # utterances per feature shard file (extract-features --shard-size)
 
 
 def default_jobs() -> int:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from ..config import Config
 from ..errors import MavsrError
-from ..extraction import SHARD_SIZE, extract
-from ..options import EXTRACT_DEVICE
+from ..extraction import extract
+from ..options import EXTRACT_DEVICE, SHARD_SIZE
 from ..recipe import Recipe
 from ..sharding import Shard
 

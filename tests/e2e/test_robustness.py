@@ -21,7 +21,7 @@ import torch
 import yaml
 from e2e_helpers import MAVSR, av_dump, mavsr
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 SEED = int(os.environ.get("MAVSR_TEST_SEED", "0"))
 SIGNALS = {"SIGINT": (signal.SIGINT, 130), "SIGTERM": (signal.SIGTERM, 143), "SIGKILL": (signal.SIGKILL, -9)}
@@ -139,6 +139,30 @@ def test_extraction_on_a_device_not_here_is_one_line_before_any_write_and_the_ca
     for f in out.glob("shard-*.safetensors"):
         with safe_open(str(f), framework="pt") as sf:
             assert sf.metadata()["device"] == "cpu"
+
+
+def test_a_split_begun_on_another_device_type_is_not_finished_on_this_one(recipe, tmp_path):
+    """A resume that would encode the rest of a split on another device type than its finished shards
+    is refused in one line before any write; a merge with nothing left to encode, or --force, is not."""
+    d = copy_recipe(recipe, tmp_path / "r", without=("exp", "dump"))
+    args = ["extract-features", "--config", "conf/tiny.yaml", "--split", "test", "--shard-size", "1", "--device", "cpu"]
+    mavsr(d, *args, "--shard", "0/2")  # shards 0 and 2 of the test split's 4
+    out = next(d.glob("dump/*/test"))
+    first = out / "shard-00000.safetensors"
+    with safe_open(str(first), framework="pt") as f:  # as a GPU run would have named it (the same tensors)
+        tensors, md = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, str(first), metadata={**md, "device": "cuda"})
+    kept = sha(first)
+    r = mavsr(d, *args, ok=False)  # owns all four: 1 and 3 to encode on the CPU
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1, r.stderr
+    assert "shard-00000.safetensors was encoded on cuda" in err[0] and "--device cuda" in err[0], err[0]
+    assert sha(first) == kept and not (out / "shard-00001.safetensors").exists() and not (out / ".done").exists()
+    mavsr(d, *args, "--shard", "1/2")  # the other worker's share, its own shards all on the CPU
+    mavsr(d, *args)  # nothing left to encode: the merge gathers both devices' shards and names them
+    assert json.loads((out / "provenance.json").read_text())["devices"] == ["cpu", "cuda"]
+    mavsr(d, *args, "--force")
+    assert json.loads((out / "provenance.json").read_text())["devices"] == ["cpu"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on the CI machine)")
