@@ -13,7 +13,7 @@ projectors 2048 wide, LoRA r64 on q/v, 2 threads. Rows:
 The driver runs a worker per checkout (`--tree NAME=DIR`, e.g. the working tree and a `git
 worktree` of an older commit), in interleaved rounds, each worker timing every row after a
 warm-up; it reports medians and least rounds per tree, the ratios to the first tree, the median of
-the per-round ratios, and whether each tree's hypotheses equal the first's.
+the per-round ratios, minor page faults per call, and whether each tree's hypotheses equal the first's.
 
     python benchmarks/vs_authors.py --tree before=/tmp/base --tree after=. [--rounds 5] [--out FILE]
 """
@@ -71,16 +71,22 @@ def _shares(fn, top: int = 6) -> list:
     return [(e.key, round(e.self_cpu_time_total / total, 3)) for e in ops[:top]]
 
 
+FAULTS: dict[str, float] = {}  # row -> minor page faults per timed call (fresh memory mapped in by the kernel)
+
+
 def _timed(fn, reps: int, row: str = "") -> float:
+    import resource
+
     if os.environ.get("VS_PROFILE") and row:
         fn()
         PROFILE[row] = _shares(fn)
     fn()  # warm-up
-    times = []
+    times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    FAULTS[row] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / reps
     return statistics.median(times)
 
 
@@ -140,7 +146,7 @@ def worker(models: Path, reps: int) -> dict:
     out["beam15_b8"] = dec("beam15_b8", lambda: cached, 15)
     out["beam15_b1_fly"] = dec("beam15_b1_fly", lambda: {"audio": _encode(enc, wavs[:1])}, 15)
     out["greedy_b1_fly"] = dec("greedy_b1_fly", lambda: {"audio": _encode(enc, wavs[:1])}, 1)
-    return {"seconds": out, "hyps": hyps, "mavsr": mavsr_cli.__file__, "profile": PROFILE}
+    return {"seconds": out, "hyps": hyps, "mavsr": mavsr_cli.__file__, "profile": PROFILE, "faults": FAULTS}
 
 
 # ---- the driver ------------------------------------------------------------------------------
@@ -202,9 +208,18 @@ def _paired(trees: dict[str, Path], results: dict[str, list[dict]]) -> list[str]
     return lines
 
 
+def _faults(trees: dict[str, Path], results: dict[str, list[dict]]) -> list[str]:
+    lines = ["| row | " + " | ".join(trees) + " |", "|---|" + "---|" * len(trees)]
+    for row in ROWS:
+        cells = [f"{statistics.median(x['faults'][row] for x in results[t]):.0f}" for t in trees]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(trees: dict[str, Path], results: dict[str, list[dict]], rounds: int) -> list[str]:
-    """Two tables: the medians over the rounds, and the least round, the figure least disturbed by
-    other work on the machine (on a shared 2-core machine one round of a row can take 3x another)."""
+    """The medians over the rounds; the least round, the figure least disturbed by other work on the
+    machine (on a shared 2-core machine one round of a row can take 3x another); the median of the
+    per-round ratios; each tree's page faults per call; whether the hypotheses agree."""
     first = next(iter(trees))
     over = {how: {t: {row: how(x["seconds"][row] for x in results[t]) for row in ROWS} for t in trees}
             for how in (statistics.median, min)}
@@ -214,7 +229,9 @@ def report(trees: dict[str, Path], results: dict[str, list[dict]], rounds: int) 
              "Medians over the rounds:", ""] + _table(trees, over[statistics.median])
     lines += ["", "The least round of each tree and row:", ""] + _table(trees, over[min])
     lines += ["", "The median of the per-round ratios (a round runs the trees back to back, so a slow spell of "
-              "the machine slows both sides of its ratio):", ""] + _paired(trees, results) + [""]
+              "the machine slows both sides of its ratio):", ""] + _paired(trees, results)
+    lines += ["", "Minor page faults per timed call, median over the rounds (memory the kernel maps in afresh, "
+              "where freed tensors went back to the system):", ""] + _faults(trees, results) + [""]
     for t in list(trees)[1:]:
         same = all(x["hyps"] == results[first][0]["hyps"] for x in results[t])
         lines.append(f"- hypotheses of {t} {'equal' if same else 'DIFFER FROM'} {first}'s on every decode row")

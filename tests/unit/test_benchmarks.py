@@ -54,7 +54,7 @@ def test_the_side_by_side_benchmark_times_every_row_and_compares_hypotheses(tmp_
     assert r.returncode == 0, r.stderr[-2000:]
     text = (tmp_path / "r.md").read_text()
     for row in ("train_cache", "train_faithful", "beam15_b8", "beam15_b1_fly", "greedy_b1_fly"):
-        assert text.count(f"| {row} |") == 3  # medians, least rounds, per-round ratios
+        assert text.count(f"| {row} |") == 4  # medians, least rounds, per-round ratios, page faults
     assert "hypotheses of b equal a's on every decode row" in text  # the same code: the same hypotheses
 
 
