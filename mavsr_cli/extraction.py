@@ -151,28 +151,30 @@ def extract(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False,
     prov = provenance(recipe, cfg)
     tag = encoders_tag(prov)
     encoders = Encoders(recipe, cfg, prov, devices.resolve(device))  # a device not here: refused before any write
+    plans = []  # every split is checked (manifest, settings, device of a resume) before any is written
     for split in splits:
         utts = recipe.utterances(split)  # the manifest first: a missing one fails before any write
         job = _job(recipe, cfg, split, tag, prov, condition)
         inputs = {"manifest": sha256_file(recipe.manifest(split)), "augment": job.settings}
-        if _finished(recipe, job, prov, inputs, force, log):
-            continue
+        if not _finished(recipe, job, prov, inputs, force, log):
+            chunks = [utts[i:i + shard_size] for i in range(0, len(utts), shard_size)]
+            plans.append((job, utts, inputs, chunks, _todo(job, chunks, shard, force, encoders.device.type, recipe)))
+    for job, utts, inputs, chunks, todo in plans:
         job.out.mkdir(parents=True, exist_ok=True)
         clean_stale(job.out)
-        chunks = [utts[i:i + shard_size] for i in range(0, len(utts), shard_size)]
-        todo = _todo(job, chunks, shard, force, encoders.device.type, recipe)  # refuses another device's resume
         encoders.load()
         atomic_write_json(job.out / "provenance.json", {"encoders": prov})
         n_written = _write_shards(job, encoders, todo)
         if shard is not None:
-            log(f"extract-features {split}: shard {shard[0]}/{shard[1]} done ({n_written} shard files written); "
+            log(f"extract-features {job.split}: shard {shard[0]}/{shard[1]} done ({n_written} shard files written); "
                 "run without --shard to merge")
             continue
         n = _write_index(job, prov, chunks)
         write_provenance(job.out, cfg.dump())
         mark_done(job.out, inputs)
         hours = sum(u.duration for u in utts) / 3600
-        log(f"extract-features {split}: {n} utterances ({hours:.2f} h of speech) -> {job.out.relative_to(recipe.root)}")
+        log(f"extract-features {job.split}: {n} utterances ({hours:.2f} h of speech) -> "
+            f"{job.out.relative_to(recipe.root)}")
     return tag
 
 
@@ -231,10 +233,15 @@ def _todo(job: SplitJob, chunks: list[list], shard: Shard | None, force: bool, d
             continue  # another worker's shard
         ok = not force and _shard_ok(path, [u.id for u in chunk], job.settings)
         (done if ok else todo).append((path, chunk))
-    for path, _ in done if todo else []:  # nothing to encode (a merge): any device may gather the shards
-        if (was := _device_of(path)) != device:
-            raise MavsrError(f"{job.out.relative_to(recipe.root)}/{path.name} was encoded on {was}, this run would "
-                             f"encode on {device}; resume with --device {was}, or re-extract with --force")
+    was: dict[str, str] = {}  # device type -> its first finished shard; none for a merge (any device gathers)
+    for path, _ in done if todo else []:
+        was.setdefault(_device_of(path), path.name)
+    if len(was) > 1:
+        raise MavsrError(f"{job.out.relative_to(recipe.root)} holds shards encoded on {' and '.join(sorted(was))}; "
+                         "finish each --shard i/N worker on its own device, or re-extract with --force")
+    if was and (other := next(iter(was))) != device:
+        raise MavsrError(f"{job.out.relative_to(recipe.root)}/{was[other]} was encoded on {other}, this run would "
+                         f"encode on {device}; resume with --device {other}, or re-extract with --force")
     return [(path.name, chunk) for path, chunk in todo]
 
 
