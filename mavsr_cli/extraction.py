@@ -158,8 +158,8 @@ def extract(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False,
         inputs = {"manifest": sha256_file(recipe.manifest(split)), "augment": job.settings}
         if not _finished(recipe, job, prov, inputs, force, log):
             chunks = [utts[i:i + shard_size] for i in range(0, len(utts), shard_size)]
-            plans.append((job, utts, inputs, chunks, _todo(job, chunks, shard, force, encoders.device.type, recipe)))
-    for job, utts, inputs, chunks, todo in plans:
+            plans.append((job, inputs, chunks, _todo(job, chunks, shard, force, encoders.device.type, recipe)))
+    for job, inputs, chunks, todo in plans:
         job.out.mkdir(parents=True, exist_ok=True)
         clean_stale(job.out)
         encoders.load()
@@ -172,7 +172,7 @@ def extract(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False,
         n = _write_index(job, prov, chunks)
         write_provenance(job.out, cfg.dump())
         mark_done(job.out, inputs)
-        hours = sum(u.duration for u in utts) / 3600
+        hours = sum(u.duration for chunk in chunks for u in chunk) / 3600
         log(f"extract-features {job.split}: {n} utterances ({hours:.2f} h of speech) -> "
             f"{job.out.relative_to(recipe.root)}")
     return tag
@@ -212,13 +212,20 @@ def _shard_name(n: int) -> str:
     return f"shard-{n:05d}.safetensors"
 
 
-def _shard_ok(path: Path, ids: list[str], settings: dict | None) -> bool:
+def _finished_shard(path: Path, ids: list[str], settings: dict | None) -> dict | None:
+    """The metadata of the shard file at `path` if it is finished for these utterances and settings."""
     try:
         with safe_open(str(path), framework="pt") as f:
             md = f.metadata()
-            return json.loads(md.get("ids", "[]")) == ids and json.loads(md.get("augment", "null")) == settings
     except Exception:
-        return False
+        return None
+    ok = json.loads(md.get("ids", "[]")) == ids and json.loads(md.get("augment", "null")) == settings
+    return md if ok else None
+
+
+def _shard_device(md: dict) -> str:
+    """The device type a shard file was encoded on (shards written before devices were recorded: the CPU)."""
+    return md.get("device", "cpu")
 
 
 def _todo(job: SplitJob, chunks: list[list], shard: Shard | None, force: bool, device: str, recipe: Recipe) -> list:
@@ -231,23 +238,21 @@ def _todo(job: SplitJob, chunks: list[list], shard: Shard | None, force: bool, d
         path = job.out / _shard_name(n)
         if shard is not None and n % shard[1] != shard[0]:
             continue  # another worker's shard
-        ok = not force and _shard_ok(path, [u.id for u in chunk], job.settings)
-        (done if ok else todo).append((path, chunk))
+        md = None if force else _finished_shard(path, [u.id for u in chunk], job.settings)
+        if md is None:
+            todo.append((path.name, chunk))
+        else:
+            done.append((path.name, _shard_device(md)))
     was: dict[str, str] = {}  # device type -> its first finished shard; none for a merge (any device gathers)
-    for path, _ in done if todo else []:
-        was.setdefault(_device_of(path), path.name)
+    for name, dev in done if todo else []:
+        was.setdefault(dev, name)
     if len(was) > 1:
         raise MavsrError(f"{job.out.relative_to(recipe.root)} holds shards encoded on {' and '.join(sorted(was))}; "
                          "finish each --shard i/N worker on its own device, or re-extract with --force")
     if was and (other := next(iter(was))) != device:
         raise MavsrError(f"{job.out.relative_to(recipe.root)}/{was[other]} was encoded on {other}, this run would "
                          f"encode on {device}; resume with --device {other}, or re-extract with --force")
-    return [(path.name, chunk) for path, chunk in todo]
-
-
-def _device_of(path: Path) -> str:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata().get("device", "cpu")  # shards written before devices were recorded: the CPU
+    return todo
 
 
 def _write_shards(job: SplitJob, encoders: Encoders, todo: list) -> int:
@@ -282,7 +287,7 @@ def _write_index(job: SplitJob, prov: dict, chunks: list[list]) -> int:
         sums[name] = sha256_file(job.out / name)
         with safe_open(str(job.out / name), framework="pt") as f:
             snrs = json.loads(f.metadata().get("snrs", "{}"))
-            where.add(f.metadata().get("device", "cpu"))  # shards written before devices were recorded: the CPU
+            where.add(_shard_device(f.metadata()))
             for u in chunk:
                 e = {"id": u.id, "shard": name}
                 if u.id in snrs:
