@@ -153,10 +153,11 @@ class _Beams:
         self.last_live: dict[int, list[tuple[float, list[int]]]] = {}
 
     def step(self, logp: torch.Tensor, last: bool) -> tuple[list[int], list[int]]:
-        """Extend every live beam by the best tokens of logp (A*K, V); returns the cache rows to
-        keep (in order) and the token each kept row takes next. Empty when all are done."""
+        """Extend every live beam by the best tokens of logp (A*K, V), which it overwrites with the
+        candidates' scores; returns the cache rows to keep (in order) and the token each kept row
+        takes next. Empty when all are done."""
         k, a, vocab = self.k, len(self.active), logp.shape[-1]
-        top_s, top_i = (self.scores.view(-1, 1) + logp).view(a, k * vocab).topk(2 * k, dim=-1)  # sorted
+        top_s, top_i = logp.add_(self.scores.view(-1, 1)).view(a, k * vocab).topk(2 * k, dim=-1)  # sorted
         top_s, top_i = top_s.tolist(), top_i.tolist()  # the bookkeeping below is plain Python
         keep, rows, toks, new_scores, new_seqs = [], [], [], [], []
         for p, i in enumerate(self.active):
@@ -308,17 +309,17 @@ def beam_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, beam: int,
     full = _search_mask(mask, max_new_tokens).repeat_interleave(k, 0)
     last_pos = pos[:, -1].repeat_interleave(k)
     beams = _Beams(b, k, eos, length_penalty)
-    step_logits = one_token_step(_causal_lm(llm), mask.shape[1] + max_new_tokens)
+    step_logits, embed = one_token_step(_causal_lm(llm), mask.shape[1] + max_new_tokens), llm.get_input_embeddings()
     for step in range(max_new_tokens):
         rows, toks = beams.step(logp, last=step == max_new_tokens - 1)
         if not rows:
             break
         idx = torch.tensor(rows)
         cache.reorder_cache(idx)  # reorders beams and drops the rows of finished utterances
-        if len(rows) != full.shape[0]:  # a beam's rows share their utterance's mask: only leaving rows change it
-            full = full[idx]
-        last_pos = last_pos[idx] + 1
-        step_emb = llm.get_input_embeddings()(torch.tensor(toks)[:, None])
+        if len(rows) != full.shape[0]:  # a beam's rows share their mask and position
+            full, last_pos = full[idx], last_pos[idx]
+        last_pos = last_pos + 1
+        step_emb = embed(torch.tensor(toks)[:, None])
         logits = step_logits(step_emb, last_pos, full[..., : mask.shape[1] + step + 1], cache)  # (A*K, V)
         logp = torch.log_softmax(logits.float(), -1)
     return beams.best(b)

@@ -17,17 +17,27 @@ import torch
 NAME = "mavsr_sdpa"
 
 
+def one_query(q, key, value, scaling: float, hidden=None, additive=None) -> torch.Tensor:
+    """q (B, H, hd), key/value (B, Hkv, T, hd); `hidden` (B, 1, 1, T) True where a row may not look,
+    or an `additive` mask of that shape, or neither -> (B, H * hd)."""
+    b, h, d = q.shape
+    kv = key.shape[1]
+    q = q.reshape(b, kv, h // kv, d)  # query head i reads kv head i // (H / Hkv), as repeat_kv pairs them
+    w = torch.matmul(q, key.transpose(-1, -2)).mul_(scaling)  # (B, Hkv, G, T)
+    if hidden is not None:
+        w.masked_fill_(hidden, float("-inf"))
+    elif additive is not None:
+        w = w + additive
+    p = w.float().softmax(-1).to(value.dtype)
+    return torch.matmul(p, value).reshape(b, h * d)
+
+
 def _one_query(query, key, value, mask, scaling: float) -> torch.Tensor:
     """query (B, H, 1, hd), key/value (B, Hkv, T, hd), mask (B, 1, 1, T) bool or additive, or None
     -> (B, 1, H, hd), the layout transformers' attention functions return."""
     b, h, _, d = query.shape
-    kv = key.shape[1]
-    q = query.reshape(b, kv, h // kv, d)  # query head i reads kv head i // (H / Hkv), as repeat_kv pairs them
-    w = torch.matmul(q, key.transpose(-1, -2)) * scaling  # (B, Hkv, G, T)
-    if mask is not None:
-        w = w.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else w + mask
-    p = w.float().softmax(-1).to(value.dtype)
-    return torch.matmul(p, value).reshape(b, h, 1, d).transpose(1, 2)  # (B, 1, H, hd)
+    masks = {} if mask is None else {"hidden": ~mask} if mask.dtype == torch.bool else {"additive": mask}
+    return one_query(query.reshape(b, h, d), key, value, scaling, **masks).view(b, 1, h, d)
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,

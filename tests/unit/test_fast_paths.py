@@ -12,7 +12,7 @@ from mavsr_cli.model import attention
 from mavsr_cli.model import llm as llm_mod
 from mavsr_cli.model.build import build_model
 from mavsr_cli.model.last_layer import last_layer_at, query_windows
-from mavsr_cli.model.step import LlamaStep, _linear, one_token_step
+from mavsr_cli.model.step import LlamaStep, _linear, _rms_norm, one_token_step
 from mavsr_cli.rates import Rates
 
 
@@ -137,7 +137,8 @@ def test_the_llama_step_gives_the_full_calls_logits(tmp_path, strategy, frozen):
         for c in caches:
             llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=c, use_cache=True)
         step, full = LlamaStep(llm, mask.shape[1] + 5), _search_mask(mask, 5)
-        assert not any(isinstance(f, torch.nn.Module) for p in step.proj for f in p.values())  # all resolved
+        resolved = [f for p in step.proj for f in p.values()] + [f for n in step.norms for f in n]
+        assert not any(isinstance(f, torch.nn.Module) for f in resolved + [step.final_norm, step.head])
         for t in range(5):
             tok = llm.get_input_embeddings()(torch.randint(0, 100, (15, 1), generator=g))
             at, attend = pos[:, -1] + t + 1, full[..., : mask.shape[1] + t + 1]
@@ -158,8 +159,8 @@ def test_other_attentions_take_the_full_call(lm):
     assert LlamaStep.fits(lm)
 
 
-def test_a_lora_layer_the_step_cannot_resolve_is_called_as_the_module(tmp_path):
-    """A hook, or LoRA dropout while training, keeps the module's own forward."""
+def test_a_layer_the_step_cannot_resolve_is_called_as_the_module(tmp_path):
+    """A hook, or LoRA dropout while training, keeps the module's own forward; a norm too."""
     llm = _model(tmp_path, "ms", "float32").llm.get_base_model()
     q = llm.model.layers[0].self_attn.q_proj
     assert not isinstance(_linear(q), torch.nn.Module)
@@ -168,3 +169,8 @@ def test_a_lora_layer_the_step_cannot_resolve_is_called_as_the_module(tmp_path):
     handle.remove()
     q.lora_dropout[q.active_adapters[0]] = torch.nn.Dropout(0.1).eval()
     assert _linear(q) is not q and _linear(q.train()) is q
+    norm = llm.model.norm
+    assert not isinstance(_rms_norm(norm), torch.nn.Module)
+    handle = norm.register_forward_pre_hook(lambda *a: None)
+    assert _rms_norm(norm) is norm
+    handle.remove()
