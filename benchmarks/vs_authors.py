@@ -10,12 +10,18 @@ projectors 2048 wide, LoRA r64 on q/v, 2 threads. Rows:
   beam15_b1_fly   beam 15 on one utterance, Whisper on the fly (what `transcribe` does)
   greedy_b1_fly   greedy on one utterance, Whisper on the fly
 
-The driver runs a worker per checkout (`--tree NAME=DIR`, e.g. the working tree and a `git
-worktree` of an older commit), in interleaved rounds, each worker timing every row after a
-warm-up; it reports medians and least rounds per tree, the ratios to the first tree, the median of
-the per-round ratios, minor page faults per call, and whether each tree's hypotheses equal the first's.
+The driver runs a worker process per checkout (`--tree NAME=DIR`, e.g. the working tree and a `git
+worktree` of an older commit) in interleaved rounds: by default a fresh worker per tree and round,
+which times every row (a warm-up call, then `--reps` timed calls); with `--keep-workers` one worker
+per tree for the whole run, and a round times each row in every tree back to back, so the two sides
+of a ratio are seconds apart and a minute-long slow spell of the machine falls on both (a long-lived
+process also reuses its heap: fewer fresh pages for a tree that allocates a lot). A kept worker
+waits `--pause` seconds before timing a row: right after the other tree's process has timed its
+call, the batched beam ran 1.2-1.3x slower than a second later (2 cores). It reports
+medians and least rounds per tree, the ratios to the first tree, the median of the per-round
+ratios, minor page faults per call, and whether each tree's hypotheses equal the first's.
 
-    python benchmarks/vs_authors.py --tree before=/tmp/base --tree after=. [--rounds 5] [--out FILE]
+    python benchmarks/vs_authors.py --tree before=/tmp/base --tree after=. [--rounds 5] [--keep-workers] [--out FILE]
 """
 
 from __future__ import annotations
@@ -98,7 +104,8 @@ def _generate(model, feats, rates, beam: int):
     return generate(model, feats, rates, MAX_NEW, beam)[0]
 
 
-def worker(models: Path, reps: int) -> dict:
+def _rows(models: Path) -> tuple[dict, dict]:
+    """Load the models once: {row: (set-up, one call of the row)} and the hypotheses the decode rows fill."""
     import torch
 
     torch.set_num_threads(THREADS)
@@ -127,26 +134,58 @@ def worker(models: Path, reps: int) -> dict:
     four = {"audio": (cached["audio"][0][:4], cached["audio"][1][:4])}
 
     def step(feats):
-        model.train()
+        model.train()  # inside the timed call, as in the reports before 2026-12-07
         opt.zero_grad(set_to_none=True)
         loss(feats, targets[:4]).sum().backward()
         opt.step()
 
-    out = {"train_cache": _timed(lambda: step(four), reps, "train_cache"),
-           "train_faithful": _timed(lambda: step({"audio": _encode(enc, wavs[:4])}), reps, "train_faithful")}
-    model.eval()
     r = Rates(16, None)
-    hyps = {}
+    hyps: dict[str, list[str]] = {}
 
     def dec(name, feats_fn, beam):
         def run():
             hyps[name] = _generate(model, feats_fn(), r, beam)
-        return _timed(run, reps, name)
+        return model.eval, run
 
-    out["beam15_b8"] = dec("beam15_b8", lambda: cached, 15)
-    out["beam15_b1_fly"] = dec("beam15_b1_fly", lambda: {"audio": _encode(enc, wavs[:1])}, 15)
-    out["greedy_b1_fly"] = dec("greedy_b1_fly", lambda: {"audio": _encode(enc, wavs[:1])}, 1)
+    rows = {"train_cache": (model.train, lambda: step(four)),
+            "train_faithful": (model.train, lambda: step({"audio": _encode(enc, wavs[:4])})),
+            "beam15_b8": dec("beam15_b8", lambda: cached, 15),
+            "beam15_b1_fly": dec("beam15_b1_fly", lambda: {"audio": _encode(enc, wavs[:1])}, 15),
+            "greedy_b1_fly": dec("greedy_b1_fly", lambda: {"audio": _encode(enc, wavs[:1])}, 1)}
+    return rows, hyps
+
+
+def _time_row(rows: dict, row: str, reps: int) -> float:
+    set_up, call = rows[row]
+    set_up()
+    return _timed(call, reps, row)
+
+
+def worker(models: Path, reps: int) -> dict:
+    """Every row once, in order (the profiled run)."""
+    import mavsr_cli
+
+    rows, hyps = _rows(models)
+    out = {row: _time_row(rows, row, reps) for row in ROWS}
     return {"seconds": out, "hyps": hyps, "mavsr": mavsr_cli.__file__, "profile": PROFILE, "faults": FAULTS}
+
+
+def serve(models: Path, reps: int, pause: float) -> None:
+    """A worker kept for the whole run: it reads a row's name per line, waits `pause` seconds, and
+    answers the row's time and page faults as one JSON line; an empty line ends it, answered with the
+    hypotheses and the code it ran."""
+    import mavsr_cli
+
+    rows, hyps = _rows(models)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        row = line.strip()
+        time.sleep(pause)  # the other tree's process, just done, goes quiet (see the module's docstring)
+        t = _time_row(rows, row, reps)
+        print(json.dumps({"seconds": t, "faults": FAULTS[row]}), flush=True)
+    print(json.dumps({"hyps": hyps, "mavsr": mavsr_cli.__file__}), flush=True)
 
 
 # ---- the driver ------------------------------------------------------------------------------
@@ -174,17 +213,85 @@ def build_models(d: Path) -> None:
     save_file(state, str(path), metadata={"format": "pt"})
 
 
-def run_worker(tree: Path, models: Path, reps: int, profile: bool = False) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(tree.resolve()), HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(THREADS),
-               TOKENIZERS_PARALLELISM="false", VS_PROFILE="1" if profile else "")
-    r = subprocess.run([sys.executable, "-W", "ignore", str(HERE), "--worker", str(models), "--reps", str(reps)],
-                       capture_output=True, text=True, env=env, cwd=str(tree))
-    if r.returncode != 0:
-        raise SystemExit(f"worker in {tree} failed:\n{r.stderr[-3000:]}")
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+def _env(tree: Path, profile: bool = False) -> dict:
+    return dict(os.environ, PYTHONPATH=str(tree.resolve()), HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(THREADS),
+                TOKENIZERS_PARALLELISM="false", VS_PROFILE="1" if profile else "", VS_ROWS=",".join(ROWS))
+
+
+def _own_code(tree: Path, res: dict) -> dict:
     if not Path(res["mavsr"]).is_relative_to(tree.resolve()):  # the checkout's code, not the installed one
         raise SystemExit(f"worker for {tree} imported {res['mavsr']}")
     return res
+
+
+def run_worker(tree: Path, models: Path, reps: int, profile: bool = False) -> dict:
+    r = subprocess.run([sys.executable, "-W", "ignore", str(HERE), "--worker", str(models), "--reps", str(reps)],
+                       capture_output=True, text=True, env=_env(tree, profile), cwd=str(tree))
+    if r.returncode != 0:
+        raise SystemExit(f"worker in {tree} failed:\n{r.stderr[-3000:]}")
+    return _own_code(tree, json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+class Worker:
+    """A checkout's worker process, alive for the whole run (`serve`), so that the trees can time the
+    same row back to back: seconds apart, not a whole worker's run apart."""
+
+    def __init__(self, tree: Path, models: Path, reps: int, pause: float, log) -> None:
+        self.tree = tree
+        self.proc = subprocess.Popen([sys.executable, "-W", "ignore", str(HERE), "--serve", str(models), "--reps",
+                                      str(reps), "--pause", str(pause)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=log, text=True, env=_env(tree), cwd=str(tree))
+        self._answer()  # ready
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"worker in {self.tree} failed (its stderr is above)")
+        return json.loads(line)
+
+    def time(self, row: str) -> dict:
+        self.proc.stdin.write(row + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> dict:
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        res = self._answer()
+        self.proc.wait()
+        return _own_code(self.tree, res)
+
+
+def fresh_rounds(trees: dict[str, Path], models: Path, rounds: int, reps: int, pause: float = 0.0
+                 ) -> dict[str, list[dict]]:
+    """Each round starts a fresh worker per tree, which times every row (the first tree alternating);
+    -> per tree, per round {seconds: {row: s}, faults: {row: n}, hyps}."""
+    results: dict[str, list[dict]] = {t: [] for t in trees}
+    for k in range(rounds):
+        for t in list(trees) if k % 2 == 0 else list(reversed(trees)):
+            results[t].append(run_worker(trees[t], models, reps))
+            print(f"round {k + 1} {t}: " + ", ".join(f"{r} {results[t][-1]['seconds'][r] * 1000:.0f} ms"
+                                                    for r in ROWS), file=sys.stderr)
+    return results
+
+
+def kept_rounds(trees: dict[str, Path], models: Path, rounds: int, reps: int, pause: float) -> dict[str, list[dict]]:
+    """Each round times every row in every tree, the trees back to back per row, the first tree
+    alternating; -> per tree, per round {seconds: {row: s}, faults: {row: n}, hyps}."""
+    workers = {t: Worker(tree, models, reps, pause, sys.stderr) for t, tree in trees.items()}
+    results: dict[str, list[dict]] = {t: [{"seconds": {}, "faults": {}} for _ in range(rounds)] for t in trees}
+    for k in range(rounds):
+        for j, row in enumerate(ROWS):
+            for t in list(trees) if (k + j) % 2 == 0 else list(reversed(trees)):
+                res = workers[t].time(row)
+                results[t][k]["seconds"][row], results[t][k]["faults"][row] = res["seconds"], res["faults"]
+        print(f"round {k + 1}: " + "; ".join(f"{t} " + ", ".join(f"{r} {results[t][k]['seconds'][r] * 1000:.0f} ms"
+                                                              for r in ROWS) for t in trees), file=sys.stderr)
+    for t, w in workers.items():
+        hyps = w.close()["hyps"]
+        for res in results[t]:
+            res["hyps"] = hyps
+    return results
 
 
 def _table(trees: dict[str, Path], times: dict[str, dict[str, float]]) -> list[str]:
@@ -216,7 +323,7 @@ def _faults(trees: dict[str, Path], results: dict[str, list[dict]]) -> list[str]
     return lines
 
 
-def report(trees: dict[str, Path], results: dict[str, list[dict]], rounds: int) -> list[str]:
+def report(trees: dict[str, Path], results: dict[str, list[dict]], rounds: int, kept: bool = False) -> list[str]:
     """The medians over the rounds; the least round, the figure least disturbed by other work on the
     machine (on a shared 2-core machine one round of a row can take 3x another); the median of the
     per-round ratios; each tree's page faults per call; whether the hypotheses agree."""
@@ -225,7 +332,10 @@ def report(trees: dict[str, Path], results: dict[str, list[dict]], rounds: int) 
             for how in (statistics.median, min)}
     lines = [f"# mavsr on the shapes of the comparison with the authors' code ({time.strftime('%Y-%m-%d')})", "",
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {THREADS} threads, "
-             f"{rounds} interleaved rounds; times in ms; ratio = {first} time / tree time (higher is faster)", "",
+             f"{rounds} interleaved rounds ("
+             + ("one long-lived worker per tree, each row timed in the trees back to back" if kept else
+                "a fresh worker per tree and round") + f"); times in ms; ratio = {first} time / tree time "
+             "(higher is faster)", "",
              "Medians over the rounds:", ""] + _table(trees, over[statistics.median])
     lines += ["", "The least round of each tree and row:", ""] + _table(trees, over[min])
     lines += ["", "The median of the per-round ratios (a round runs the trees back to back, so a slow spell of "
@@ -253,25 +363,36 @@ def main() -> None:
     ap.add_argument("--tree", action="append", default=[], help="NAME=DIR of a checkout (first: the reference)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per row in each round")
+    ap.add_argument("--keep-workers", action="store_true",
+                    help="one long-lived worker per tree, timing each row in the trees back to back (default: "
+                         "a fresh worker per tree and round, which times every row)")
+    ap.add_argument("--pause", type=float, default=1.0,
+                    help="with --keep-workers, seconds a worker waits before timing a row, so that the other "
+                         "tree's process has gone quiet (default: 1)")
+    ap.add_argument("--rows", default=os.environ.get("VS_ROWS") or ",".join(ROWS),
+                    help=f"the rows to time, comma-separated (default: all of {','.join(ROWS)})")
     ap.add_argument("--profile", action="store_true", help="also report each tree's operator shares")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    rows = a.rows.split(",")
+    if not rows or set(rows) - set(ROWS):
+        raise SystemExit(f"--rows: choose among {','.join(ROWS)}")
+    ROWS[:] = [r for r in ROWS if r in rows]
     if a.worker:
         print(json.dumps(worker(a.worker, a.reps)))
         return
+    if a.serve:
+        serve(a.serve, a.reps, a.pause)
+        return
     trees = dict(t.split("=", 1) for t in a.tree) or {"this": str(HERE.parents[1])}
     trees = {k: Path(v) for k, v in trees.items()}
-    results: dict[str, list[dict]] = {t: [] for t in trees}
     with tempfile.TemporaryDirectory() as tmp:
         build_models(Path(tmp))
-        for k in range(a.rounds):
-            order = list(trees) if k % 2 == 0 else list(reversed(trees))
-            for t in order:
-                results[t].append(run_worker(trees[t], Path(tmp), a.reps))
-                print(f"round {k + 1} {t}: " + ", ".join(f"{r} {results[t][-1]['seconds'][r] * 1000:.0f} ms"
-                                                        for r in ROWS), file=sys.stderr)
-        lines = report(trees, results, a.rounds)
+        run = kept_rounds if a.keep_workers else fresh_rounds
+        results = run(trees, Path(tmp), a.rounds, a.reps, a.pause)
+        lines = report(trees, results, a.rounds, a.keep_workers)
         if a.profile:
             lines += profiles(trees, Path(tmp), a.reps)
     from _common import emit

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -46,10 +48,11 @@ def test_faces_benchmark_measures_where_the_crop_lands():
     assert all(float(row[-1]) < 6 for row in rows)  # the largest crop error, in pixels: not a timing
 
 
-def test_the_side_by_side_benchmark_times_every_row_and_compares_hypotheses(tmp_path):
+@pytest.mark.parametrize("workers", [[], ["--keep-workers", "--pause", "0.1"]], ids=["fresh", "kept"])
+def test_the_side_by_side_benchmark_times_every_row_and_compares_hypotheses(tmp_path, workers):
     r = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks/vs_authors.py"), "--tree",
                         f"a={ROOT}", "--tree", f"b={ROOT}", "--rounds", "1", "--reps", "1", "--out",
-                        str(tmp_path / "r.md")], capture_output=True, text=True, timeout=600,
+                        str(tmp_path / "r.md")] + workers, capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     text = (tmp_path / "r.md").read_text()
