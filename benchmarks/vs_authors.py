@@ -10,6 +10,10 @@ projectors 2048 wide, LoRA r64 on q/v, 2 threads. Rows:
   beam15_b1_fly   beam 15 on one utterance, Whisper on the fly (what `transcribe` does)
   greedy_b1_fly   greedy on one utterance, Whisper on the fly
 
+The decode rows decode a second copy of the model, built alike and never trained, so every round
+decodes the same model whatever ran before it (reports up to 2026-12-06 decoded the
+model the training rows had stepped 8 times: the same operations, other numbers).
+
 The driver runs a worker process per checkout (`--tree NAME=DIR`, e.g. the working tree and a `git
 worktree` of an older commit) in interleaved rounds: by default a fresh worker per tree and round,
 which times every row (a warm-up call, then `--reps` timed calls); with `--keep-workers` one worker
@@ -19,7 +23,8 @@ process also reuses its heap: fewer fresh pages for a tree that allocates a lot)
 waits `--pause` seconds before timing a row: right after the other tree's process has timed its
 call, the batched beam ran 1.2-1.3x slower than a second later (2 cores). It reports
 medians and least rounds per tree, the ratios to the first tree, the median of the per-round
-ratios, minor page faults per call, and whether each tree's hypotheses equal the first's.
+ratios, minor page faults per call, and whether each tree's hypotheses equal the first's (a kept
+worker reports them once, at the end).
 
     python benchmarks/vs_authors.py --tree before=/tmp/base --tree after=. [--rounds 5] [--keep-workers] [--out FILE]
 """
@@ -120,6 +125,9 @@ def _rows(models: Path) -> tuple[dict, dict]:
                                  "lora": {"dropout": 0.0}}})  # the authors' settings (mavsr_cli/authors.py)
     enc = WhisperAudioEncoder.load(str(models / "whisper"), "faithful")
     model = build_model(cfg, enc.dim, None, llm_path=str(models / "llm"))
+    # the decode rows' model, built alike and never trained: every round decodes the same model, in
+    # a fresh worker or a kept one (the training rows step `model`)
+    decoder = build_model(cfg, enc.dim, None, llm_path=str(models / "llm")).eval()
     grid = cfg.model.rate_grid()
     loss = MatryoshkaLoss(model, grid, False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -134,7 +142,7 @@ def _rows(models: Path) -> tuple[dict, dict]:
     four = {"audio": (cached["audio"][0][:4], cached["audio"][1][:4])}
 
     def step(feats):
-        model.train()  # inside the timed call, as in the reports before 2026-12-07
+        model.train()  # inside the timed call, as in every report of this script
         opt.zero_grad(set_to_none=True)
         loss(feats, targets[:4]).sum().backward()
         opt.step()
@@ -144,8 +152,8 @@ def _rows(models: Path) -> tuple[dict, dict]:
 
     def dec(name, feats_fn, beam):
         def run():
-            hyps[name] = _generate(model, feats_fn(), r, beam)
-        return model.eval, run
+            hyps[name] = _generate(decoder, feats_fn(), r, beam)
+        return decoder.eval, run
 
     rows = {"train_cache": (model.train, lambda: step(four)),
             "train_faithful": (model.train, lambda: step({"audio": _encode(enc, wavs[:4])})),
@@ -176,16 +184,21 @@ def serve(models: Path, reps: int, pause: float) -> None:
     hypotheses and the code it ran."""
     import mavsr_cli
 
+    answer, sys.stdout = sys.stdout, sys.stderr  # anything else the checkout prints goes to the log
+
+    def say(msg: dict) -> None:
+        print(json.dumps(msg), file=answer, flush=True)
+
     rows, hyps = _rows(models)
-    print(json.dumps({"ready": True}), flush=True)
+    say({"ready": True, "mavsr": mavsr_cli.__file__})
     for line in sys.stdin:
         if not line.strip():
             break
         row = line.strip()
         time.sleep(pause)  # the other tree's process, just done, goes quiet (see the module's docstring)
         t = _time_row(rows, row, reps)
-        print(json.dumps({"seconds": t, "faults": FAULTS[row]}), flush=True)
-    print(json.dumps({"hyps": hyps, "mavsr": mavsr_cli.__file__}), flush=True)
+        say({"seconds": t, "faults": FAULTS[row]})
+    say({"hyps": hyps, "mavsr": mavsr_cli.__file__})
 
 
 # ---- the driver ------------------------------------------------------------------------------
@@ -241,7 +254,10 @@ class Worker:
         self.proc = subprocess.Popen([sys.executable, "-W", "ignore", str(HERE), "--serve", str(models), "--reps",
                                       str(reps), "--pause", str(pause)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=log, text=True, env=_env(tree), cwd=str(tree))
-        self._answer()  # ready
+        ready = self._answer()
+        if not ready.get("ready"):
+            raise SystemExit(f"worker in {tree} answered {ready} before it was ready")
+        _own_code(tree, ready)
 
     def _answer(self) -> dict:
         line = self.proc.stdout.readline()
@@ -342,7 +358,7 @@ def report(trees: dict[str, Path], results: dict[str, list[dict]], rounds: int, 
               "the machine slows both sides of its ratio):", ""] + _paired(trees, results)
     lines += ["", "Minor page faults per timed call, median over the rounds (memory the kernel maps in afresh, "
               "where freed tensors went back to the system):", ""] + _faults(trees, results) + [""]
-    for t in list(trees)[1:]:
+    for t in list(trees)[1:] if any(row not in ("train_cache", "train_faithful") for row in ROWS) else []:
         same = all(x["hyps"] == results[first][0]["hyps"] for x in results[t])
         lines.append(f"- hypotheses of {t} {'equal' if same else 'DIFFER FROM'} {first}'s on every decode row")
     return lines
@@ -358,6 +374,12 @@ def profiles(trees: dict[str, Path], models: Path, reps: int) -> list[str]:
     return lines
 
 
+def _seconds(text: str) -> float:
+    if float(text) < 0:
+        raise argparse.ArgumentTypeError("a pause is 0 s or more")
+    return float(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tree", action="append", default=[], help="NAME=DIR of a checkout (first: the reference)")
@@ -366,7 +388,7 @@ def main() -> None:
     ap.add_argument("--keep-workers", action="store_true",
                     help="one long-lived worker per tree, timing each row in the trees back to back (default: "
                          "a fresh worker per tree and round, which times every row)")
-    ap.add_argument("--pause", type=float, default=1.0,
+    ap.add_argument("--pause", type=_seconds, default=1.0,
                     help="with --keep-workers, seconds a worker waits before timing a row, so that the other "
                          "tree's process has gone quiet (default: 1)")
     ap.add_argument("--rows", default=os.environ.get("VS_ROWS") or ",".join(ROWS),
@@ -376,8 +398,8 @@ def main() -> None:
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    rows = a.rows.split(",")
-    if not rows or set(rows) - set(ROWS):
+    rows = [r.strip() for r in a.rows.split(",")]
+    if not all(rows) or set(rows) - set(ROWS):
         raise SystemExit(f"--rows: choose among {','.join(ROWS)}")
     ROWS[:] = [r for r in ROWS if r in rows]
     if a.worker:

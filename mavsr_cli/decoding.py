@@ -153,11 +153,13 @@ class _Beams:
         self.last_live: dict[int, list[tuple[float, list[int]]]] = {}
 
     def step(self, logp: torch.Tensor, last: bool) -> tuple[list[int], list[int]]:
-        """Extend every live beam by the best tokens of logp (A*K, V), which it overwrites with the
-        candidates' scores; returns the cache rows to keep (in order) and the token each kept row
+        """Extend every live beam by the best tokens of logp (A*K, V), which it may overwrite with
+        the candidates' scores; returns the cache rows to keep (in order) and the token each kept row
         takes next. Empty when all are done."""
         k, a, vocab = self.k, len(self.active), logp.shape[-1]
-        top_s, top_i = logp.add_(self.scores.view(-1, 1)).view(a, k * vocab).topk(2 * k, dim=-1)  # sorted
+        scores = self.scores.view(-1, 1)
+        cand = logp.add_(scores) if logp.dtype == scores.dtype else logp + scores  # (A*K, V)
+        top_s, top_i = cand.view(a, k * vocab).topk(2 * k, dim=-1)  # sorted
         top_s, top_i = top_s.tolist(), top_i.tolist()  # the bookkeeping below is plain Python
         keep, rows, toks, new_scores, new_seqs = [], [], [], [], []
         for p, i in enumerate(self.active):

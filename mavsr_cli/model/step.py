@@ -4,23 +4,26 @@ A beam step at 120 rows runs 23 matrix products near this CPU's peak, and around
 per-call machinery: the model's, decoder layers' and attention's wrappers, output recording, the
 mask's checks, and the rotary embedding's cos/sin recomputed for the step's positions. For a Llama
 decoder `LlamaStep` runs the operations `LlamaModel.forward` runs, in its order (RMS norms, peft's
-LoRA projections, the rotary embedding, the cache's `update`, mavsr's attention, the MLP, the output
-layer), with the cos/sin rows read from a table made once by the model's own rotary module, so the
-logits are the same numbers as the full call's (tested with `torch.equal`). Any other model, or an
-attention other than mavsr's, takes the full call.
+LoRA projections, the rotary embedding, the cache's `update`, the attention the full call would
+take: mavsr's matmul attention on the CPU, transformers' SDPA elsewhere, the MLP, the output layer),
+with the cos/sin rows read from a table made once by the model's own rotary module, so the logits
+are the same numbers as the full call's (tested with `torch.equal` on the CPU). Any other model, or
+an attention other than mavsr's, takes the full call.
 
 The step holds its rows as (N, D) matrices and each operation at its cheapest equal form: a
 product is `torch.mm` on the weight's transposed view (what `F.linear` calls for a matrix without
-bias), an elementwise result that nothing else reads is overwritten in place (`mul_`, `add_`), and
-`rotate_half(x) * sin` is `cat(x2, x1) * [-sin1, sin2]` (negation is exact). Same operands, same
-rounding, about half the operator calls of the module-by-module step (1.07x a beam-15 decode).
+bias), an elementwise result only the step holds is overwritten in place (`mul_`, `add_`; not in a
+layer where a module is called as itself, which may keep what it saw), and `rotate_half(x) * sin`
+is `cat(x2, x1) * [-sin1, sin2]` (negation is exact). Same operands, same rounding, two thirds of
+the operator calls of the module-by-module step (1.06-1.08x a beam-15 decode).
 
 Each linear layer is resolved once per search: a plain `nn.Linear` is its product; peft's LoRA
 `Linear` with vanilla adapters, no dropout (or dropout in eval mode) and nothing merged is
 `base(x) + B(A(x)) * scaling` per active adapter, the sum `peft.tuners.lora.Linear.forward`
 computes, without its per-call checks of adapter names, variants and merges. A norm is resolved to
 `LlamaRMSNorm.forward`'s operations when it is that module unchanged. Anything else (hooks, DoRA,
-dropout while training, another norm) is called as the module.
+dropout while training, another norm, a patched forward, global module hooks) is called as the
+module, on the (N, 1, D) input the full call gives it.
 """
 
 from __future__ import annotations
@@ -69,8 +72,12 @@ class LlamaStep:
                      for layer in lm.model.layers]
         self.norms = [(_rms_norm(layer.input_layernorm), _rms_norm(layer.post_attention_layernorm))
                       for layer in lm.model.layers]
-        self.act = [layer.mlp.act_fn for layer in lm.model.layers]
+        self.act = [_activation(layer.mlp.act_fn) for layer in lm.model.layers]
         self.final_norm, self.head = _rms_norm(lm.model.norm), _linear(lm.lm_head)
+        # per layer: add and multiply in place, unless a module called as itself may keep what it saw
+        self.ops = [(torch.add, torch.mul) if any(isinstance(f, _AsModule) for f in
+                                                  (*self.proj[i].values(), *self.norms[i], self.act[i]))
+                    else (_add, _mul) for i in range(len(self.proj))]
 
     def _rotary(self, pos: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
         if dtype not in self.cast:  # the module returns cos/sin in the hidden states' dtype
@@ -79,25 +86,29 @@ class LlamaStep:
 
     def __call__(self, emb: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         cos, sin = self._rotary(pos, emb.dtype)
-        hidden = ~mask  # (N, 1, 1, T): where no row may look, for every layer
+        masks = (mask, ~mask)  # (N, 1, 1, T): where a row may look, and where not, for every layer
         h = emb.reshape(emb.shape[0], -1)  # (N, D)
         for i, layer in enumerate(self.lm.model.layers):
-            p, (norm1, norm2) = self.proj[i], self.norms[i]
-            h = h + self._attend(layer.self_attn, p, norm1(h), cos, sin, hidden, cache, i)  # new: emb is the caller's
+            p, (norm1, norm2), (add, mul) = self.proj[i], self.norms[i], self.ops[i]
+            h = h + self._attend(layer.self_attn, p, norm1(h), cos, sin, masks, cache, i)  # new: emb is the caller's
             x = norm2(h)
-            h = _add(h, p["down_proj"](_mul(self.act[i](p["gate_proj"](x)), p["up_proj"](x))))  # LlamaMLP.forward
+            h = add(h, p["down_proj"](mul(self.act[i](p["gate_proj"](x)), p["up_proj"](x))))  # LlamaMLP.forward
         return self.head(self.final_norm(h))  # (N, V)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """apply_rotary_pos_emb for one of q, k (N, heads, hd): x*cos + rotate_half(x)*sin."""
         return _add(x * cos, _mul(torch.cat([x[..., self.half:], x[..., : self.half]], -1), sin))
 
-    def _attend(self, attn, p, x, cos, sin, hidden, cache, i: int) -> torch.Tensor:
+    def _attend(self, attn, p, x, cos, sin, masks, cache, i: int) -> torch.Tensor:
         n, hd = x.shape[0], attn.head_dim
         q = self._rope(p["q_proj"](x).view(n, -1, hd), cos, sin)  # (N, H, hd)
         k = self._rope(p["k_proj"](x).view(n, -1, hd), cos, sin)  # (N, Hkv, hd)
         keys, values = cache.update(k[:, :, None], p["v_proj"](x).view(n, -1, 1, hd), i)  # (N, Hkv, T, hd)
-        return p["o_proj"](attention.one_query(q, keys, values, attn.scaling, hidden=hidden))
+        if x.device.type == "cpu":  # what attention.attention does for one query there
+            out = attention.one_query(q, keys, values, attn.scaling, hidden=masks[1])
+        else:
+            out = attention.attention(attn, q[:, :, None], keys, values, masks[0], scaling=attn.scaling)[0]
+        return p["o_proj"](out.reshape(n, -1))
 
 
 def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -110,8 +121,29 @@ def _mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.mul_(b) if a.dtype == b.dtype else a * b
 
 
+class _AsModule:
+    """x (N, in) -> mod(x) for a module the step cannot resolve, called on the (N, 1, in) the full call gives it."""
+
+    def __init__(self, mod: torch.nn.Module) -> None:
+        self.mod = mod
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mod(x[:, None])[:, 0]
+
+
 def _hooked(mod: torch.nn.Module) -> bool:
-    return any(getattr(m, h) for m in mod.modules() for h in ("_forward_hooks", "_forward_pre_hooks"))
+    """Hooks on mod or its children, or on every module (torch's global hooks), or a patched forward."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(getattr(m, h) for m in mod.modules() for h in ("_forward_hooks", "_forward_pre_hooks")) or any(
+        "forward" in vars(m) for m in mod.modules())
+
+
+def _activation(act: torch.nn.Module):
+    """The MLP's activation: called directly (elementwise, any shape) unless something may watch it."""
+    return _AsModule(act) if _hooked(act) else act
 
 
 def _identity(mod: torch.nn.Module) -> bool:
@@ -122,8 +154,8 @@ def _rms_norm(mod: torch.nn.Module):
     """x (N, D) -> mod(x), as LlamaRMSNorm.forward's operations where mod is that module unchanged."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    if type(mod) is not LlamaRMSNorm or "forward" in vars(mod) or _hooked(mod):
-        return mod
+    if type(mod) is not LlamaRMSNorm or type(mod).forward.__module__ != LlamaRMSNorm.__module__ or _hooked(mod):
+        return _AsModule(mod)
     w, eps = mod.weight, mod.variance_epsilon
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -146,19 +178,18 @@ def _linear(mod: torch.nn.Module):
     from peft.tuners.lora import Linear as LoraLinear
 
     if _hooked(mod):
-        return mod
+        return _AsModule(mod)
     if type(mod) is torch.nn.Linear:
         return _product(mod.weight, mod.bias)
-    if type(mod) is not LoraLinear or mod.disable_adapters or mod.merged or not isinstance(mod.base_layer,
-                                                                                         torch.nn.Linear):
-        return mod
+    if type(mod) is not LoraLinear or mod.disable_adapters or mod.merged or type(mod.base_layer) is not torch.nn.Linear:
+        return _AsModule(mod)
     if not (hasattr(mod, "lora_variant") and hasattr(mod, "_cast_input_dtype")):
-        return mod  # a peft without adapter variants: not the forward this follows (read in peft 0.21)
+        return _AsModule(mod)  # a peft without adapter variants: not the forward this follows (read in peft 0.21)
     names = [a for a in mod.active_adapters if a in mod.lora_A.keys()]
     if any(a in mod.lora_variant or not _identity(mod.lora_dropout[a]) for a in names):
-        return mod
+        return _AsModule(mod)
     if any(type(m) is not torch.nn.Linear or m.bias is not None for a in names for m in (mod.lora_A[a], mod.lora_B[a])):
-        return mod
+        return _AsModule(mod)
     base = _product(mod.base_layer.weight, mod.base_layer.bias)
     lora = [(mod.lora_A[a].weight.dtype, mod.lora_A[a].weight.t(), mod.lora_B[a].weight.t(), mod.scaling[a])
             for a in names]

@@ -12,7 +12,7 @@ from mavsr_cli.model import attention
 from mavsr_cli.model import llm as llm_mod
 from mavsr_cli.model.build import build_model
 from mavsr_cli.model.last_layer import last_layer_at, query_windows
-from mavsr_cli.model.step import LlamaStep, _linear, _rms_norm, one_token_step
+from mavsr_cli.model.step import LlamaStep, _AsModule, _linear, _rms_norm, one_token_step
 from mavsr_cli.rates import Rates
 
 
@@ -117,14 +117,21 @@ def test_beam_search_with_the_matmul_step_attention_gives_sdpas_hypotheses(tmp_p
                                                           m.tokenizer.batch_decode(ours, skip_special_tokens=True)]
 
 
-@pytest.mark.parametrize("strategy,frozen", [("ms", "float32"), ("mss", "float32"), ("ms", "bfloat16")])
-def test_the_llama_step_gives_the_full_calls_logits(tmp_path, strategy, frozen):
+@pytest.mark.parametrize("strategy,frozen,hooked", [("ms", "float32", False), ("mss", "float32", False),
+                                                    ("ms", "bfloat16", False), ("ms", "float32", True)])
+def test_the_llama_step_gives_the_full_calls_logits(tmp_path, strategy, frozen, hooked):
     """Five one-token steps over 3 left-padded prompts (15 rows, as a beam of 5 has them): the step's
     logits are the full transformers call's, number for number, with MS's one LoRA, MSS's two summed,
-    and a bf16 LLM under autocast; the two write equal caches."""
+    a bf16 LLM under autocast, and hooks on a projection, a norm and an activation (those modules are
+    called as themselves, on the full call's (N, 1, D), and what their hooks keep is left as they saw
+    it); the two write equal caches."""
     m = _model(tmp_path, strategy, frozen)
     llm = m.llm.get_base_model()
     assert LlamaStep.fits(llm) and isinstance(one_token_step(llm, 8), LlamaStep)
+    layer, seen = llm.model.layers[0], {"step": [], "full": []}
+    if hooked:
+        for mod in (layer.self_attn.q_proj, layer.post_attention_layernorm, layer.mlp.act_fn):
+            mod.register_forward_hook(lambda mod, args, out: seen[seen["now"]].append((args[0].shape, out)))
     g = torch.Generator().manual_seed(2)
     f = {"audio": (torch.randn(3, 60, 32, generator=g), torch.tensor([60, 36, 48])),
          "video": (torch.randn(3, 30, 32, generator=g), torch.tensor([30, 18, 24]))}
@@ -134,20 +141,28 @@ def test_the_llama_step_gives_the_full_calls_logits(tmp_path, strategy, frozen):
         emb, mask = emb.repeat_interleave(5, 0), mask.repeat_interleave(5, 0)
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
         caches = [_in_place_cache(5), _in_place_cache(5)]
+        seen["now"] = "prompt"
+        seen["prompt"] = []
         for c in caches:
             llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=c, use_cache=True)
         step, full = LlamaStep(llm, mask.shape[1] + 5), _search_mask(mask, 5)
         resolved = [f for p in step.proj for f in p.values()] + [f for n in step.norms for f in n]
-        assert not any(isinstance(f, torch.nn.Module) for f in resolved + [step.final_norm, step.head])
+        unresolved = [f for f in resolved + [step.final_norm, step.head, step.act[0]] if isinstance(f, _AsModule)]
+        assert len(unresolved) == (3 if hooked else 0)
         for t in range(5):
             tok = llm.get_input_embeddings()(torch.randint(0, 100, (15, 1), generator=g))
             at, attend = pos[:, -1] + t + 1, full[..., : mask.shape[1] + t + 1]
+            seen["now"] = "full"
             ref = llm(inputs_embeds=tok, attention_mask=attend, position_ids=at[:, None], cache=caches[0],
                       use_cache=True).logits[:, -1]
+            seen["now"] = "step"
             got = step(tok, at, attend, caches[1])
             assert got.dtype == ref.dtype and torch.equal(got, ref), f"step {t}"
     for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert len(seen["step"]) == len(seen["full"]) == (15 if hooked else 0)
+    for (shape, out), (ref_shape, ref_out) in zip(seen["step"], seen["full"], strict=True):
+        assert shape == ref_shape and torch.equal(out, ref_out)  # the same input; its output not overwritten
 
 
 def test_other_attentions_take_the_full_call(lm):
@@ -163,14 +178,16 @@ def test_a_layer_the_step_cannot_resolve_is_called_as_the_module(tmp_path):
     """A hook, or LoRA dropout while training, keeps the module's own forward; a norm too."""
     llm = _model(tmp_path, "ms", "float32").llm.get_base_model()
     q = llm.model.layers[0].self_attn.q_proj
-    assert not isinstance(_linear(q), torch.nn.Module)
+    assert not isinstance(_linear(q), _AsModule)
     handle = q.register_forward_hook(lambda *a: None)
-    assert _linear(q) is q
+    assert _linear(q).mod is q
     handle.remove()
     q.lora_dropout[q.active_adapters[0]] = torch.nn.Dropout(0.1).eval()
-    assert _linear(q) is not q and _linear(q.train()) is q
+    assert not isinstance(_linear(q), _AsModule) and _linear(q.train()).mod is q
     norm = llm.model.norm
-    assert not isinstance(_rms_norm(norm), torch.nn.Module)
+    assert not isinstance(_rms_norm(norm), _AsModule)
     handle = norm.register_forward_pre_hook(lambda *a: None)
-    assert _rms_norm(norm) is norm
+    assert _rms_norm(norm).mod is norm
     handle.remove()
+    norm.forward = norm.forward  # patched on the instance (as accelerate's hooks do)
+    assert _rms_norm(norm).mod is norm
