@@ -375,8 +375,8 @@ def profiles(trees: dict[str, Path], models: Path, reps: int) -> list[str]:
 
 
 def _seconds(text: str) -> float:
-    if float(text) < 0:
-        raise argparse.ArgumentTypeError("a pause is 0 s or more")
+    if not 0 <= float(text) < 3600:
+        raise argparse.ArgumentTypeError("a pause is 0 s or more, under an hour")
     return float(text)
 
 

@@ -22,8 +22,9 @@ Each linear layer is resolved once per search: a plain `nn.Linear` is its produc
 `base(x) + B(A(x)) * scaling` per active adapter, the sum `peft.tuners.lora.Linear.forward`
 computes, without its per-call checks of adapter names, variants and merges. A norm is resolved to
 `LlamaRMSNorm.forward`'s operations when it is that module unchanged. Anything else (hooks, DoRA,
-dropout while training, another norm, a patched forward, global module hooks) is called as the
-module, on the (N, 1, D) input the full call gives it.
+dropout while training, another norm) is called as the module, on the (N, 1, D) input the full call
+gives it. A model with a hook anywhere (on a layer or the model too, or torch's global module hooks)
+or a patched forward takes the full call, which runs them where they belong.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class LlamaStep:
         inner = getattr(lm, "model", None)
         rotary = getattr(inner, "rotary_emb", None)
         return (lm.config.model_type == "llama" and lm.config._attn_implementation == attention.NAME
-                and getattr(rotary, "rope_type", None) in _STATIC_ROPE and not lm.training)
+                and getattr(rotary, "rope_type", None) in _STATIC_ROPE and not lm.training
+                and not _hooked(lm))  # a hook anywhere, a layer's or the model's too: the full call runs it
 
     def __init__(self, lm, positions: int) -> None:
         self.lm = lm

@@ -122,16 +122,17 @@ def test_beam_search_with_the_matmul_step_attention_gives_sdpas_hypotheses(tmp_p
 def test_the_llama_step_gives_the_full_calls_logits(tmp_path, strategy, frozen, hooked):
     """Five one-token steps over 3 left-padded prompts (15 rows, as a beam of 5 has them): the step's
     logits are the full transformers call's, number for number, with MS's one LoRA, MSS's two summed,
-    a bf16 LLM under autocast, and hooks on a projection, a norm and an activation (those modules are
-    called as themselves, on the full call's (N, 1, D), and what their hooks keep is left as they saw
-    it); the two write equal caches."""
+    a bf16 LLM under autocast, and hooks on a projection, a norm and an activation (a hooked model
+    takes the full call; a step made for it anyway calls those modules as themselves, on the full
+    call's (N, 1, D), and leaves what their hooks keep as they saw it); the two write equal caches."""
     m = _model(tmp_path, strategy, frozen)
     llm = m.llm.get_base_model()
     assert LlamaStep.fits(llm) and isinstance(one_token_step(llm, 8), LlamaStep)
     layer, seen = llm.model.layers[0], {"step": [], "full": []}
     if hooked:
         for mod in (layer.self_attn.q_proj, layer.post_attention_layernorm, layer.mlp.act_fn):
-            mod.register_forward_hook(lambda mod, args, out: seen[seen["now"]].append((args[0].shape, out)))
+            mod.register_forward_hook(lambda mod, args, out: seen[seen["now"]].append((args[0], out)))
+        assert not LlamaStep.fits(llm) and not isinstance(one_token_step(llm, 8), LlamaStep)  # the full call
     g = torch.Generator().manual_seed(2)
     f = {"audio": (torch.randn(3, 60, 32, generator=g), torch.tensor([60, 36, 48])),
          "video": (torch.randn(3, 30, 32, generator=g), torch.tensor([30, 18, 24]))}
@@ -161,8 +162,8 @@ def test_the_llama_step_gives_the_full_calls_logits(tmp_path, strategy, frozen, 
     for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
     assert len(seen["step"]) == len(seen["full"]) == (15 if hooked else 0)
-    for (shape, out), (ref_shape, ref_out) in zip(seen["step"], seen["full"], strict=True):
-        assert shape == ref_shape and torch.equal(out, ref_out)  # the same input; its output not overwritten
+    for (arg, out), (ref_arg, ref_out) in zip(seen["step"], seen["full"], strict=True):
+        assert torch.equal(arg, ref_arg) and torch.equal(out, ref_out)  # as the hooks saw them: not overwritten
 
 
 def test_other_attentions_take_the_full_call(lm):
