@@ -43,7 +43,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-ROWS = ["train_cache", "train_faithful", "beam15_b8", "beam15_b1_fly", "greedy_b1_fly"]
+TRAIN_ROWS = ("train_cache", "train_faithful")
+ROWS = [*TRAIN_ROWS, "beam15_b8", "beam15_b1_fly", "greedy_b1_fly"]
 THREADS = 2
 MAX_NEW = 24
 
@@ -278,8 +279,7 @@ class Worker:
         return _own_code(self.tree, res)
 
 
-def fresh_rounds(trees: dict[str, Path], models: Path, rounds: int, reps: int, pause: float = 0.0
-                 ) -> dict[str, list[dict]]:
+def fresh_rounds(trees: dict[str, Path], models: Path, rounds: int, reps: int) -> dict[str, list[dict]]:
     """Each round starts a fresh worker per tree, which times every row (the first tree alternating);
     -> per tree, per round {seconds: {row: s}, faults: {row: n}, hyps}."""
     results: dict[str, list[dict]] = {t: [] for t in trees}
@@ -358,7 +358,7 @@ def report(trees: dict[str, Path], results: dict[str, list[dict]], rounds: int, 
               "the machine slows both sides of its ratio):", ""] + _paired(trees, results)
     lines += ["", "Minor page faults per timed call, median over the rounds (memory the kernel maps in afresh, "
               "where freed tensors went back to the system):", ""] + _faults(trees, results) + [""]
-    for t in list(trees)[1:] if any(row not in ("train_cache", "train_faithful") for row in ROWS) else []:
+    for t in list(trees)[1:] if set(ROWS) - set(TRAIN_ROWS) else []:
         same = all(x["hyps"] == results[first][0]["hyps"] for x in results[t])
         lines.append(f"- hypotheses of {t} {'equal' if same else 'DIFFER FROM'} {first}'s on every decode row")
     return lines
@@ -412,8 +412,8 @@ def main() -> None:
     trees = {k: Path(v) for k, v in trees.items()}
     with tempfile.TemporaryDirectory() as tmp:
         build_models(Path(tmp))
-        run = kept_rounds if a.keep_workers else fresh_rounds
-        results = run(trees, Path(tmp), a.rounds, a.reps, a.pause)
+        results = (kept_rounds(trees, Path(tmp), a.rounds, a.reps, a.pause) if a.keep_workers else
+                   fresh_rounds(trees, Path(tmp), a.rounds, a.reps))
         lines = report(trees, results, a.rounds, a.keep_workers)
         if a.profile:
             lines += profiles(trees, Path(tmp), a.reps)

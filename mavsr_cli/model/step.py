@@ -139,8 +139,7 @@ def _hooked(mod: torch.nn.Module) -> bool:
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
-    return any(getattr(m, h) for m in mod.modules() for h in ("_forward_hooks", "_forward_pre_hooks")) or any(
-        "forward" in vars(m) for m in mod.modules())
+    return any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) for m in mod.modules())
 
 
 def _activation(act: torch.nn.Module):
