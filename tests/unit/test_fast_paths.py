@@ -192,3 +192,58 @@ def test_a_layer_the_step_cannot_resolve_is_called_as_the_module(tmp_path):
     handle.remove()
     norm.forward = norm.forward  # patched on the instance (as accelerate's hooks do)
     assert _rms_norm(norm).mod is norm
+
+
+@pytest.mark.parametrize("case", ["biases", "one_kv_head_per_query_head", "bf16_weights_fp32_lora"])
+def test_the_llama_step_equals_the_full_call_beyond_mavsrs_own_llms(tmp_path, case):
+    """Llamas mavsr's tiny() does not make: projections with biases (the step's addmm), as many key
+    heads as query heads (no grouping), and a bf16 LLM run without autocast whose LoRA peft keeps in
+    float32 (bf16 activations meet float32 weights: the step's out-of-place adds and casts). Four
+    one-token steps over 6 left-padded rows: logits and caches equal the full call's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    kv_heads = 4 if case == "one_kv_head_per_query_head" else 2
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=kv_heads,
+                      attention_bias=case == "biases", mlp_bias=case == "biases", max_position_embeddings=64)
+    net = LlamaForCausalLM(cfg)
+    if case == "biases":
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_()  # made zero at init: nonzero, or an addmm mistake would not show
+    net.save_pretrained(tmp_path / "llm")
+    llm_mod.word_tokenizer(["a", "b"]).save_pretrained(tmp_path / "llm")
+    dtype = torch.bfloat16 if case == "bf16_weights_fp32_lora" else torch.float32
+    llm, _ = llm_mod.load(str(tmp_path / "llm"), dtype)
+    if case == "bf16_weights_fp32_lora":
+        llm = llm_mod.add_lora(llm, 4, 8, 0.0, ("q_proj", "v_proj"), ["ms"])
+        with torch.no_grad():
+            for name, p in llm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1)  # B starts at zero: nonzero, so the adapter adds something
+        assert {p.dtype for n, p in llm.named_parameters() if "lora_" in n} == {torch.float32}
+        llm = llm.get_base_model()
+    step = one_token_step(llm, 20)
+    assert isinstance(step, LlamaStep)
+    assert not any(isinstance(f, _AsModule) for p in step.proj for f in p.values())
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(6, 12, dtype=torch.bool)
+    mask[1, :5], mask[4, :3] = False, False  # left padding
+    emb = torch.randn(6, 12, 64, generator=g).to(dtype)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    caches = [_in_place_cache(4), _in_place_cache(4)]
+    with torch.no_grad():
+        for c in caches:
+            llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=c, use_cache=True)
+        full = _search_mask(mask, 4)
+        for t in range(4):
+            tok = llm.get_input_embeddings()(torch.randint(0, 97, (6, 1), generator=g))
+            at, attend = pos[:, -1] + t + 1, full[..., : mask.shape[1] + t + 1]
+            ref = llm(inputs_embeds=tok, attention_mask=attend, position_ids=at[:, None], cache=caches[0],
+                      use_cache=True).logits[:, -1]
+            got = step(tok, at, attend, caches[1])
+            assert got.dtype == ref.dtype == dtype and torch.equal(got, ref), f"step {t}"
+    for a, b in zip(caches[0].layers, caches[1].layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
