@@ -23,7 +23,8 @@ process also reuses its heap: fewer fresh pages for a tree that allocates a lot)
 waits `--pause` seconds before timing a row: right after the other tree's process has timed its
 call, the batched beam ran 1.2-1.3x slower than a second later (2 cores). It reports
 medians and least rounds per tree, the ratios to the first tree, the median of the per-round
-ratios, minor page faults per call, and whether each tree's hypotheses equal the first's (a kept
+ratios with the range that holds it at 95% confidence (from 6 rounds; with 9, the second least and
+second greatest ratio), minor page faults per call, and whether each tree's hypotheses equal the first's (a kept
 worker reports them once, at the end).
 
     python benchmarks/vs_authors.py --tree before=/tmp/base --tree after=. [--rounds 5] [--keep-workers] [--out FILE]
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -321,13 +323,34 @@ def _table(trees: dict[str, Path], times: dict[str, dict[str, float]]) -> list[s
     return lines
 
 
+def median_interval(xs: list[float], confidence: float = 0.95) -> tuple[float, float, float] | None:
+    """(low, high, coverage): the narrowest pair of order statistics x_(j) <= x_(n+1-j) that holds the
+    median of the distribution the xs come from with probability `coverage` >= `confidence`, whatever
+    that distribution (each x lies below the median with probability 1/2, so the count below is
+    Binomial(n, 1/2)); None when n is too small (n < 6 at 95%). With 9 rounds: the second least and
+    second greatest, 96%."""
+    n, xs = len(xs), sorted(xs)
+    for j in range(n // 2, 0, -1):
+        coverage = 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2 ** n
+        if coverage >= confidence:
+            return xs[j - 1], xs[n - j], coverage
+    return None
+
+
 def _paired(trees: dict[str, Path], results: dict[str, list[dict]]) -> list[str]:
+    """Per other tree: the median of the per-round ratios, and the range that holds the median of
+    such ratios with >= 95% confidence (median_interval), so a target can be read as met or not."""
     first, others = next(iter(trees)), list(trees)[1:]
-    lines = ["| row | " + " | ".join(f"{t} vs {first}" for t in others) + " |", "|---|" + "---|" * len(others)]
+    lines = ["| row | " + " | ".join(f"{t} vs {first} | 95% range of the median" for t in others) + " |",
+             "|---|" + "---|---|" * len(others)]
     for row in ROWS:
-        ratios = [statistics.median(a["seconds"][row] / b["seconds"][row] for a, b in
-                                    zip(results[first], results[t], strict=True)) for t in others]
-        lines.append(f"| {row} | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
+        cells = []
+        for t in others:
+            ratios = [a["seconds"][row] / b["seconds"][row] for a, b in zip(results[first], results[t], strict=True)]
+            ci = median_interval(ratios)
+            cells += [f"{statistics.median(ratios):.2f}x",
+                      f"{ci[0]:.2f}-{ci[1]:.2f}x ({ci[2]:.0%})" if ci else "(too few rounds: 6 or more)"]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -355,7 +378,8 @@ def report(trees: dict[str, Path], results: dict[str, list[dict]], rounds: int, 
              "Medians over the rounds:", ""] + _table(trees, over[statistics.median])
     lines += ["", "The least round of each tree and row:", ""] + _table(trees, over[min])
     lines += ["", "The median of the per-round ratios (a round runs the trees back to back, so a slow spell of "
-              "the machine slows both sides of its ratio):", ""] + _paired(trees, results)
+              "the machine slows both sides of its ratio), and the range of per-round ratios that holds their "
+              "median with at least 95% confidence whatever their distribution:", ""] + _paired(trees, results)
     lines += ["", "Minor page faults per timed call, median over the rounds (memory the kernel maps in afresh, "
               "where freed tensors went back to the system):", ""] + _faults(trees, results) + [""]
     for t in list(trees)[1:] if set(ROWS) - set(TRAIN_ROWS) else []:

@@ -61,6 +61,24 @@ def test_the_side_by_side_benchmark_times_every_row_and_compares_hypotheses(tmp_
     assert "hypotheses of b equal a's on every decode row" in text  # the same code: the same hypotheses
 
 
+def test_the_median_interval_is_the_textbook_one_and_holds_the_median_as_often_as_it_says():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from vs_authors import median_interval
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert median_interval([9, 1, 8, 2, 7, 3, 6, 4, 5]) == (2, 8, 1 - 2 * 10 / 512)  # 9 rounds: 2nd to 8th, 96%
+    assert median_interval(list(range(5))) is None  # 5 rounds: 94% at most
+    lo, hi, cov = median_interval(list(range(20)))
+    assert (lo, hi) == (5, 14) and abs(cov - 0.9586) < 1e-4  # ranks 6 and 15 of 20 (published tables)
+    import random
+
+    rng = random.Random(0)  # skewed draws whose median is 1: the range misses it in about 4% of runs
+    ranges = [median_interval([rng.lognormvariate(0, 1) for _ in range(9)]) for _ in range(4000)]
+    misses = sum(not lo <= 1 <= hi for lo, hi, _ in ranges)
+    assert 0.02 < misses / 4000 < 0.06
+
+
 def test_the_real_size_memory_benchmark_loads_through_build_model_and_compares_its_variants(tmp_path):
     """On a CPU without AVX-512, PyTorch's bf16 matmuls are about 100x slower than float32's (a
     1-layer step took 460 s): there only the float32 variants run, and the bf16 checks are left out."""
