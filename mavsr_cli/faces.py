@@ -7,7 +7,11 @@ LRS2/LRS3 landmark pickles use. Nothing is downloaded at run time. The predictor
 iBUG 300-W, whose licence excludes commercial use; README says so.
 
 Per video, `track` returns one (68, 2) array per frame, or None where no face was found. It runs
-the detector every `every` frames, on a copy scaled to at most `max_side` pixels. In between, the
+the detector every `every` frames, on a copy scaled to at most `max_side` pixels; where that finds
+no face, on copies twice as large, up to the frame's own size (dlib's HOG detector finds faces from
+about 70 px wide, so a 1080p frame scaled to 480 px alone would hide every face under about 300 px,
+such as a person seen from the waist up). A finer look takes a new face only from FINER_FACE px wide:
+in smaller boxes the shape predictor can misplace the mouth by half a crop. In between, the
 shape predictor follows the face from the previous frame's points, so detection costs a fraction
 of the frames. With several faces, the one nearest the previous face is kept (the largest at the
 start), and such frames are counted. A face lost for less than `keep_speaker` frames is looked
@@ -28,12 +32,21 @@ from .media import resize
 
 EXTRA_HINT = "face detection needs the faces extra: pip install 'mavsr[faces]' (make install adds it)"
 PREDICTOR = "shape_predictor_68_face_landmarks.dat"
+# The square box the detector would draw around 68 points, in units of their spread (RMS distance
+# from their mean): side, and the centre's shift from the mean. Medians over detections of two
+# photographs at 9 sizes each (matplotlib's grace_hopper.jpg: 2.84-2.95, x 0.00-0.05, y -0.04 to
+# -0.06; scikit-image's astronaut.png: 2.57, x -0.06, y -0.04).
+BOX_SIDE, BOX_SHIFT = 2.8, (0.0, -0.04)
+# pixels of the look: the narrowest box a finer look (beyond `max_side`) takes a new face from. In the
+# tests' videos of one photograph, the predictor fitted in boxes of 72 and 87 px put the mouth 40-65 px
+# off in the 96 px crop; in boxes from 96 px, within 5.
+FINER_FACE = 96
 
 
 @dataclass(frozen=True)
 class DetectOptions:
     every: int = 5  # run the face detector on every k-th frame; the shape predictor tracks in between
-    max_side: int = 480  # the detector sees frames scaled to at most this many pixels a side
+    max_side: int = 480  # the detector first sees frames scaled to at most this many pixels a side
     min_mouth: float = 12.0  # pixels: a mouth narrower than this (median over frames) is too small to crop
     keep_speaker: int = 50  # frames: a face lost this recently is looked for where it was, not elsewhere
 
@@ -81,14 +94,17 @@ class FaceLandmarker:
         self.detector = dlib.get_frontal_face_detector()
         self.predictor = dlib.shape_predictor(str(_predictor_path()))
 
-    def faces(self, frame: np.ndarray) -> list[tuple[float, float, float, float]]:
-        """Face boxes (left, top, right, bottom) in frame pixels, largest first. frame: (H, W) uint8."""
+    def faces(self, frame: np.ndarray, finer: int = FINER_FACE) -> list[tuple[float, float, float, float]]:
+        """Face boxes (left, top, right, bottom) in frame pixels, largest first, from the coarsest of
+        `scales` that shows any; beyond the first, boxes under `finer` px (in the look's pixels) do
+        not count. frame: (H, W) uint8."""
         h, w = frame.shape
-        scale = min(1.0, self.opt.max_side / max(h, w))
-        small = frame if scale == 1.0 else resize(frame[None], (max(1, round(h * scale)), max(1, round(w * scale))))[0]
-        boxes = [(r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale)
-                 for r in self.detector(small, 0)]
-        return sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+        for k, scale in enumerate(scales(h, w, self.opt.max_side)):
+            boxes = [(r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale)
+                     for r in self.detector(_scaled(frame, scale), 0) if k == 0 or r.width() >= finer]
+            if boxes:
+                return sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+        return []
 
     def points(self, frame: np.ndarray, box) -> np.ndarray:
         """The 68 landmarks inside `box`, (68, 2) float32."""
@@ -99,16 +115,18 @@ class FaceLandmarker:
     def track(self, frames: np.ndarray) -> Track:
         """Landmarks for every frame of (T, H, W) uint8 gray video.
 
-        A detector frame that finds the tracked face keeps following it rather than restart from
-        the new box: the detector's boxes jump between the scales of its image pyramid, and the
-        predictor fits some of them badly (measured on the test photograph: a box 20% larger put
-        the mouth 33 px low, on the chin)."""
+        The predictor is fitted in a box drawn around the previous frame's points (`box_around`),
+        and a face the detector gives anew is fitted once in its box, then again in the box around
+        those points. The detector's own boxes jump between the scales of its image pyramid, and
+        the predictor fits some of them badly (on the test photograph: a box 20% larger put the
+        mouth 33 px low, on the chin; at 1080p a 125 px face seen at half size got a 144 px box,
+        and a tracker that kept that box's proportions slid to the chin within a second)."""
         out = Track([])
-        prev, anchor, last, lost = None, None, None, 0
+        prev, last, lost = None, None, 0
         for i, frame in enumerate(frames):
-            box = None if prev is None else _follow(anchor, prev)
+            box, fresh = None if prev is None else box_around(prev), False
             if i % self.opt.every == 0 or prev is None:
-                found = self.faces(frame)
+                found = self.faces(frame, 0 if prev is not None else FINER_FACE)  # the tracked face: any size
                 out.detections += 1
                 out.several += len(found) > 1
                 near = _nearest(found, prev if prev is not None else last)
@@ -116,18 +134,42 @@ class FaceLandmarker:
                     if near is not None and last is not None and lost < self.opt.keep_speaker and _far(near, last):
                         near = None  # another person: the speaker turned away or left, for now
                         out.others += 1
-                    box, anchor = near, None  # a new face, or none: restart from the detector's box
+                    box, fresh = near, True  # a new face, or none: restart from the detector's box
             if box is None:
                 out.landmarks.append(None)
                 out.missed += 1
                 prev, lost = None, lost + 1
                 continue
             prev, lost = self.points(frame, box), 0
+            if fresh:  # fitted again in the box its points imply, not the detector's
+                prev = self.points(frame, box_around(prev))
             last = prev
-            if anchor is None:  # the detector's box and the points it gave: later boxes follow the points
-                anchor = (box, prev.mean(0), _spread(prev))
             out.landmarks.append(prev)
         return out
+
+
+def scales(h: int, w: int, max_side: int) -> list[float]:
+    """The sizes the detector looks at a (H, W) frame at, coarse to fine: scaled to at most
+    `max_side` a side, then twice that, up to the frame's own size (a last step under 1.25x is
+    merged into the one before: it would find little the finer look does not)."""
+    out = [min(1.0, max_side / max(h, w))]
+    while out[-1] < 1.0:
+        nxt = min(1.0, out[-1] * 2)
+        out.append(1.0 if 1.0 / nxt < 1.25 else nxt)
+    return out
+
+
+def box_around(points: np.ndarray) -> tuple[float, float, float, float]:
+    """The square box (left, top, right, bottom) the detector would draw around these (68, 2) points."""
+    spread = _spread(points)
+    cx, cy = points.mean(0) + np.array(BOX_SHIFT) * spread
+    half = BOX_SIDE * spread / 2
+    return cx - half, cy - half, cx + half, cy + half
+
+
+def _scaled(frame: np.ndarray, scale: float) -> np.ndarray:
+    h, w = frame.shape
+    return frame if scale == 1.0 else resize(frame[None], (max(1, round(h * scale)), max(1, round(w * scale))))[0]
 
 
 def _far(box, points: np.ndarray) -> bool:
@@ -160,15 +202,6 @@ def _nearest(boxes: list, prev: np.ndarray | None):
         return boxes[0]
     c = prev.mean(0)
     return min(boxes, key=lambda b: float(np.hypot(*(_centre(b) - c))))
-
-
-def _follow(anchor, prev: np.ndarray):
-    """The detector box moved and scaled as the points moved since the detection."""
-    (x0, y0, x1, y1), c0, s0 = anchor
-    c, k = prev.mean(0), _spread(prev) / max(s0, 1e-6)
-    bx, by = _centre(anchor[0]) + c - c0
-    hw, hh = (x1 - x0) / 2 * k, (y1 - y0) / 2 * k
-    return bx - hw, by - hh, bx + hw, by + hh
 
 
 def mouth_width(landmarks: list) -> float:

@@ -44,7 +44,7 @@ def test_faces_benchmark_measures_where_the_crop_lands():
                        text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and "x" in line[:12]]
-    assert [row[0].strip() for row in rows] == ["224x224", "640x480"]
+    assert [row[0].strip() for row in rows] == ["224x224", "640x480", "1920x1080, small face"]
     assert all(float(row[-1]) < 6 for row in rows)  # the largest crop error, in pixels: not a timing
 
 

@@ -49,6 +49,36 @@ def test_the_mouth_crop_follows_a_moving_face(tmp_path, landmarker, size, fps):
     assert max(offsets) < 5, offsets  # the mouth at the centre of every 96x96 crop
 
 
+def test_the_detector_looks_coarse_to_fine_up_to_the_frames_own_size():
+    assert faces.scales(224, 224, 480) == [1.0]
+    assert faces.scales(480, 640, 480) == [0.75, 1.0]
+    assert faces.scales(1080, 1920, 480) == [0.25, 0.5, 1.0]
+    assert faces.scales(600, 800, 480) == [0.6, 1.0]  # 1.2x would be a step under 1.25x: merged
+
+
+@pytest.mark.parametrize("size,scale", [((1280, 720), 0.45), ((1920, 1080), 0.6), ((1920, 1080), 1.0)])
+def test_a_face_a_tenth_of_a_large_frame_is_found_and_cropped(tmp_path, landmarker, size, scale):
+    """Faces 87, 116 and 193 px wide in 720p and 1080p frames (a person seen from the waist up).
+    In the frame scaled to 480 px a side the detector sees the first two not at all and the third
+    now and then, in loose boxes (before the finer looks: no face, no face, crops up to 65 px off).
+    A finer look finds each, and over 2 s of motion the crop stays on the mouth (the 116 px face is
+    first seen at half size in a loose box: a tracker that kept that box's proportions slid to the
+    chin within a second)."""
+    from mavsr_cli.media import resize
+
+    video = tmp_path / "small.mp4"
+    talking_face(video, size=size, fps=25, seconds=2.0, scale=scale, audio=False)
+    frames = read_video_at(video, 25)
+    first = faces.scales(*frames.shape[1:], landmarker.opt.max_side)[0]
+    coarse = resize(frames[:1], (round(size[1] * first), round(size[0] * first)))[0]
+    if scale < 1:
+        assert len(landmarker.detector(coarse, 0)) == 0  # the first look alone would report no face
+    track = faces.detect(frames, landmarker)
+    assert track.missed == 0
+    offsets = [marker_offset(r) for r in mouth_rois(frames, track.landmarks)]
+    assert max(offsets) < 5, offsets
+
+
 def test_a_face_lost_for_a_stretch_is_filled_in_and_counted(tmp_path, landmarker):
     video = tmp_path / "lost.mp4"
     talking_face(video, fps=25, seconds=2.0, lost=(20, 30))
