@@ -10,8 +10,10 @@ Per video, `track` returns one (68, 2) array per frame, or None where no face wa
 the detector every `every` frames, on a copy scaled to at most `max_side` pixels; where that finds
 no face, on copies twice as large, up to the frame's own size (dlib's HOG detector finds faces from
 about 70 px wide, so a 1080p frame scaled to 480 px alone would hide every face under about 300 px,
-such as a person seen from the waist up). A finer look takes a new face only from FINER_FACE px wide:
-in smaller boxes the shape predictor can misplace the mouth by half a crop. In between, the
+such as a person seen from the waist up). A finer look takes a new face only from FINER_FACE px wide
+in its pixels, unless it is near the speaker: the detector's boxes near its smallest size are loose,
+and points fitted from them can put the mouth half a crop off. While no face is tracked the detector
+runs on every frame, its finer looks only every `every` frames. In between, the
 shape predictor follows the face from the previous frame's points, so detection costs a fraction
 of the frames. With several faces, the one nearest the previous face is kept (the largest at the
 start), and such frames are counted. A face lost for less than `keep_speaker` frames is looked
@@ -38,8 +40,8 @@ PREDICTOR = "shape_predictor_68_face_landmarks.dat"
 # -0.06; scikit-image's astronaut.png: 2.57, x -0.06, y -0.04).
 BOX_SIDE, BOX_SHIFT = 2.8, (0.0, -0.04)
 # pixels of the look: the narrowest box a finer look (beyond `max_side`) takes a new face from. In the
-# tests' videos of one photograph, the predictor fitted in boxes of 72 and 87 px put the mouth 40-65 px
-# off in the 96 px crop; in boxes from 96 px, within 5.
+# tests' videos of one photograph, points fitted from the detector's boxes of 72 and 87 px (near its
+# smallest size) put the mouth 40-65 px off in the 96 px crop; from boxes of 96 px and more, mostly within 5.
 FINER_FACE = 96
 
 
@@ -58,7 +60,7 @@ class Track:
     landmarks: list  # per frame: (68, 2) float32 in frame pixels, or None
     detections: int = 0  # frames the detector ran on
     missed: int = 0  # frames without a face
-    several: int = 0  # detector frames with more than one face (the nearest to the last one kept)
+    several: int = 0  # detector frames with more than one face at the look that found them (the nearest kept)
     others: int = 0  # detector frames where only faces far from the lost one were seen (not taken)
 
 
@@ -94,17 +96,28 @@ class FaceLandmarker:
         self.detector = dlib.get_frontal_face_detector()
         self.predictor = dlib.shape_predictor(str(_predictor_path()))
 
-    def faces(self, frame: np.ndarray, finer: int = FINER_FACE) -> list[tuple[float, float, float, float]]:
+    def faces(self, frame: np.ndarray, speaker: np.ndarray | None = None,
+              looks: int | None = None) -> list[tuple[float, float, float, float]]:
         """Face boxes (left, top, right, bottom) in frame pixels, largest first, from the coarsest of
-        `scales` that shows any; beyond the first, boxes under `finer` px (in the look's pixels) do
-        not count. frame: (H, W) uint8."""
+        the first `looks` of `scales` that shows a face; given the `speaker`'s last (68, 2) points,
+        the coarsest that shows one near them (not `_far`), else the coarsest that shows any.
+        Beyond the first look, a box under FINER_FACE px in the look's pixels counts only near the
+        speaker. frame: (H, W) uint8."""
         h, w = frame.shape
-        for k, scale in enumerate(scales(h, w, self.opt.max_side)):
-            boxes = [(r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale)
-                     for r in self.detector(_scaled(frame, scale), 0) if k == 0 or r.width() >= finer]
-            if boxes:
-                return sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
-        return []
+        first: list = []
+        for k, scale in enumerate(scales(h, w, self.opt.max_side)[:looks]):
+            boxes = [b for b, side in self._boxes(frame, scale)
+                     if k == 0 or side >= FINER_FACE or (speaker is not None and not _far(b, speaker))]
+            boxes.sort(key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+            if boxes and (speaker is None or any(not _far(b, speaker) for b in boxes)):
+                return boxes
+            first = first or boxes
+        return first
+
+    def _boxes(self, frame: np.ndarray, scale: float) -> list:
+        """[(box in frame pixels, its side in the look's pixels)] of one look at `scale`."""
+        return [((r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale), r.width())
+                for r in self.detector(_scaled(frame, scale), 0)]
 
     def points(self, frame: np.ndarray, box) -> np.ndarray:
         """The 68 landmarks inside `box`, (68, 2) float32."""
@@ -119,22 +132,15 @@ class FaceLandmarker:
         and a face the detector gives anew is fitted once in its box, then again in the box around
         those points. The detector's own boxes jump between the scales of its image pyramid, and
         the predictor fits some of them badly (on the test photograph: a box 20% larger put the
-        mouth 33 px low, on the chin; at 1080p a 125 px face seen at half size got a 144 px box,
-        and a tracker that kept that box's proportions slid to the chin within a second)."""
+        mouth 33 px low, on the chin; at 1080p a face whose full-size box is 125 px got a 144 px box
+        at half size, and a tracker that kept that box's proportions slid to the chin within a second)."""
         out = Track([])
         prev, last, lost = None, None, 0
         for i, frame in enumerate(frames):
-            box, fresh = None if prev is None else box_around(prev), False
-            if i % self.opt.every == 0 or prev is None:
-                found = self.faces(frame, 0 if prev is not None else FINER_FACE)  # the tracked face: any size
-                out.detections += 1
-                out.several += len(found) > 1
-                near = _nearest(found, prev if prev is not None else last)
-                if near is None or box is None or _overlap(near, box) < 0.5:
-                    if near is not None and last is not None and lost < self.opt.keep_speaker and _far(near, last):
-                        near = None  # another person: the speaker turned away or left, for now
-                        out.others += 1
-                    box, fresh = near, True  # a new face, or none: restart from the detector's box
+            box, fresh = (None if prev is None else box_around(prev)), False
+            if i % self.opt.every == 0 or prev is None:  # lost: every frame, the finer looks every `every`
+                looks = None if i % self.opt.every == 0 else 1
+                box, fresh = self._detect(frame, box, prev, last, lost, looks, out)
             if box is None:
                 out.landmarks.append(None)
                 out.missed += 1
@@ -146,6 +152,24 @@ class FaceLandmarker:
             last = prev
             out.landmarks.append(prev)
         return out
+
+
+    def _detect(self, frame, box, prev, last, lost: int, looks: int | None, out: Track):
+        """A detector frame: (the box to fit the points in, whether it is the detector's). The tracked
+        `box` while the detector sees the face there; else the detector's box of the face nearest
+        the speaker's last points, or none while only another person's face is in view (for up to
+        `keep_speaker` frames after the speaker was lost)."""
+        speaker = prev if prev is not None else last if lost < self.opt.keep_speaker else None
+        found = self.faces(frame, speaker, looks)
+        out.detections += 1
+        out.several += len(found) > 1
+        near = _nearest(found, prev if prev is not None else last)
+        if near is not None and box is not None and _overlap(near, box) >= 0.5:
+            return box, False
+        if near is not None and last is not None and lost < self.opt.keep_speaker and _far(near, last):
+            near = None  # another person: the speaker turned away or left, for now
+            out.others += 1
+        return near, near is not None  # a new face, or none: restart from the detector's box
 
 
 def scales(h: int, w: int, max_side: int) -> list[float]:
@@ -161,7 +185,7 @@ def scales(h: int, w: int, max_side: int) -> list[float]:
 
 def box_around(points: np.ndarray) -> tuple[float, float, float, float]:
     """The square box (left, top, right, bottom) the detector would draw around these (68, 2) points."""
-    spread = _spread(points)
+    spread = max(_spread(points), 1.0)  # points collapsed onto one: a box of a few pixels, lost at the next look
     cx, cy = points.mean(0) + np.array(BOX_SHIFT) * spread
     half = BOX_SIDE * spread / 2
     return cx - half, cy - half, cx + half, cy + half

@@ -3,7 +3,7 @@ failures, each one line."""
 
 import numpy as np
 import pytest
-from face_videos import MOUTH, marker_offset, photo, talking_face
+from face_videos import MOUTH, marker_offset, motion, photo, place, talking_face
 
 from mavsr_cli import faces
 from mavsr_cli.errors import MavsrError
@@ -53,7 +53,8 @@ def test_the_detector_looks_coarse_to_fine_up_to_the_frames_own_size():
     assert faces.scales(224, 224, 480) == [1.0]
     assert faces.scales(480, 640, 480) == [0.75, 1.0]
     assert faces.scales(1080, 1920, 480) == [0.25, 0.5, 1.0]
-    assert faces.scales(600, 800, 480) == [0.6, 1.0]  # 1.2x would be a step under 1.25x: merged
+    assert faces.scales(600, 800, 480) == [0.6, 1.0]  # twice 0.6 is beyond the frame's own size
+    assert faces.scales(1000, 1000, 480) == [0.48, 1.0]  # 0.96 then 1.0: a last step under 1.25x, merged
 
 
 @pytest.mark.parametrize("size,scale", [((1280, 720), 0.45), ((1920, 1080), 0.6), ((1920, 1080), 1.0)])
@@ -77,6 +78,25 @@ def test_a_face_a_tenth_of_a_large_frame_is_found_and_cropped(tmp_path, landmark
     assert track.missed == 0
     offsets = [marker_offset(r) for r in mouth_rois(frames, track.landmarks)]
     assert max(offsets) < 5, offsets
+
+
+def test_a_small_speaker_is_kept_when_a_larger_face_comes_into_view(landmarker):
+    """At 1080p the speaker's 116 px face is seen from the half-size look on; from frame 25 another
+    person's 310 px face stands on the left, seen already at the quarter-size look. The speaker
+    stays tracked (a search that stopped at the first look showing any face lost them for good)."""
+    img, frames, mouths = photo(), [], []
+    for i in range(50):
+        s, a, dx, dy = motion(i, 25, 0.6)
+        frame, m = place(img, (1920, 1080), s, a, dx, dy)
+        if i >= 25:
+            other, _ = place(img, (800, 1000), 1.5, 0.0, 0.0, 0.0)
+            frame[:1000, :800] = other
+        frames.append(gray(frame))
+        mouths.append(m)
+    track = faces.detect(np.stack(frames), landmarker)
+    assert track.missed == 0 and track.several > 0 and track.others == 0  # both faces seen, the speaker kept
+    off = [np.hypot(*(p[MOUTH_POINTS].mean(0) - m)) for p, m in zip(track.landmarks, mouths, strict=True)]
+    assert max(off) < 8, off  # the speaker's mouth in every frame, not the other person's
 
 
 def test_a_face_lost_for_a_stretch_is_filled_in_and_counted(tmp_path, landmarker):
