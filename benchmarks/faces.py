@@ -40,17 +40,17 @@ def main() -> None:
     args = ap.parse_args()
     # (label, frame size, photo scale): the face grows with the frame, except in the last, where a
     # face 116 px wide (the box around its points) in a 1080p frame is found only by the finer looks
-    sizes = [("224x224", (224, 224), 0.8 * 224 / 480), ("640x480", (640, 480), 0.8),
+    cases = [("224x224", (224, 224), 0.8 * 224 / 480), ("640x480", (640, 480), 0.8),
              ("1920x1080, small face", (1920, 1080), 0.6)]
+    sizes = [label for label, _, _ in cases]
     intervals = [int(k) for k in args.every.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         videos = {}
-        for label, size, scale in sizes:
+        for label, size, scale in cases:
             path = Path(tmp) / f"{size[0]}x{size[1]}.mp4"
             talking_face(path, size=size, fps=25, seconds=2.0, scale=scale, audio=False)
             videos[label] = read_video_at(path, 25)
-        sizes = [label for label, _, _ in sizes]
         marks = {k: faces.FaceLandmarker(faces.DetectOptions(every=k)) for k in intervals}
         times = {(s, k): [] for s in sizes for k in intervals}
         errors = {}

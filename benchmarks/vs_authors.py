@@ -281,6 +281,11 @@ class Worker:
         return _own_code(self.tree, res)
 
 
+def _times(seconds: dict[str, float]) -> str:
+    """A round's times for the log: 'row N ms, ...'."""
+    return ", ".join(f"{r} {seconds[r] * 1000:.0f} ms" for r in ROWS)
+
+
 def fresh_rounds(trees: dict[str, Path], models: Path, rounds: int, reps: int) -> dict[str, list[dict]]:
     """Each round starts a fresh worker per tree, which times every row (the first tree alternating);
     -> per tree, per round {seconds: {row: s}, faults: {row: n}, hyps}."""
@@ -288,8 +293,7 @@ def fresh_rounds(trees: dict[str, Path], models: Path, rounds: int, reps: int) -
     for k in range(rounds):
         for t in list(trees) if k % 2 == 0 else list(reversed(trees)):
             results[t].append(run_worker(trees[t], models, reps))
-            print(f"round {k + 1} {t}: " + ", ".join(f"{r} {results[t][-1]['seconds'][r] * 1000:.0f} ms"
-                                                    for r in ROWS), file=sys.stderr)
+            print(f"round {k + 1} {t}: " + _times(results[t][-1]["seconds"]), file=sys.stderr)
     return results
 
 
@@ -303,8 +307,8 @@ def kept_rounds(trees: dict[str, Path], models: Path, rounds: int, reps: int, pa
             for t in list(trees) if (k + j) % 2 == 0 else list(reversed(trees)):
                 res = workers[t].time(row)
                 results[t][k]["seconds"][row], results[t][k]["faults"][row] = res["seconds"], res["faults"]
-        print(f"round {k + 1}: " + "; ".join(f"{t} " + ", ".join(f"{r} {results[t][k]['seconds'][r] * 1000:.0f} ms"
-                                                              for r in ROWS) for t in trees), file=sys.stderr)
+        print(f"round {k + 1}: " + "; ".join(f"{t} " + _times(results[t][k]["seconds"]) for t in trees),
+              file=sys.stderr)
     for t, w in workers.items():
         hyps = w.close()["hyps"]
         for res in results[t]:

@@ -34,7 +34,7 @@ from .extraction import extract
 from .features import FeatureStore, batch_features, cache_split
 from .fsutil import atomic_write_text, clean_stale, staged_dir
 from .model.build import build_model
-from .model.step import one_token_step
+from .model.step import add_fresh, one_token_step
 from .progress import bar
 from .rates import DecodeTag, Rates, condition_name, most_accurate_first, require
 from .recipe import Recipe, checksum_or_none, done_text, finished, is_done, resolve_model, write_provenance
@@ -158,7 +158,7 @@ class _Beams:
         takes next. Empty when all are done."""
         k, a, vocab = self.k, len(self.active), logp.shape[-1]
         scores = self.scores.view(-1, 1)
-        cand = logp.add_(scores) if logp.dtype == scores.dtype else logp + scores  # (A*K, V)
+        cand = add_fresh(logp, scores)  # (A*K, V)
         top_s, top_i = cand.view(a, k * vocab).topk(2 * k, dim=-1)  # sorted
         top_s, top_i = top_s.tolist(), top_i.tolist()  # the bookkeeping below is plain Python
         keep, rows, toks, new_scores, new_seqs = [], [], [], [], []

@@ -79,7 +79,7 @@ class LlamaStep:
         # per layer: add and multiply in place, unless a module called as itself may keep what it saw
         self.ops = [(torch.add, torch.mul) if any(isinstance(f, _AsModule) for f in
                                                   (*self.proj[i].values(), *self.norms[i], self.act[i]))
-                    else (_add, _mul) for i in range(len(self.proj))]
+                    else (add_fresh, mul_fresh) for i in range(len(self.proj))]
 
     def _rotary(self, pos: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
         if dtype not in self.cast:  # the module returns cos/sin in the hidden states' dtype
@@ -99,7 +99,7 @@ class LlamaStep:
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """apply_rotary_pos_emb for one of q, k (N, heads, hd): x*cos + rotate_half(x)*sin."""
-        return _add(x * cos, _mul(torch.cat([x[..., self.half:], x[..., : self.half]], -1), sin))
+        return add_fresh(x * cos, mul_fresh(torch.cat([x[..., self.half:], x[..., : self.half]], -1), sin))
 
     def _attend(self, attn, p, x, cos, sin, masks, cache, i: int) -> torch.Tensor:
         n, hd = x.shape[0], attn.head_dim
@@ -113,13 +113,13 @@ class LlamaStep:
         return p["o_proj"](out.reshape(n, -1))
 
 
-def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def add_fresh(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a + b, written into a (a fresh result nothing else reads) where that keeps a + b's dtype."""
     return a.add_(b) if a.dtype == b.dtype else a + b
 
 
-def _mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a * b, written into a where that keeps a * b's dtype (see _add)."""
+def mul_fresh(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a * b, written into a where that keeps a * b's dtype (see add_fresh)."""
     return a.mul_(b) if a.dtype == b.dtype else a * b
 
 
@@ -162,7 +162,7 @@ def _rms_norm(mod: torch.nn.Module):
     def forward(x: torch.Tensor) -> torch.Tensor:
         x32 = x.to(torch.float32)
         y = (x32 * x32.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()).to(x.dtype)
-        return _mul(y, w)  # weight * y
+        return mul_fresh(y, w)  # weight * y
     return forward
 
 
@@ -201,6 +201,6 @@ def _linear(mod: torch.nn.Module):
         for a_dtype, at, bt, scaling in lora:
             x = mod._cast_input_dtype(x, a_dtype)
             delta = torch.mm(torch.mm(x, at), bt).mul_(scaling)
-            out = _add(out, delta)
+            out = add_fresh(out, delta)
         return out.to(dtype)
     return forward
