@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 NAME = "mavsr_sdpa"
+ONE_QUERY_DEVICES = ("cpu",)  # where a one-query call attends with one_query; SDPA everywhere else
 
 
 def one_query(q, key, value, scaling: float, hidden=None, additive=None) -> torch.Tensor:
@@ -44,7 +45,8 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
               **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    plain = query.shape[2] == 1 and query.device.type == "cpu" and not dropout and kwargs.get("softcap") is None
+    plain = (query.shape[2] == 1 and query.device.type in ONE_QUERY_DEVICES and not dropout
+             and kwargs.get("softcap") is None)
     if not plain or (attention_mask is not None and attention_mask.shape[-2] != 1):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)

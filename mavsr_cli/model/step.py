@@ -106,7 +106,7 @@ class LlamaStep:
         q = self._rope(p["q_proj"](x).view(n, -1, hd), cos, sin)  # (N, H, hd)
         k = self._rope(p["k_proj"](x).view(n, -1, hd), cos, sin)  # (N, Hkv, hd)
         keys, values = cache.update(k[:, :, None], p["v_proj"](x).view(n, -1, 1, hd), i)  # (N, Hkv, T, hd)
-        if x.device.type == "cpu":  # what attention.attention does for one query there
+        if x.device.type in attention.ONE_QUERY_DEVICES:  # what attention.attention does for one query there
             out = attention.one_query(q, keys, values, attn.scaling, hidden=masks[1])
         else:
             out = attention.attention(attn, q[:, :, None], keys, values, masks[0], scaling=attn.scaling)[0]

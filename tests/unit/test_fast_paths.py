@@ -117,14 +117,24 @@ def test_beam_search_with_the_matmul_step_attention_gives_sdpas_hypotheses(tmp_p
                                                           m.tokenizer.batch_decode(ours, skip_special_tokens=True)]
 
 
-@pytest.mark.parametrize("strategy,frozen,hooked", [("ms", "float32", False), ("mss", "float32", False),
-                                                    ("ms", "bfloat16", False), ("ms", "float32", True)])
-def test_the_llama_step_gives_the_full_calls_logits(tmp_path, strategy, frozen, hooked):
+def _sdpa_everywhere(monkeypatch):
+    """Attend as on a GPU: no device for mavsr's one-query attention, and it fails if called."""
+    monkeypatch.setattr(attention, "ONE_QUERY_DEVICES", ())
+    monkeypatch.setattr(attention, "one_query", lambda *a, **k: pytest.fail("one_query ran"))
+
+
+@pytest.mark.parametrize("strategy,frozen,hooked,gpu_attention", [
+    ("ms", "float32", False, False), ("mss", "float32", False, False), ("ms", "bfloat16", False, False),
+    ("ms", "float32", True, False), ("ms", "float32", False, True), ("ms", "bfloat16", False, True)])
+def test_the_llama_step_gives_the_full_calls_logits(tmp_path, monkeypatch, strategy, frozen, hooked, gpu_attention):
     """Five one-token steps over 3 left-padded prompts (15 rows, as a beam of 5 has them): the step's
     logits are the full transformers call's, number for number, with MS's one LoRA, MSS's two summed,
     a bf16 LLM under autocast, and hooks on a projection, a norm and an activation (a hooked model
     takes the full call; a step made for it anyway calls those modules as themselves, on the full
-    call's (N, 1, D), and leaves what their hooks keep as they saw it); the two write equal caches."""
+    call's (N, 1, D), and leaves what their hooks keep as they saw it); the two write equal caches.
+    gpu_attention: both attend with transformers' SDPA, the branch a GPU takes, run here on the CPU."""
+    if gpu_attention:
+        _sdpa_everywhere(monkeypatch)
     m = _model(tmp_path, strategy, frozen)
     llm = m.llm.get_base_model()
     assert LlamaStep.fits(llm) and isinstance(one_token_step(llm, 8), LlamaStep)
@@ -164,6 +174,28 @@ def test_the_llama_step_gives_the_full_calls_logits(tmp_path, strategy, frozen, 
     assert len(seen["step"]) == len(seen["full"]) == (15 if hooked else 0)
     for (arg, out), (ref_arg, ref_out) in zip(seen["step"], seen["full"], strict=True):
         assert torch.equal(arg, ref_arg) and torch.equal(out, ref_out)  # as the hooks saw them: not overwritten
+
+
+def test_a_batched_beam_with_the_steps_gpu_attention_gives_sdpas_hypotheses(tmp_path, monkeypatch):
+    """The step's SDPA branch (what a GPU runs), through a whole batched beam search on the CPU: the
+    hypotheses of the full transformers call with SDPA."""
+    m = _model(tmp_path)
+    llm = m.llm.get_base_model()
+    g = torch.Generator().manual_seed(4)
+    f = {"audio": (torch.randn(3, 80, 32, generator=g), torch.tensor([80, 44, 60])),
+         "video": (torch.randn(3, 40, 32, generator=g), torch.tensor([40, 22, 30]))}
+    with torch.no_grad():
+        emb, mask, _ = m.build(f, Rates(4, 2), None, left_pad=True)
+    _sdpa_everywhere(monkeypatch)
+    assert isinstance(one_token_step(llm, 8), LlamaStep)
+    ours = beam_search(llm, emb, mask, m.tokenizer.eos_token_id, 4, 10)
+    llm.set_attn_implementation("sdpa")
+    try:
+        assert not isinstance(one_token_step(llm, 8), LlamaStep)  # the full call
+        theirs = beam_search(llm, emb, mask, m.tokenizer.eos_token_id, 4, 10)
+    finally:
+        llm.set_attn_implementation(attention.NAME)
+    assert ours == theirs and len({tuple(h) for h in ours}) > 1
 
 
 def test_other_attentions_take_the_full_call(lm):
