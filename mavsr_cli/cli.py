@@ -18,7 +18,7 @@ from . import lifecycle
 from .config import DecodeConfig, Modality, Strategy
 from .errors import MavsrError
 from .options import (
-    EXTRACT_DEVICE,
+    DEVICE,
     LANDMARKS,
     MOUTH_CROP,
     MOUTH_CROP_MAX_SIDE,
@@ -144,6 +144,9 @@ BeamOpt = Annotated[int | None, typer.Option(help=f"Beam width (1 = greedy); nev
                                              f"decode.beam ({DecodeConfig.beam}).")]
 MaxTokensOpt = Annotated[int | None, typer.Option(help="Longest transcript generated. Default: the config's "
                                                   "decode.max_new_tokens (0 = 8 per second of speech, at least 32).")]
+DeviceOpt = Annotated[str, typer.Option(help="Where the model runs, and the encoders when they run on the fly: auto "
+                                        "(a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N. On a GPU "
+                                        "the frozen LLM is held in bf16 when training would run there in bf16.")]
 NoiseOpt = Annotated[str | None, typer.Option(help="Noise for --snr: babble (other training speakers), white, "
                                               f"or an audio file. Default: the config's decode.noise "
                                               f"({DecodeConfig.noise}).")]
@@ -435,7 +438,7 @@ def extract_features(
     = None,
     device: Annotated[str, typer.Option(help="Where the encoders run: auto (a GPU when torch sees one, else the "
                                         "CPU), cpu, cuda or cuda:N. With --shard, give each worker its own GPU "
-                                        "(CUDA_VISIBLE_DEVICES).")] = EXTRACT_DEVICE,
+                                        "(CUDA_VISIBLE_DEVICES).")] = DEVICE,
     force: ForceOpt = False,
 ) -> None:
     """Run the frozen encoders once and cache native-rate features in dump/<encoders>/<split>/."""
@@ -518,6 +521,7 @@ def decode(
                                                    "pool the features at these rates but use the projectors of "
                                                    "--audio-rate/--video-rate (say a model trained at rate 1). "
                                                    "Average-pooling models only.")] = None,
+    device: DeviceOpt = DEVICE,
     force: ForceOpt = False,
 ) -> None:
     """Decode a split at one rate pair (or --sweep, --budget) into exp/<tag>/decode_<rates>_beam<B>/<split>/.
@@ -528,7 +532,7 @@ def decode(
 
     stage.run(_recipe(dir, exp), exp, split, audio_rate, video_rate, force, _log, shard=parse_shard(shard),
               sweep=sweep, budget=budget, beam=beam, batch_size=batch_size, max_new_tokens=max_new_tokens,
-              snr=snr, noise=noise, pool=pool_rates)
+              snr=snr, noise=noise, pool=pool_rates, device=device)
     if shard is None:
         _next(f"mavsr score --exp {exp}")
 
@@ -559,6 +563,7 @@ def transcribe(
     max_new_tokens: MaxTokensOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON record with rates, tokens and timings "
                                            "instead of the text.")] = False,
+    device: DeviceOpt = DEVICE,
 ) -> None:
     """Transcribe one media file with a trained experiment (encoders run on the fly)."""
     _quiet_libraries()
@@ -568,7 +573,7 @@ def transcribe(
 
     res = stage.run(_recipe(dir), exp, media, audio_rate, video_rate, budget, roi, _value(modality), beam,
                     max_new_tokens, log=lambda m: print(m, file=sys.stderr), mouth_crop=mouth_crop,
-                    save_roi=save_roi)
+                    save_roi=save_roi, device=device)
     _log(json.dumps(res, ensure_ascii=False) if json_out else res["text"])
 
 
@@ -601,6 +606,7 @@ def serve(
                                                   "the controller use the recipe's first val or test clip; "
                                                   "without one, random features of this many seconds.")]
     = SERVE.warmup_seconds,
+    device: DeviceOpt = SERVE.device,
 ) -> None:
     """Serve transcription over HTTP (OpenAI's /v1/audio/transcriptions shape), batching requests and
     trading compression for latency under load. Needs the serve extra."""
@@ -617,7 +623,7 @@ def serve(
     if not 0 <= port <= 65535:
         raise MavsrError(f"--port must be 0 to 65535, got {port}")
     opts = ServeOptions(host, port, rates, slo_ms, max_batch, batch_wait_ms, max_queue, max_upload_mb, max_seconds,
-                        api_key, warmup_seconds)
+                        api_key, warmup_seconds, device)
     stage.run(_recipe(dir), exp, opts, log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
@@ -638,6 +644,7 @@ def bench(
                                         "machine).")] = BENCH.rounds,
     out: Annotated[Path | None, typer.Option(help="Report dir (default: exp/<tag>/bench for one experiment, bench/ "
                                              "for several).")] = None,
+    device: DeviceOpt = BENCH.device,
 ) -> None:
     """Elastic-inference report: every trained rate pair x modality x noise condition decoded in one run, with
     WER, LLM tokens/s, latency, RTF and peak memory (CSV, JSON, REPORT.md, PNG plots)."""
@@ -645,7 +652,7 @@ def bench(
     from .stages import bench as stage
 
     opt = BenchOptions(split=split, snrs=stage.parse_snrs(snr), noise=noise, beam=beam, batch_size=batch_size,
-                       rounds=rounds)
+                       rounds=rounds, device=device)
     stage.run(_recipe(dir, *exp), exp, opt, out, _log)
 
 

@@ -26,15 +26,16 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, faults
+from . import checkpoint, devices, faults
 from . import config as config_mod
 from .config import DecodeConfig
 from .errors import MavsrError
 from .extraction import extract
 from .features import FeatureStore, batch_features, cache_split
 from .fsutil import atomic_write_text, clean_stale, staged_dir
-from .model.build import build_model
+from .model.build import build_model, train_bf16
 from .model.step import add_fresh, one_token_step
+from .options import DEVICE
 from .progress import bar
 from .rates import DecodeTag, Rates, condition_name, most_accurate_first, require
 from .recipe import Recipe, checksum_or_none, done_text, finished, is_done, resolve_model, write_provenance
@@ -126,8 +127,9 @@ def generate(model, feats: dict, rates: Rates, max_new_tokens: int, beam: int = 
     """Texts and the LLM input length per utterance: greedy (`beam` 1) or mavsr's batched beam
     search. A model whose frozen LLM is held in bf16 decodes under bf16
     autocast (its float32 projectors and LoRA meet the bf16 weights there)."""
-    bf16 = model.frozen_dtype == torch.bfloat16
-    with torch.autocast(model.markers.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+    bf16, dev = model.frozen_dtype == torch.bfloat16, model.markers.device
+    feats = {m: (x.to(dev), n.to(dev)) for m, (x, n) in feats.items()}  # (B, T, D), (B,) where the model is
+    with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
         emb, mask, _ = model.build(feats, rates, None, left_pad=True, pool=pool)  # (B, L, D), (B, L)
         tok = model.tokenizer
         llm = _causal_lm(model.llm)
@@ -143,10 +145,10 @@ class _Beams:
     """The bookkeeping of a batched beam search: per active utterance, `k` live hypotheses (rows
     p*k .. p*k+k-1 of the KV cache belong to active[p]) and the finished ones of every utterance."""
 
-    def __init__(self, b: int, k: int, eos: int, length_penalty: float) -> None:
+    def __init__(self, b: int, k: int, eos: int, length_penalty: float, device: torch.device) -> None:
         self.k, self.eos, self.lp = k, eos, length_penalty
         self.active = list(range(b))
-        self.scores = torch.full((b, k), float("-inf"))
+        self.scores = torch.full((b, k), float("-inf"), device=device)
         self.scores[:, 0] = 0.0  # one live beam at the start: the others must not duplicate it
         self.seqs: list[list[list[int]]] = [[[] for _ in range(k)] for _ in range(b)]
         self.finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
@@ -176,7 +178,8 @@ class _Beams:
             new_scores.append([sc for sc, _, _ in live])
             new_seqs.append([self.seqs[p][src] + [t] for _, src, t in live])
         if keep:
-            self.active, self.seqs, self.scores = keep, new_seqs, torch.tensor(new_scores)
+            self.active, self.seqs = keep, new_seqs
+            self.scores = torch.tensor(new_scores, device=self.scores.device)
         return rows, toks
 
     def _candidates(self, p: int, i: int, scores: list[float], ids: list[int], vocab: int) -> list:
@@ -310,18 +313,18 @@ def beam_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, beam: int,
     cache.batch_repeat_interleave(k)
     full = _search_mask(mask, max_new_tokens).repeat_interleave(k, 0)
     last_pos = pos[:, -1].repeat_interleave(k)
-    beams = _Beams(b, k, eos, length_penalty)
+    beams = _Beams(b, k, eos, length_penalty, emb.device)
     step_logits, embed = one_token_step(_causal_lm(llm), mask.shape[1] + max_new_tokens), llm.get_input_embeddings()
     for step in range(max_new_tokens):
         rows, toks = beams.step(logp, last=step == max_new_tokens - 1)
         if not rows:
             break
-        idx = torch.tensor(rows)
+        idx = torch.tensor(rows, device=emb.device)
         cache.reorder_cache(idx)  # reorders beams and drops the rows of finished utterances
         if len(rows) != full.shape[0]:  # a beam's rows share their mask and position
             full, last_pos = full[idx], last_pos[idx]
         last_pos = last_pos + 1
-        step_emb = embed(torch.tensor(toks)[:, None])
+        step_emb = embed(torch.tensor(toks, device=emb.device)[:, None])
         logits = step_logits(step_emb, last_pos, full[..., : mask.shape[1] + step + 1], cache)  # (A*K, V)
         logp = torch.log_softmax(logits.float(), -1)
     return beams.best(b)
@@ -340,9 +343,11 @@ def load_experiment(exp: Path):
 class Decoder:
     """One loaded experiment, decoding any of its trained configurations (the model loads once)."""
 
-    def __init__(self, recipe: Recipe, exp: Path, split: str | None, log=print) -> None:
-        """`split` None: the experiment only (for `transcribe`), no manifest needed."""
+    def __init__(self, recipe: Recipe, exp: Path, split: str | None, log=print, device: str = DEVICE) -> None:
+        """`split` None: the experiment only (for `transcribe`), no manifest needed. `device`: where
+        the model runs (devices.resolve; a device not here is refused now, before any work)."""
         self.recipe, self.split, self.log = recipe, split, log
+        self.device = devices.resolve(device)
         self.exp = Path(exp) if Path(exp).is_absolute() else recipe.root / exp
         self.cfg, self.ckpt, self.meta = load_experiment(self.exp)
         self.trained = checkpoint.grid_of(self.meta)
@@ -407,10 +412,13 @@ class Decoder:
     def model(self):
         if self._model is None:
             cfg, meta = self.cfg, self.meta
+            # on a GPU the frozen LLM is held as training held it there (bf16 with precision auto); on
+            # the CPU in float32, as training runs there
+            bf16 = self.device.type == "cuda" and train_bf16(cfg.train, "cuda")
             m = build_model(cfg, meta["dims"].get("audio"), meta["dims"].get("video"),
-                            llm_path=resolve_model(self.recipe, cfg.model.llm), rates=self.trained)
+                            llm_path=resolve_model(self.recipe, cfg.model.llm), rates=self.trained, bf16=bf16)
             m.load_trainable(checkpoint.load_state(self.ckpt))
-            self._model = m.eval()
+            self._model = m.to(self.device).eval()
         return self._model
 
     def store(self, opts: DecodeConfig) -> FeatureStore:
@@ -421,7 +429,7 @@ class Decoder:
                 if self.cfg.model.modality == "v":
                     raise MavsrError("--snr adds noise to the audio; this is a video-only model")
                 extract(self.recipe, self.cfg, [self.split], log=self.log, condition=(opts.noise, float(opts.snr)),
-                        device="cpu")  # as decode runs its model: no --device of its own yet
+                        device=str(self.device))  # the encoders where the model runs
             self._stores[key] = FeatureStore(self.recipe.dump(self.meta["encoders_tag"], key))
         return self._stores[key]
 
@@ -481,7 +489,10 @@ class Decoder:
             atomic_write_text(tmp / "hyp.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
             o = {"checkpoint": self.ckpt.name, "rates": rates.tag, "pool": opts.pool or None, "split": self.split,
                  "beam": opts.beam, "batch_size": opts.batch_size, "max_new_tokens": opts.max_new_tokens or "auto",
-                 "snr": opts.snr, "noise": opts.noise if opts.snr is not None else None, "sampling": False}
+                 "snr": opts.snr, "noise": opts.noise if opts.snr is not None else None, "sampling": False,
+                 # where each utterance was decoded (a resumed or sharded decode may have used several; a
+                 # line journalled before lines named it was decoded on the CPU, then decode's only device)
+                 "devices": sorted({x.get("device", "cpu") for x in lines})}
             options = "decode_options:\n" + "".join(f"  {k}: {v}\n" for k, v in o.items())
             write_provenance(tmp, self.cfg.dump() + options)
 
@@ -504,7 +515,7 @@ class Decoder:
                 hyps, n_in = self._generate(store, bid, rates, mnt, opts.beam, pool)
                 dt = (time.perf_counter() - t0) / len(bid)
                 mine = [{"id": i, "ref": self.utts[i].text, "hyp": h, "tokens_in": n,
-                         "duration": self.utts[i].duration, "time": round(dt, 5)}
+                         "duration": self.utts[i].duration, "time": round(dt, 5), "device": self.device.type}
                         for i, h, n in zip(bid, hyps, n_in, strict=True)]
                 jf.write(json.dumps({"batch": k, "ids": bid, "lines": mine}, ensure_ascii=False) + "\n")
                 jf.flush()

@@ -1,4 +1,5 @@
-"""Where extract-features runs its encoders (`--device`).
+"""Where a stage runs its models (`--device`): extract-features its encoders; decode, transcribe,
+serve and bench the LLM and projectors, and the encoders they run on the fly.
 
 `auto` is a GPU when torch sees one, else the CPU; `cuda` / `cuda:N` on a machine (or a torch
 build) without one is refused in one line before any work, not left to fail at the first tensor.
@@ -30,3 +31,8 @@ def resolve(pref: str) -> torch.device:
     if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
         raise MavsrError(f"device {pref}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
     return torch.device(pref)
+
+
+def describe(dev: torch.device) -> str:
+    """cpu, or the GPU's name (for reports)."""
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type

@@ -28,7 +28,7 @@ from .fsutil import atomic_file, atomic_write_json, atomic_write_text, clean_sta
 from .media import encoder_video, fit_audio, read_audio, read_mouth_roi
 from .model.audio_encoder import WhisperAudioEncoder
 from .model.video_encoder import load_video_encoder
-from .options import EXTRACT_DEVICE, SHARD_SIZE
+from .options import DEVICE, SHARD_SIZE
 from .progress import bar
 from .rates import condition_name
 from .recipe import Recipe, finished, is_done, mark_done, resolve_model, write_provenance
@@ -144,7 +144,7 @@ class SplitJob:
 
 def extract(recipe: Recipe, cfg: Config, splits: list[str], force: bool = False, log=print,
             shard: Shard | None = None, shard_size: int = SHARD_SIZE, condition: Condition | None = None,
-            device: str = EXTRACT_DEVICE) -> str:
+            device: str = DEVICE) -> str:
     """Extract the splits; returns the encoders tag (dump/<tag>/). `condition` makes a noisy copy
     of a split instead, each utterance's noise seeded by its id so every run gives the same input.
     `device` (devices.resolve) is where the encoders run; each shard file records its type."""

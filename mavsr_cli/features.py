@@ -106,9 +106,9 @@ class FeatureStore:
 
 
 def pad_batch(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """list of (T_i, D) -> (B, T, D) zero-padded, lengths (B,)."""
+    """list of (T_i, D) -> (B, T, D) zero-padded (float32, on the first tensor's device), lengths (B,)."""
     lengths = torch.tensor([t.shape[0] for t in tensors])
-    out = torch.zeros(len(tensors), int(lengths.max()), tensors[0].shape[1])
+    out = torch.zeros(len(tensors), int(lengths.max()), tensors[0].shape[1], device=tensors[0].device)
     for i, t in enumerate(tensors):
         out[i, : t.shape[0]] = t
     return out, lengths

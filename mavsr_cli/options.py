@@ -39,7 +39,7 @@ LANDMARKS = ("a pickle of a per-frame list, each a 68 x 2 array of (x, y) points
              "(None for a frame without a face)")
 
 
-EXTRACT_DEVICE = "auto"  # where extract-features runs the encoders: a GPU when torch sees one (devices.resolve)
+DEVICE = "auto"  # where a stage runs its models (--device): a GPU when torch sees one (devices.resolve)
 SHARD_SIZE = 256  # utterances per feature shard file (extract-features --shard-size)
 
 
@@ -101,6 +101,7 @@ class BenchOptions:
     beam: int = DecodeConfig.beam  # beam width of every decode (claims reads it back from bench.json)
     batch_size: int | None = None  # utterances decoded together (None: each experiment's config)
     rounds: int = 3  # timed decodes of each pair per condition, taking turns; a row keeps the least time
+    device: str = DEVICE  # where the models run (devices.resolve)
 
 
 @dataclass(frozen=True)
@@ -129,3 +130,4 @@ class ServeOptions:
     max_seconds: float = 120.0  # longer media are answered 413, found while decoding (before it is all in memory)
     api_key: str | None = None  # required as 'Authorization: Bearer KEY' on /v1 and /metrics (or MAVSR_API_KEY)
     warmup_seconds: float = 3.0  # random-feature clip of the start-up decodes, when the recipe has no val/test media
+    device: str = DEVICE  # where the models run (devices.resolve)

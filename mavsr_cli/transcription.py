@@ -33,6 +33,7 @@ from .media import (
     to_roi,
     write_av,
 )
+from .options import DEVICE
 from .rates import Rates, most_accurate_first
 from .recipe import Recipe, resolve_model
 
@@ -93,9 +94,10 @@ class EncoderInputs:
 class Transcriber:
     """A loaded experiment with its encoders: files -> Clips -> texts at any trained rate pair."""
 
-    def __init__(self, recipe: Recipe, exp: Path, log=lambda m: None) -> None:
+    def __init__(self, recipe: Recipe, exp: Path, log=lambda m: None, device: str = DEVICE) -> None:
+        """`device`: where the encoders and the model run (devices.resolve)."""
         self.recipe, self.log = recipe, log
-        self.dec = Decoder(recipe, exp, None, log=log)
+        self.dec = Decoder(recipe, exp, None, log=log, device=device)
         self.cfg = self.dec.cfg
         self.modality = self.cfg.model.modality
         self._venc = self._aenc = None
@@ -113,7 +115,8 @@ class Transcriber:
         if self._venc is None:
             from .model.video_encoder import load_video_encoder
 
-            self._venc = load_video_encoder(resolve_model(self.recipe, self.cfg.video_encoder.path)).eval()
+            path = resolve_model(self.recipe, self.cfg.video_encoder.path)
+            self._venc = load_video_encoder(path).to(self.dec.device).eval()
         return self._venc
 
     def _audio_encoder(self):
@@ -121,7 +124,7 @@ class Transcriber:
             from .model.audio_encoder import WhisperAudioEncoder
 
             ac = self.cfg.audio_encoder
-            self._aenc = WhisperAudioEncoder.from_config(resolve_model(self.recipe, ac.path), ac)
+            self._aenc = WhisperAudioEncoder.from_config(resolve_model(self.recipe, ac.path), ac).to(self.dec.device)
         return self._aenc
 
     def default_rates(self) -> Rates:
@@ -173,7 +176,8 @@ class Transcriber:
             enc = self._video_encoder()  # loaded before the loop: a failure to load is no upload's
             for k, m in enumerate(items):
                 try:
-                    feats[k]["video"] = enc(encoder_video(m.frames, self.cfg.video_encoder)).float()  # (T_v, D_v)
+                    crops = encoder_video(m.frames, self.cfg.video_encoder).to(self.dec.device)
+                    feats[k]["video"] = enc(crops).float()  # (T_v, D_v)
                 except Exception as err:
                     if not isolate:
                         raise

@@ -120,14 +120,15 @@ class AVSRModel(nn.Module):
         table = torch.cat(parts + [parts[1].new_zeros(1, width)])  # (rows, D); the last row pads
         rows, labels = self._rows(blocks, tgts, table.shape[0] - 1)
         longest = max(len(r) for r in rows)
-        idx = torch.full((b, longest), table.shape[0] - 1, dtype=torch.long)
-        mask = torch.zeros(b, longest, dtype=torch.long)
-        lab = torch.full((b, longest), -100, dtype=torch.long)
+        cpu = torch.device("cpu")  # filled row by row here, then moved to the model's device at once
+        idx = torch.full((b, longest), table.shape[0] - 1, dtype=torch.long, device=cpu)
+        mask = torch.zeros(b, longest, dtype=torch.long, device=cpu)
+        lab = torch.full((b, longest), -100, dtype=torch.long, device=cpu)
         for i, r in enumerate(rows):
             sl = slice(longest - len(r), longest) if left_pad else slice(0, len(r))
-            idx[i, sl] = torch.tensor(r)
+            idx[i, sl] = torch.tensor(r, device=cpu)
             mask[i, sl] = 1
-            lab[i, sl] = torch.tensor(labels[i])
+            lab[i, sl] = torch.tensor(labels[i], device=cpu)
         # embedding, not table[idx]: the index gather's backward adds the rows used many times (markers)
         # with atomics on a multi-threaded CPU, in an order that changed gradients from run to run
         emb = torch.nn.functional.embedding(idx.to(device), table)  # (B, L, D)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .. import devices
 from ..config import snr_value
 from ..decoding import Decoder
 from ..errors import MavsrError
@@ -54,8 +55,8 @@ class PeakMemory:
     of the process (sampled every 5 ms by a thread). Absolute, the model included: the growth over
     the level at entry read 0 when the allocator reused memory freed by an earlier row."""
 
-    def __init__(self) -> None:
-        self.cuda = torch.cuda.is_available()
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.cuda = device, device.type == "cuda"
         self.peak_mb: float | None = None
 
     @staticmethod
@@ -70,9 +71,9 @@ class PeakMemory:
 
     def __enter__(self):
         if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._base = torch.cuda.memory_allocated()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
             return self
         self._base = self._rss()
         self._max = self._base
@@ -88,8 +89,8 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         if self.cuda:
-            torch.cuda.synchronize()
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
         else:
             self._stop.set()
             self._thread.join()
@@ -112,7 +113,7 @@ def measure(recipe: Recipe, exp: Path, opt: BenchOptions, log=print) -> list[dic
     condition the pairs take turns, `opt.rounds` times, and a row keeps its pair's least decode
     time: another process's burst only ever adds time, and taking turns spreads a slow stretch over
     every pair (one pass per pair on a shared machine once measured (16,5) 1.5x slower than (4,2))."""
-    dec = Decoder(recipe, exp, opt.split, log)
+    dec = Decoder(recipe, exp, opt.split, log, opt.device)
     modality = dec.cfg.model.modality
     _ = dec.model  # loaded once, outside the timed blocks
     rows: dict[tuple[str, float | None], dict] = {}
@@ -149,7 +150,7 @@ def _keep_least(rows: dict, key: tuple, row: dict, what: str, round_no: int) -> 
 
 def _decoded(dec: Decoder, rates: Rates, dopt) -> dict:
     """One timed decode of the split at one pair and condition, scored: a bench row (and its hypotheses)."""
-    with PeakMemory() as mem:
+    with PeakMemory(dec.device) as mem:
         d = dec.run(rates, dopt, force=True)
     res = score_dir(d, force=True)
     recs = [json.loads(x) for x in (d / "hyp.jsonl").read_text().splitlines() if x.strip()]
@@ -168,8 +169,9 @@ def _snr_label(snr) -> str:
 
 
 def report(rows: list[dict], opt: BenchOptions) -> tuple[str, dict]:
+    dev = devices.resolve(opt.device)
     env = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "device": devices.describe(dev),
            "torch": torch.__version__, "split": opt.split, "beam": opt.beam, "noise": opt.noise,
            "rounds": opt.rounds}
     lines = ["# Elastic inference report", "",
@@ -179,7 +181,7 @@ def report(rows: list[dict], opt: BenchOptions) -> tuple[str, dict]:
              f"ms/utt is the decode time of a batch divided by its utterances, the least of {opt.rounds} rounds in "
              "which the pairs took turns; RTF = decode time / speech time; "
              + ("peak MB is the peak memory allocated on the GPU during the decode, the model included."
-                if torch.cuda.is_available() else
+                if dev.type == "cuda" else
                 "peak MB is the process's peak resident memory during the decode, the model included."), "",
              "| exp | modality | (A,V) | WER % | CER % | tokens/s | ms/utt | RTF | peak MB |",
              "|---|---|---|---|---|---|---|---|---|"]

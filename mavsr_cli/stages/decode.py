@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..decoding import Decoder
 from ..errors import MavsrError
+from ..options import DEVICE
 from ..rates import Rates
 from ..recipe import Recipe
 from ..sharding import Shard
@@ -24,15 +25,15 @@ from ..sharding import Shard
 
 def run(recipe: Recipe, exp: Path, split: str, audio_rate: int | None, video_rate: int | None, force: bool = False,
         log=print, shard: Shard | None = None, sweep: bool = False, budget: float | None = None,
-        **overrides) -> list[Path]:
+        device: str = DEVICE, **overrides) -> list[Path]:
     """Decode at one rate pair, at every trained pair (`sweep`), or at the best pair within `budget`.
 
     `overrides`: fields of the config's `decode:` section for this call (beam, batch_size,
     max_new_tokens, snr, noise, pool); None keeps the config's value. `pool` (a rate tag, e.g.
     a16v5): inference-only pooling, the paper's baseline: features are compressed at these rates
     but go through the projectors (and adapters) of the decoded pair, typically a model trained
-    at rate 1 decoded at rates it never saw."""
-    dec = Decoder(recipe, exp, split, log)
+    at rate 1 decoded at rates it never saw. `device`: where the model runs (devices.resolve)."""
+    dec = Decoder(recipe, exp, split, log, device)
     opts = dec.options(**overrides)
     if overrides.get("noise") is not None and opts.snr is None:
         raise MavsrError(f"--noise {overrides['noise']} is the noise of a --snr condition; give --snr too")

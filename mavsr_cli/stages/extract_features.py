@@ -22,13 +22,13 @@ from __future__ import annotations
 from ..config import Config
 from ..errors import MavsrError
 from ..extraction import extract
-from ..options import EXTRACT_DEVICE, SHARD_SIZE
+from ..options import DEVICE, SHARD_SIZE
 from ..recipe import Recipe
 from ..sharding import Shard
 
 
 def run(recipe: Recipe, cfg: Config, splits: list[str] | None, force: bool = False, log=print,
-        shard: Shard | None = None, shard_size: int = SHARD_SIZE, device: str = EXTRACT_DEVICE) -> str:
+        shard: Shard | None = None, shard_size: int = SHARD_SIZE, device: str = DEVICE) -> str:
     """Extract the splits (None: every prepared one) into dump/<encoders-tag>/; returns the tag."""
     splits = splits or recipe.prepared_splits()
     if not splits:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..decoding import max_new_tokens
 from ..errors import MavsrError
+from ..options import DEVICE
 from ..recipe import Recipe
 from ..transcription import Transcriber
 
@@ -28,13 +29,13 @@ from ..transcription import Transcriber
 def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, video_rate: int | None = None,
         budget: float | None = None, roi: str | None = None, modality: str | None = None, beam: int | None = None,
         max_tokens: int | None = None, log=lambda m: None, mouth_crop: bool = False,
-        save_roi: Path | None = None) -> dict:
+        save_roi: Path | None = None, device: str = DEVICE) -> dict:
     """Decode one media file; beam and max_tokens default to the experiment's `decode:` config.
     `--budget` is counted for this clip's duration (decoding.Budget)."""
     media = Path(media)
     if not media.is_file():
         raise MavsrError(f"media file not found: {media}")
-    tr = Transcriber(recipe, exp, log=log)
+    tr = Transcriber(recipe, exp, log=log, device=device)
     dec = tr.dec
     opts = dec.options(beam=beam, max_new_tokens=max_tokens)
     modality = modality or tr.modality

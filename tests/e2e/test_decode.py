@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from e2e_helpers import mavsr, snapshot
 
 from mavsr_cli.rates import DecodeTag, Rates
@@ -299,3 +300,41 @@ def test_options_that_would_be_ignored_are_refused(recipe):
     for extra in (["--num-utts", "5"], ["--speakers", "3"], ["--csv", "x.csv"]):  # not options of prepare dir
         r = mavsr(d, "prepare", "dir", "--root", str(d), *extra, ok=False)
         assert r.returncode == 2 and "No such option" in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU this machine must not have")
+def test_a_device_not_here_is_one_line_before_any_write_and_each_hypothesis_names_its_device(recipe):
+    """decode, transcribe, bench and serve take --device as extract-features does: a GPU that is not
+    here is refused in one line before anything is written; a decode records where each utterance
+    was decoded (its hyp.jsonl line) and the devices of the whole split (config.yaml)."""
+    d = recipe
+    _, video = _test_utt(d)
+    before = snapshot(d)
+    for args in (["decode", "--exp", "exp/t", "--audio-rate", "4", "--video-rate", "5", "--beam", "1"],
+                 ["transcribe", str(video), "--exp", "exp/t"], ["bench", "--exp", "exp/t", "--snr", "clean"],
+                 ["serve", "--exp", "exp/t", "--port", "0"]):
+        for dev in ("cuda", "cuda:1"):
+            r = mavsr(d, *args, "--device", dev, ok=False)
+            err = r.stderr.strip().splitlines()
+            assert r.returncode == 2 and len(err) == 1 and "sees no CUDA GPU" in err[0], (args, r.stderr)
+    assert snapshot(d) == before
+    mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "4", "--video-rate", "5", "--beam", "1", "--device", "cpu")
+    out = d / "exp/t/decode_a4v5_beam1/test"
+    assert {json.loads(x)["device"] for x in (out / "hyp.jsonl").read_text().splitlines()} == {"cpu"}
+    assert "devices: ['cpu']" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on the CI machine)")
+def test_a_decode_on_a_gpu_scores_as_the_cpus(recipe):
+    """The model and the search on the GPU (the LLM in bf16 where training would use it there): every
+    utterance says cuda, and the WER is within 10 points of the CPU's (other kernels, other rounding)."""
+    d = recipe
+    wer = {}
+    for dev in ("cpu", "cuda"):
+        mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "4", "--video-rate", "5", "--beam", "3",
+              "--device", dev, "--force")
+        out = d / "exp/t/decode_a4v5_beam3/test"
+        assert {json.loads(x)["device"] for x in (out / "hyp.jsonl").read_text().splitlines()} == {dev}
+        mavsr(d, "score", "--exp", "exp/t", "--force")
+        wer[dev] = json.loads((out / "wer.json").read_text())["wer"]
+    assert abs(wer["cuda"] - wer["cpu"]) <= 10.0, wer

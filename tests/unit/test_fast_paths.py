@@ -198,6 +198,24 @@ def test_a_batched_beam_with_the_steps_gpu_attention_gives_sdpas_hypotheses(tmp_
     assert ours == theirs and len({tuple(h) for h in ours}) > 1
 
 
+@pytest.mark.parametrize("beam", [1, 4])
+def test_the_search_makes_its_tensors_where_the_model_is(tmp_path, beam):
+    """What a GPU needs, checked on the CPU: with torch's default device set to meta, a tensor that
+    the input builder or the search makes without naming a device has no data, and the search fails
+    or its hypotheses change (both happened before they named one); here they equal a plain run's."""
+    m = _model(tmp_path)
+    g = torch.Generator().manual_seed(5)
+    f = {"audio": (torch.randn(3, 80, 32, generator=g), torch.tensor([80, 44, 60])),
+         "video": (torch.randn(3, 40, 32, generator=g), torch.tensor([40, 22, 30]))}
+    want = generate(m, f, Rates(4, 2), 8, beam=beam)
+    torch.set_default_device("meta")
+    try:
+        got = generate(m, f, Rates(4, 2), 8, beam=beam)
+    finally:
+        torch.set_default_device(None)
+    assert got == want and all(want[0])  # texts, input lengths
+
+
 def test_other_attentions_take_the_full_call(lm):
     lm.set_attn_implementation("eager")
     try:
