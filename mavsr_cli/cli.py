@@ -19,6 +19,7 @@ from .config import DecodeConfig, Modality, Strategy
 from .errors import MavsrError
 from .options import (
     DEVICE,
+    DEVICE_ENV,
     LANDMARKS,
     MOUTH_CROP,
     MOUTH_CROP_MAX_SIDE,
@@ -144,7 +145,8 @@ BeamOpt = Annotated[int | None, typer.Option(help=f"Beam width (1 = greedy); nev
                                              f"decode.beam ({DecodeConfig.beam}).")]
 MaxTokensOpt = Annotated[int | None, typer.Option(help="Longest transcript generated. Default: the config's "
                                                   "decode.max_new_tokens (0 = 8 per second of speech, at least 32).")]
-DeviceOpt = Annotated[str, typer.Option(help="Where the model runs, and the encoders when they run on the fly: auto "
+DeviceOpt = Annotated[str, typer.Option(envvar=DEVICE_ENV, show_envvar=True,
+                                        help="Where the model runs, and the encoders when they run on the fly: auto "
                                         "(a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N. On a GPU "
                                         "the frozen LLM is held in bf16 when training would run there in bf16.")]
 NoiseOpt = Annotated[str | None, typer.Option(help="Noise for --snr: babble (other training speakers), white, "
@@ -436,7 +438,8 @@ def extract_features(
     modality: Annotated[Modality | None, typer.Option(help="Overriding the config: av, a (audio encoder only) or v "
                                                       "(video encoder only), as `train --modality` will read it.")]
     = None,
-    device: Annotated[str, typer.Option(help="Where the encoders run: auto (a GPU when torch sees one, else the "
+    device: Annotated[str, typer.Option(envvar=DEVICE_ENV, show_envvar=True,
+                                        help="Where the encoders run: auto (a GPU when torch sees one, else the "
                                         "CPU), cpu, cuda or cuda:N. With --shard, give each worker its own GPU "
                                         "(CUDA_VISIBLE_DEVICES).")] = DEVICE,
     force: ForceOpt = False,

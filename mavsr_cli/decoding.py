@@ -361,15 +361,16 @@ class Decoder:
 
     def inputs(self, opts: DecodeConfig) -> dict:
         """What a decode dir is made from beyond its name (rates, beam, pool, condition): the
-        checkpoint, the token limit, and checksums of the manifest and the feature cache. The
-        batch size is not among them: it does not change the hypotheses."""
+        checkpoint, the token limit, checksums of the manifest and the feature cache, and the device
+        type (a GPU's kernels and bf16 give other numbers). The batch size is not among them: it does
+        not change the hypotheses."""
         sums = self.ckpt / "checksums.json"
         weights = json.loads(sums.read_text()).get("model.safetensors") if sums.is_file() else None
         cache = self.recipe.dump(self.meta["encoders_tag"], cache_split(self.cfg, self.split, condition_of(opts)))
         return {"checkpoint": self.ckpt.name, "checkpoint_sha256": weights,
                 "max_new_tokens": opts.max_new_tokens or "auto",
                 "manifest": checksum_or_none(self.recipe.manifest(self.split)),
-                "features": checksum_or_none(cache / "provenance.json")}
+                "features": checksum_or_none(cache / "provenance.json"), "device": self.device.type}
 
     def requested_rates(self, audio_rate: int | None, video_rate: int | None, budget: float | None,
                         seconds: float | None = None) -> Rates | None:
@@ -461,8 +462,13 @@ class Decoder:
         """Write the part files this call owns (all of them without `shard`); returns their count N."""
         clean_stale(parts_dir)
         n_parts = shard[1] if shard else _existing_parts(parts_dir)
-        for p in [shard[0]] if shard else range(n_parts):
-            part = parts_dir / f"part-{p:05d}-of-{n_parts:05d}.jsonl"
+        parts = [parts_dir / f"part-{p:05d}-of-{n_parts:05d}.jsonl" for p in range(n_parts)]
+        mine = [shard[0]] if shard else range(n_parts)
+        if not force and any(not parts[p].is_file() for p in mine):  # the split is finished here: as begun?
+            self._same_device([json.loads(x) for f in parts if f.is_file() for x in f.read_text().splitlines()],
+                              f"{rates.tag} {self.split}")
+        for p in mine:
+            part = parts[p]
             if part.is_file() and not force:
                 continue
             parts_dir.mkdir(parents=True, exist_ok=True)
@@ -490,9 +496,7 @@ class Decoder:
             o = {"checkpoint": self.ckpt.name, "rates": rates.tag, "pool": opts.pool or None, "split": self.split,
                  "beam": opts.beam, "batch_size": opts.batch_size, "max_new_tokens": opts.max_new_tokens or "auto",
                  "snr": opts.snr, "noise": opts.noise if opts.snr is not None else None, "sampling": False,
-                 # where each utterance was decoded (a resumed or sharded decode may have used several; a
-                 # line journalled before lines named it was decoded on the CPU, then decode's only device)
-                 "devices": sorted({x.get("device", "cpu") for x in lines})}
+                 "devices": sorted(_decoded_on(lines))}  # several where parts were decoded apart
             options = "decode_options:\n" + "".join(f"  {k}: {v}\n" for k, v in o.items())
             write_provenance(tmp, self.cfg.dump() + options)
 
@@ -503,6 +507,7 @@ class Decoder:
         _ = self.model  # load it before the progress bar starts
         done = _read_journal(journal, batches)
         out = [x for k in range(len(done)) for x in done[k]]
+        self._same_device(out, what)
         pool = Rates.parse(opts.pool) if opts.pool else None
         with torch.inference_mode(), bar() as pbar, open(journal, "a", encoding="utf-8") as jf:
             task = pbar.add_task(f"decode {what}", total=sum(len(b) for b in batches),
@@ -524,6 +529,14 @@ class Decoder:
                 pbar.advance(task, len(bid))
         return out
 
+    def _same_device(self, lines: list[dict], what: str) -> None:
+        """Refuse to finish on this device type a decode begun on another: CPU float32 and GPU bf16
+        hypotheses would mix in one result (extract-features refuses a cache's resume alike)."""
+        other = sorted(_decoded_on(lines) - {self.device.type})
+        if other:
+            raise MavsrError(f"decode: {what} was begun on {' and '.join(other)}; finish it there (--device "
+                             f"{other[0]}) or decode it again here with --force")
+
     def _generate(self, store: FeatureStore, bid: list[str], rates: Rates, mnt: int, beam: int,
                   pool: Rates | None = None):
         """One batch; a batch that runs out of accelerator memory is decoded again in halves
@@ -533,16 +546,23 @@ class Decoder:
             feats = batch_features(store, bid, self.cfg.model.modality)
             return generate(self.model, feats, rates, mnt, beam=beam, pool=pool)
         except torch.OutOfMemoryError:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if len(bid) == 1:
-                raise MavsrError(f"out of memory decoding {bid[0]} alone at {rates.tag} beam {beam}: "
-                                 "lower --beam or decode on a larger device") from None
-            half = len(bid) // 2
-            self.log(f"decode: out of memory on a batch of {len(bid)}; retrying as {half} + {len(bid) - half}")
-            a, na = self._generate(store, bid[:half], rates, mnt, beam, pool)
-            b, nb = self._generate(store, bid[half:], rates, mnt, beam, pool)
-            return a + b, na + nb
+            pass  # retried below: here the exception's frames still hold the failed call's tensors
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(bid) == 1:
+            raise MavsrError(f"out of memory decoding {bid[0]} alone at {rates.tag} beam {beam}: "
+                             "lower --beam or decode on a larger device")
+        half = len(bid) // 2
+        self.log(f"decode: out of memory on a batch of {len(bid)}; retrying as {half} + {len(bid) - half}")
+        a, na = self._generate(store, bid[:half], rates, mnt, beam, pool)
+        b, nb = self._generate(store, bid[half:], rates, mnt, beam, pool)
+        return a + b, na + nb
+
+
+def _decoded_on(lines: list[dict]) -> set[str]:
+    """The device types that decoded these hyp lines (a line from before lines named one: the CPU,
+    then decode's only device)."""
+    return {x.get("device", "cpu") for x in lines}
 
 
 def _read_journal(journal: Path, batches: list[list[str]]) -> list[list[dict]]:

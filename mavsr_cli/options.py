@@ -40,6 +40,7 @@ LANDMARKS = ("a pickle of a per-frame list, each a 68 x 2 array of (x, y) points
 
 
 DEVICE = "auto"  # where a stage runs its models (--device): a GPU when torch sees one (devices.resolve)
+DEVICE_ENV = "MAVSR_DEVICE"  # the environment variable --device falls back on (e.g. cpu on a GPU machine)
 SHARD_SIZE = 256  # utterances per feature shard file (extract-features --shard-size)
 
 

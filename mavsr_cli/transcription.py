@@ -169,7 +169,9 @@ class Transcriber:
         the bit as one at a time, tested; any other encoder one clip per call), the video one clip
         at a time, so a served transcript never depends on what else was uploaded. With `isolate`
         (serve), an item whose encoding fails gets its exception in its place instead of a Clip, and
-        only its own group is encoded again; `on_call(n)` is told the clips in each encoder call."""
+        only its own group is encoded again; `on_call(n)` is told the clips in each encoder call.
+        The features come back on the CPU: a queued request holds no GPU memory, and the copy waits
+        for the GPU, so the time of encoding is its own (decode moves them back)."""
         errors: list[Exception | None] = [None] * len(items)
         feats: list[dict[str, torch.Tensor]] = [{} for _ in items]
         if "video" in STREAMS[self.modality]:
@@ -177,7 +179,7 @@ class Transcriber:
             for k, m in enumerate(items):
                 try:
                     crops = encoder_video(m.frames, self.cfg.video_encoder).to(self.dec.device)
-                    feats[k]["video"] = enc(crops).float()  # (T_v, D_v)
+                    feats[k]["video"] = enc(crops).to("cpu", torch.float32)  # (T_v, D_v); see below
                 except Exception as err:
                     if not isolate:
                         raise
@@ -192,7 +194,7 @@ class Transcriber:
                 if isinstance(h, Exception):
                     errors[k] = h
                 else:  # a copy: a row must not keep its whole batch alive in the server's queue
-                    feats[k]["audio"] = h.to(torch.float32, copy=True)  # (T_a, D_a)
+                    feats[k]["audio"] = h.to("cpu", torch.float32, copy=True)  # (T_a, D_a)
         return [err or Clip(f, m.duration, m.mouth) for f, m, err in zip(feats, items, errors, strict=True)]
 
     @torch.inference_mode()

@@ -5,6 +5,9 @@ import sys
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MAVSR_QUIET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The mavsr commands tests start run on the CPU, where their exact equalities (batch sizes, shards,
+# resumes) hold to the bit; the GPU tests name --device cuda.
+os.environ.setdefault("MAVSR_DEVICE", "cpu")
 
 
 import background_study  # noqa: E402  (tests/ is on sys.path: pytest puts a rootdir conftest's dir there)

@@ -125,8 +125,10 @@ class WhisperAudioEncoder(nn.Module):
     @property
     def batch_invariant(self) -> bool:
         """Whether a clip's features are the same to the bit in any batch: faithful clips are each
-        one padded 30 s window (measured on CPU; GPU kernels may vary with the batch size)."""
-        return self.mode == "faithful"
+        one padded 30 s window, on the CPU (tested). A GPU's kernels may change with the batch size,
+        so there each clip is encoded alone: a cache or a served transcript then never depends on
+        what else was encoded with it."""
+        return self.mode == "faithful" and self.encoder.conv1.weight.device.type == "cpu"
 
     def encode_batch(self, wavs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Several utterances in one encoder call -> ((B, T, d_model) zero-padded, lengths (B,)); each

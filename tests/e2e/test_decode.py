@@ -324,17 +324,51 @@ def test_a_device_not_here_is_one_line_before_any_write_and_each_hypothesis_name
     assert "devices: ['cpu']" in (out / "config.yaml").read_text()
 
 
+def test_a_decode_begun_on_another_device_type_is_not_finished_on_this_one(recipe, tmp_path):
+    """A part decoded on a GPU (its lines say so) is not finished by a CPU run, nor is a decode dir
+    finished on a GPU reused by one: each is refused in one line before any write; --force redoes it."""
+    d = shutil.copytree(recipe, tmp_path / "r", symlinks=True)
+    args = ["decode", "--exp", "exp/t", "--audio-rate", "16", "--video-rate", "5", "--beam", "1", "--device", "cpu"]
+    mavsr(d, *args, "--shard", "0/2")
+    part = d / "exp/t/decode_a16v5_beam1/.test.parts/part-00000-of-00002.jsonl"
+    lines = [json.loads(x) for x in part.read_text().splitlines()]
+    assert {x["device"] for x in lines} == {"cpu"}
+    part.write_text("".join(json.dumps({**x, "device": "cuda"}) + "\n" for x in lines))  # as a GPU worker's
+
+    def refused(*run: str) -> str:
+        before = snapshot(d)
+        r = mavsr(d, *run, ok=False)
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(err) == 1, r.stderr
+        assert snapshot(d) == before  # nothing written
+        return err[0]
+
+    line = refused(*args)  # part 1 is still to decode, here on the CPU
+    assert "was begun on cuda" in line and "--device cuda" in line and "--force" in line, line
+    mavsr(d, *args, "--force")
+    out = d / "exp/t/decode_a16v5_beam1/test"
+    assert "devices: ['cpu']" in (out / "config.yaml").read_text()
+    done = json.loads((out / ".done").read_text())
+    assert done["device"] == "cpu"
+    (out / ".done").write_text(json.dumps({**done, "device": "cuda"}))  # as a GPU's decode would have recorded
+    line = refused(*args)
+    assert "device cuda != cpu" in line, line
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on the CI machine)")
-def test_a_decode_on_a_gpu_scores_as_the_cpus(recipe):
+def test_a_decode_on_a_gpu_reads_the_same_inputs_and_scores_near_the_cpus(recipe, tmp_path):
     """The model and the search on the GPU (the LLM in bf16 where training would use it there): every
-    utterance says cuda, and the WER is within 10 points of the CPU's (other kernels, other rounding)."""
-    d = recipe
-    wer = {}
+    utterance says cuda, its LLM input length is the CPU's (the same features and compression), and
+    the WER is within 10 points of the CPU's (other kernels, other rounding)."""
+    d = shutil.copytree(recipe, tmp_path / "r", symlinks=True)
+    got = {}
     for dev in ("cpu", "cuda"):
         mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "4", "--video-rate", "5", "--beam", "3",
               "--device", dev, "--force")
         out = d / "exp/t/decode_a4v5_beam3/test"
-        assert {json.loads(x)["device"] for x in (out / "hyp.jsonl").read_text().splitlines()} == {dev}
+        lines = [json.loads(x) for x in (out / "hyp.jsonl").read_text().splitlines()]
+        assert {x["device"] for x in lines} == {dev}
         mavsr(d, "score", "--exp", "exp/t", "--force")
-        wer[dev] = json.loads((out / "wer.json").read_text())["wer"]
-    assert abs(wer["cuda"] - wer["cpu"]) <= 10.0, wer
+        got[dev] = ([x["tokens_in"] for x in lines], json.loads((out / "wer.json").read_text())["wer"])
+    assert got["cuda"][0] == got["cpu"][0]
+    assert abs(got["cuda"][1] - got["cpu"][1]) <= 10.0, got
