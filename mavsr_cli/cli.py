@@ -638,8 +638,8 @@ def bench(
     split: Annotated[str, typer.Option(help="Split to decode.")] = BENCH.split,
     snr: Annotated[str, typer.Option(help="Conditions, comma-separated: clean and babble SNRs in dB.")]
     = ",".join("clean" if s is None else f"{s:g}" for s in BENCH.snrs),
-    noise: Annotated[str, typer.Option(help="Noise for the SNR conditions: babble, white, or an audio file.")]
-    = BENCH.noise,
+    noise: Annotated[str | None, typer.Option(help="Noise for the SNR conditions: babble, white, or an audio file "
+                                              f"(default: {BENCH.noise}).")] = None,
     beam: Annotated[int, typer.Option(help="Beam width (1 = greedy).")] = BENCH.beam,
     batch_size: Annotated[int | None, typer.Option(help="Utterances decoded together (default: config).")] = None,
     rounds: Annotated[int, typer.Option(min=1, help="Timed decodes of every pair per condition, the pairs taking "
@@ -654,7 +654,10 @@ def bench(
     _quiet_libraries()
     from .stages import bench as stage
 
-    opt = BenchOptions(split=split, snrs=stage.parse_snrs(snr), noise=noise, beam=beam, batch_size=batch_size,
+    snrs = stage.parse_snrs(snr)
+    if noise is not None and all(s is None for s in snrs):
+        raise MavsrError(f"--noise {noise} is the noise of the SNR conditions; give one in --snr too (e.g. clean,10)")
+    opt = BenchOptions(split=split, snrs=snrs, noise=noise or BENCH.noise, beam=beam, batch_size=batch_size,
                        rounds=rounds, device=device)
     stage.run(_recipe(dir, *exp), exp, opt, out, _log)
 

@@ -38,7 +38,16 @@ from .model.step import add_fresh, one_token_step
 from .options import DEVICE
 from .progress import bar
 from .rates import DecodeTag, Rates, condition_name, most_accurate_first, require
-from .recipe import Recipe, checksum_or_none, done_text, finished, is_done, resolve_model, write_provenance
+from .recipe import (
+    Recipe,
+    checksum_or_none,
+    done_inputs,
+    done_text,
+    finished,
+    is_done,
+    resolve_model,
+    write_provenance,
+)
 from .sharding import Shard
 
 
@@ -72,42 +81,56 @@ class Budget:
         return f"{self.limit:g} LLM input tokens/s (media + {self.fixed} prompt tokens per {self.seconds:.2f} s)"
 
 
-def pick_by_budget(trained: list[Rates], budget: Budget, scores: dict[str, float] | None = None,
-                   scored_on: str = "") -> tuple[Rates, str]:
+def pick_by_budget(trained: list[Rates], budget: Budget,
+                   rankings: list[tuple[dict[str, float], str]] = ()) -> tuple[Rates, str]:
     """(the pair, why): among the trained pairs whose cost fits the budget, the one of lowest known
-    WER (`scores`, scored on split `scored_on`) if any is scored, else the least compressed one."""
+    WER on the first split of `rankings` ((scores, split) pairs, ranking_scores) that scores any of
+    them, else the least compressed one."""
     fits = [r for r in trained if budget.cost(r) <= budget.limit + 1e-9]
     if not fits:
         cheapest = min(trained, key=budget.cost)
         raise MavsrError(f"no trained configuration fits {budget.describe()}; the cheapest, {cheapest.tag}, "
                          f"needs {budget.cost(cheapest):.2f}")
-    scored = [r for r in fits if scores and r.tag in scores]
-    if scored:
-        best = min(scored, key=lambda r: (scores[r.tag], -r.tokens_per_second()))
-        return best, f"lowest {scored_on} WER ({scores[best.tag]:.2f}%) of the {len(scored)} scored pairs that fit"
+    for scores, split in rankings:
+        scored = [r for r in fits if r.tag in scores]
+        if scored:
+            best = min(scored, key=lambda r: (scores[r.tag], -r.tokens_per_second()))
+            return best, f"lowest {split} WER ({scores[best.tag]:.2f}%) of the {len(scored)} scored pairs that fit"
     best = most_accurate_first(fits)[0]
-    return best, f"the least compressed of the {len(fits)} pairs that fit (no scored decode dirs to rank by)"
+    return best, (f"the least compressed of the {len(fits)} pairs that fit (none of them has a scored clean "
+                  "decode dir of the experiment's checkpoint to rank by)")
 
 
 def known_scores(exp: Path, split: str) -> dict[str, float]:
-    """WER per rate tag from scored clean decode dirs of this split (the lowest over beams)."""
+    """WER per rate tag from scored clean decode dirs of this split decoded from the experiment's
+    checkpoint (the lowest over beams)."""
     out: dict[str, float] = {}
     for w in exp.glob(f"decode_*/{split}/wer.json"):
         tag = DecodeTag.parse(w.parent.parent.name)
         if tag.condition or tag.pool:  # noisy conditions and inference-only pooling do not rank configurations
             continue
+        if other_checkpoint(exp, w.parent):  # an earlier checkpoint's score says nothing of this one
+            continue
         out[tag.rates.tag] = min(out.get(tag.rates.tag, 1e9), json.loads(w.read_text())["wer"])
     return out
 
 
-def ranking_scores(exp: Path) -> tuple[dict[str, float], str]:
-    """The scores --budget ranks by, whatever split is decoded: those of the first of
-    RANKING_SPLITS with any (a validation split before the test set), and its name."""
-    for split in RANKING_SPLITS:
-        scores = known_scores(exp, split)
-        if scores:
-            return scores, split
-    return {}, ""
+def other_checkpoint(exp: Path, d: Path) -> str | None:
+    """The checkpoint decode dir `d` was decoded from, where that is not the one `exp` decodes now
+    (a decode of a training still running, say); None where it is, or a marker names none."""
+    made = (done_inputs(d) or {}).get("checkpoint")
+    try:
+        now = checkpoint.for_decoding(exp).name
+    except MavsrError:  # no checkpoint left to compare with
+        return None
+    return made if made and made != now else None
+
+
+def ranking_scores(exp: Path) -> list[tuple[dict[str, float], str]]:
+    """What --budget ranks by, whatever split is decoded: (scores, split) for each of RANKING_SPLITS
+    with any (a validation split before the test set); pick_by_budget takes the first that scores
+    a pair within the budget."""
+    return [(s, split) for split in RANKING_SPLITS if (s := known_scores(exp, split))]
 
 
 def condition_of(opts: DecodeConfig) -> str:
@@ -383,7 +406,7 @@ class Decoder:
             if seconds is None:
                 seconds = sum(u.duration for u in self.utts.values()) / max(len(self.utts), 1)
             b = Budget(budget, self.fixed_tokens(), seconds)
-            r, why = pick_by_budget(self.trained, b, *ranking_scores(self.exp))
+            r, why = pick_by_budget(self.trained, b, ranking_scores(self.exp))
             self.log(f"decode: budget {b.describe()} -> {r.tag} {r.pair} at {b.cost(r):.2f}: {why}")
             return r
         if audio_rate is None and video_rate is None:

@@ -195,7 +195,7 @@ class Server:
         if form["budget"] is not None:
             b = Budget(form["budget"], e.tr.dec.fixed_tokens(), clip.duration)
             try:
-                rates = pick_by_budget(e.tr.dec.trained, b, *e.scores)[0]
+                rates = pick_by_budget(e.tr.dec.trained, b, e.scores)[0]
             except MavsrError as err:
                 raise Refused(400, "bad_request", str(err)) from None
         beam = form["beam"] or e.beam

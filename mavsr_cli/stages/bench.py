@@ -278,6 +278,8 @@ def run(recipe: Recipe, exps: list[Path], opt: BenchOptions, out: Path | None = 
     exps = [Path(e) if Path(e).is_absolute() else recipe.root / e for e in exps]
     out = Path(out) if out is not None else (exps[0] / "bench" if len(exps) == 1 else recipe.root / "bench")
     out = out if out.is_absolute() else recipe.root / out
+    if out.exists() and not out.is_dir():  # found now, not after every decode
+        raise MavsrError(f"--out {out} is a file; give a directory for the report")
     rows = []
     for exp in exps:
         rows += measure(recipe, exp, opt, log)

@@ -130,6 +130,7 @@ def _worker_init() -> None:
 
 def run_synth(recipe: Recipe, opt: SynthOptions, force: bool = False, log=print) -> dict:
     """`mavsr prepare synth`: generate the corpus, then write one manifest per split."""
+    _check_val_share(opt.val_share)
     corpus = recipe.root / "corpus" / "synth"
     settings = {"corpus": "synth", **{k: v for k, v in opt.__dict__.items() if k != "nj"}}
     lrs_opt = LrsOptions(corpus, nj=opt.nj, val_share=opt.val_share)
@@ -213,6 +214,7 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
     from ..datasets import lrs
     from ..roi import load_mean_face
 
+    _check_val_share(opt.val_share)
     split_map = SPLIT_MAP.get(corpus, {opt.split: opt.split})
     splits = _splits(corpus, opt)
     info = _inputs(recipe, opt, settings, corpus)
@@ -296,6 +298,12 @@ def _by_split(recipe: Recipe, items: list, results: list, split_map: dict, split
             per_split["train"][0].remove(first)
             per_split["val"][0].append(first)
     return per_split
+
+
+def _check_val_share(share: float) -> None:
+    """A share held out of training: at least 0 and below 1 (all of it would leave no train split)."""
+    if not 0 <= share < 1:
+        raise MavsrError(f"--val-share must be at least 0 and below 1, got {share:g}")
 
 
 def _val_share(corpus: str, opt: LrsOptions) -> float:

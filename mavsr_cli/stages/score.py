@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 from .. import __version__
+from ..decoding import other_checkpoint
 from ..errors import MavsrError
 from ..fsutil import atomic_write_text
 from ..rates import DecodeTag, condition_snr
@@ -47,8 +48,13 @@ def run(recipe: Recipe, exp: Path, force: bool = False, log=print, normaliser: s
     for d in dirs:
         res = score_dir(d, force, normaliser)
         tag = DecodeTag.parse(d.parent.name)
-        rows.append({"decode": d.parent.name, "split": d.name, "rates": tag.rates, "beam": tag.beam,
-                     "condition": tag.condition or "clean", "pool": tag.pool, **res})
+        old = other_checkpoint(exp, d)
+        if old:
+            log(f"score: warning: {d.parent.name}/{d.name} was decoded from {old}, not the experiment's checkpoint "
+                "now; decode it again with --force")
+        rows.append({"decode": d.parent.name + (f" (from {old})" if old else ""), "split": d.name,
+                     "rates": tag.rates, "beam": tag.beam, "condition": tag.condition or "clean", "pool": tag.pool,
+                     **res})
 
     def snr_key(c: str) -> float:
         return float("inf") if c == "clean" else condition_snr(c)

@@ -33,6 +33,9 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
     """Decode one media file; beam and max_tokens default to the experiment's `decode:` config.
     `--budget` is counted for this clip's duration (decoding.Budget)."""
     media = Path(media)
+    if roi is not None and mouth_crop:
+        raise MavsrError("--roi cuts the mouth region out of the frame and --mouth-crop takes the whole frame: "
+                         "give one of them")
     if not media.is_file():
         raise MavsrError(f"media file not found: {media}")
     tr = Transcriber(recipe, exp, log=log, device=device)

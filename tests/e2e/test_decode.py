@@ -50,7 +50,7 @@ def test_budget_prefers_the_lowest_known_wer_then_the_least_compression():
     grid = [Rates(4, 2), Rates(4, 5), Rates(16, 2), Rates(16, 5)]
 
     def pick(limit, scores=None, fixed=0):
-        return pick_by_budget(grid, Budget(limit, fixed, 2.0), scores, "test")[0]
+        return pick_by_budget(grid, Budget(limit, fixed, 2.0), [(scores, "test")] if scores else [])[0]
 
     assert pick(100) == Rates(4, 2)
     assert pick(20) == Rates(4, 5)  # 17.5 tokens/s, the most tokens that fit
@@ -58,6 +58,11 @@ def test_budget_prefers_the_lowest_known_wer_then_the_least_compression():
     assert pick(9) == Rates(16, 5)
     # the prompt counts: 8 fixed tokens per 2 s utterance add 4 tokens/s, so 20 no longer fits (4,5)
     assert pick(20, fixed=8) == Rates(16, 2) and pick(21.5, fixed=8) == Rates(4, 5)
+    # a validation split ranks first, but only where it scores a pair that fits; else the test set does
+    val, test = {"a4v2": 1.0}, {"a16v2": 3.0, "a4v5": 4.0, "a16v5": 2.0}
+    r, why = pick_by_budget(grid, Budget(20, 0, 2.0), [(val, "val"), (test, "test")])
+    assert r == Rates(16, 5) and "lowest test WER (2.00%)" in why
+    assert pick_by_budget(grid, Budget(100, 0, 2.0), [(val, "val"), (test, "test")])[0] == Rates(4, 2)
 
 
 def test_budget_speaks_the_reports_unit_and_decode_and_transcribe_agree(recipe, tmp_path):
@@ -300,6 +305,15 @@ def test_options_that_would_be_ignored_are_refused(recipe):
     for extra in (["--num-utts", "5"], ["--speakers", "3"], ["--csv", "x.csv"]):  # not options of prepare dir
         r = mavsr(d, "prepare", "dir", "--root", str(d), *extra, ok=False)
         assert r.returncode == 2 and "No such option" in r.stderr, r.stderr
+    (d / "report.txt").write_text("not a dir")
+    for args, phrase in ((["transcribe", str(video), "--exp", "exp/t", "--roi", "0,0,40,40", "--mouth-crop"],
+                          "give one of them"),
+                         (["bench", "--exp", "exp/t", "--snr", "clean", "--noise", "white"], "give one in --snr"),
+                         (["bench", "--exp", "exp/t", "--snr", "clean", "--out", "report.txt"], "is a file")):
+        r = mavsr(d, *args, ok=False)
+        assert r.returncode == 2 and phrase in r.stderr and r.stderr.strip().count("\n") == 0, (args, r.stderr)
+    (d / "report.txt").unlink()
+    assert snapshot(d) == before
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU this machine must not have")
@@ -372,3 +386,26 @@ def test_a_decode_on_a_gpu_reads_the_same_inputs_and_scores_near_the_cpus(recipe
         got[dev] = ([x["tokens_in"] for x in lines], json.loads((out / "wer.json").read_text())["wer"])
     assert got["cuda"][0] == got["cpu"][0]
     assert abs(got["cuda"][1] - got["cpu"][1]) <= 10.0, got
+
+
+def test_a_decode_of_an_earlier_checkpoint_is_flagged_by_score_and_never_ranks(recipe, tmp_path):
+    """A decode dir made from another checkpoint than the one the experiment decodes now (a decode
+    of a training still running) is marked in RESULTS.md and warned of, and --budget does not rank
+    pairs by it."""
+    from mavsr_cli.decoding import known_scores
+
+    d = shutil.copytree(recipe, tmp_path / "r", symlinks=True)
+    mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "16", "--video-rate", "5", "--beam", "1")
+    out = d / "exp/t/decode_a16v5_beam1/test"
+    r = mavsr(d, "score", "--exp", "exp/t")
+    assert "decoded from" not in r.stdout + r.stderr and known_scores(d / "exp/t", "test").get("a16v5") is not None
+    done = json.loads((out / ".done").read_text())
+    (out / ".done").write_text(json.dumps({**done, "checkpoint": "step-000001"}))  # as a decode during training
+    r = mavsr(d, "score", "--exp", "exp/t")
+    assert "decode_a16v5_beam1/test was decoded from step-000001" in r.stdout + r.stderr
+    assert "| decode_a16v5_beam1 (from step-000001) |" in (d / "exp/t/RESULTS.md").read_text()
+    wer = json.loads((out / "wer.json").read_text())
+    (out / "wer.json").write_text(json.dumps({**wer, "wer": 0.0}))  # the best of all, were it counted
+    others = [json.loads(w.read_text())["wer"] for w in (d / "exp/t").glob("decode_a16v5_beam*/test/wer.json")
+              if w.parent.parent.name != "decode_a16v5_beam1"]  # (16,5) at other beams still rank it
+    assert known_scores(d / "exp/t", "test").get("a16v5") == (min(others) if others else None)

@@ -297,3 +297,16 @@ def test_numbers_for_floats_and_snr_lists_stay_as_written(tmp_path):
     p.write_text("train:\n  lr: 1\naugment:\n  snrs: [-5, '0', clean]\n")
     cfg = C.load(p)
     assert cfg.train.lr == 1 and cfg.augment.snrs == (-5, "0", "clean")  # checked, never converted
+
+
+@pytest.mark.parametrize("share", [1.0, 1.5, -0.1])
+def test_a_val_share_outside_0_to_1_is_refused_before_any_write(tmp_path, share):
+    """All of train held out (or a negative share) would leave no train split: refused, not run."""
+    from mavsr_cli.options import SynthOptions
+    from mavsr_cli.stages.prepare import run_synth
+
+    for run in (lambda r: run_synth(r, SynthOptions(num_utts=4, test_utts=2, speakers=1, val_share=share)),
+                lambda r: run_lrs(r, "lrs3", LrsOptions(tmp_path / "tree", val_share=share))):
+        with pytest.raises(MavsrError, match="--val-share must be at least 0 and below 1"):
+            run(Recipe(tmp_path / "recipe"))
+    assert not (tmp_path / "recipe").exists()
