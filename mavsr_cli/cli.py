@@ -57,7 +57,8 @@ class _Command(_Flags, TyperCommand):
 
 
 EXAMPLES = {  # shown under each command's --help; the synthetic recipe's commands (recipes/synth/run.sh)
-    "prepare synth": ["mavsr prepare synth --num-utts 1000 --test-utts 100   # the demo's corpus",
+    "prepare synth": ["mavsr prepare synth --num-utts 360 --test-utts 100 --words-per-slot 5   # the demo's "
+                      "corpus (recipes/synth/run.sh)",
                       "mavsr prepare synth --num-utts 16 --test-utts 4 --speakers 2   # a minute's smoke test"],
     "prepare lrs3": ["mavsr prepare lrs3 --root /data/LRS3 --landmarks /data/LRS3_landmarks --nj 8"],
     "prepare lrs2": ["mavsr prepare lrs2 --root /data/LRS2 --landmarks /data/LRS2_landmarks --nj 8"],
@@ -138,7 +139,7 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c",
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo work even if its .done marker exists.")]
 ExpOpt = Annotated[Path, typer.Option(help="Experiment dir (exp/<tag>), relative to --dir or absolute.")]
 ShardOpt = Annotated[str | None, typer.Option(help="i/N: do only this worker's share; run again without it to merge.")]
-JobsOpt = Annotated[int, typer.Option(help="Worker processes for synthesis and media checks.")]
+JobsOpt = Annotated[int, typer.Option(min=1, help="Worker processes for synthesis and media checks.")]
 ModalityOpt = Annotated[Modality | None, typer.Option(help="Overriding the config: av (AVSR), a (audio only, ASR), "
                                                       "v (video only, VSR).")]
 BeamOpt = Annotated[int | None, typer.Option(help=f"Beam width (1 = greedy); never sampling. Default: the config's "
@@ -623,6 +624,8 @@ def serve(
                     ("--warmup-seconds", warmup_seconds)):
         if v <= 0:
             raise MavsrError(f"{name} must be > 0, got {v:g}")
+    if batch_wait_ms < 0:
+        raise MavsrError(f"--batch-wait-ms must be at least 0, got {batch_wait_ms:g}")
     if not 0 <= port <= 65535:
         raise MavsrError(f"--port must be 0 to 65535, got {port}")
     opts = ServeOptions(host, port, rates, slo_ms, max_batch, batch_wait_ms, max_queue, max_upload_mb, max_seconds,

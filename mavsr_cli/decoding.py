@@ -403,6 +403,8 @@ class Decoder:
         if budget is not None:
             if audio_rate is not None or video_rate is not None:
                 raise MavsrError("--budget picks the rates; drop --audio-rate/--video-rate")
+            if not budget > 0:
+                raise MavsrError(f"--budget is LLM input tokens per second of speech, > 0; got {budget:g}")
             if seconds is None:
                 seconds = sum(u.duration for u in self.utts.values()) / max(len(self.utts), 1)
             b = Budget(budget, self.fixed_tokens(), seconds)

@@ -41,6 +41,8 @@ def _version(pkg: str) -> str:
 
 def run(recipe: Recipe, exp: Path, force: bool = False, log=print, normaliser: str = "default") -> list[dict]:
     exp = Path(exp) if Path(exp).is_absolute() else recipe.root / exp
+    if not (exp / "config.yaml").is_file():  # as decode, bench and serve say it
+        raise MavsrError(f"{exp} is not an experiment dir (no config.yaml)")
     dirs = sorted(d for d in exp.glob("decode_*/*") if is_done(d) and (d / "hyp.jsonl").is_file())
     if not dirs:
         raise MavsrError(f"no finished decode dirs in {exp}: run `mavsr decode` first")

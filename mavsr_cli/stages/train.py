@@ -74,6 +74,8 @@ def _validation(recipe: Recipe, cfg: Config, enc_tag: str) -> tuple[FeatureStore
 
 
 def run(recipe: Recipe, cfg: Config, rates_spec: str, tag: str, force: bool = False, log=print) -> Path:
+    if not tag or tag in (".", "..") or "/" in tag or os.sep in tag:
+        raise MavsrError(f"--tag {tag!r} must be a plain name: the experiment goes to exp/<tag>/")
     grid = cfg.model.rate_grid()
     rates = select(rates_spec, grid)
     exp = recipe.exp(tag)

@@ -36,6 +36,8 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
     if roi is not None and mouth_crop:
         raise MavsrError("--roi cuts the mouth region out of the frame and --mouth-crop takes the whole frame: "
                          "give one of them")
+    if save_roi is not None and Path(save_roi).suffix.lower() != ".mp4":
+        raise MavsrError(f"--save-roi writes an mp4 (video and audio): give a .mp4 name, not {Path(save_roi).name}")
     if not media.is_file():
         raise MavsrError(f"media file not found: {media}")
     tr = Transcriber(recipe, exp, log=log, device=device)

@@ -313,7 +313,16 @@ def test_options_that_would_be_ignored_are_refused(recipe):
         r = mavsr(d, *args, ok=False)
         assert r.returncode == 2 and phrase in r.stderr and r.stderr.strip().count("\n") == 0, (args, r.stderr)
     (d / "report.txt").unlink()
-    assert snapshot(d) == before
+    for args, phrase in ((["decode", "--exp", "exp/t", "--budget", "-3"], "> 0; got -3"),
+                         (["train", "--config", "conf/tiny.yaml", "--rates", "all", "--tag", "../escape"],
+                          "must be a plain name"),
+                         (["serve", "--exp", "exp/t", "--batch-wait-ms", "-5"], "at least 0, got -5"),
+                         (["prepare", "synth", "--nj", "0"], "--nj"),
+                         (["score", "--exp", "exp/nope"], "is not an experiment dir"),
+                         (["transcribe", str(video), "--exp", "exp/t", "--save-roi", "roi.txt"], "give a .mp4 name")):
+        r = mavsr(d, *args, ok=False)
+        assert r.returncode == 2 and phrase in r.stderr, (args, r.stderr)
+    assert snapshot(d) == before and not (d / "escape").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU this machine must not have")
