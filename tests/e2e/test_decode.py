@@ -351,6 +351,7 @@ def test_a_decode_begun_on_another_device_type_is_not_finished_on_this_one(recip
     """A part decoded on a GPU (its lines say so) is not finished by a CPU run, nor is a decode dir
     finished on a GPU reused by one: each is refused in one line before any write; --force redoes it."""
     d = shutil.copytree(recipe, tmp_path / "r", symlinks=True)
+    shutil.rmtree(d / "exp/t/decode_a16v5_beam1", ignore_errors=True)  # another test may have decoded it
     args = ["decode", "--exp", "exp/t", "--audio-rate", "16", "--video-rate", "5", "--beam", "1", "--device", "cpu"]
     mavsr(d, *args, "--shard", "0/2")
     part = d / "exp/t/decode_a16v5_beam1/.test.parts/part-00000-of-00002.jsonl"
