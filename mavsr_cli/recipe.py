@@ -181,6 +181,14 @@ def checksum_or_none(path: Path) -> str | None:
     return sha256_file(path) if Path(path).is_file() else None
 
 
+def _decoded_checkpoint(exp: Path) -> str | None:
+    """The checkpoint a finished experiment's meta.json names for decoding (checkpoint.for_decoding)."""
+    try:
+        return json.loads((exp / "meta.json").read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def status_lines(recipe: Recipe) -> list[str]:
     """What the recipe dir holds, a line per output dir: finished (done) or not (`mavsr info`)."""
     def state(d: Path) -> str:
@@ -200,6 +208,9 @@ def status_lines(recipe: Recipe) -> list[str]:
     for d in sorted((recipe.root / "exp").glob("*/")):
         ckpts = sorted((d / "ckpt").glob("step-*"))
         last = f", last checkpoint {ckpts[-1].name}" if ckpts else ""
+        chosen = _decoded_checkpoint(d)
+        if ckpts and chosen and chosen != ckpts[-1].name:
+            last += f" (decode uses {chosen})"
         decodes = [x for x in d.glob("decode_*/*/") if is_done(x)]
         lines.append(f"  {rel(d)}: {'trained' if is_done(d) else 'training unfinished'}{last}, "
                      f"{len(decodes)} finished decode dirs")

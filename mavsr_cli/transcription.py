@@ -64,7 +64,8 @@ def mouth_frames(frames, media: Path, roi: str | None, mouth_crop: bool, log) ->
     try:
         track = faces.detect(frames, faces.FaceLandmarker())
     except MavsrError as e:
-        raise MavsrError(f"{media}: {e}; give the mouth region with --roi x,y,w,h") from None
+        raise MavsrError(f"{media}: {e}; give the mouth region (transcribe --roi x,y,w,h), or a video that is a "
+                         "mouth crop") from None
     if track.missed or track.several:
         log(f"transcribe: face detection: {track.missed} of {len(frames)} frames without the face (filled in from "
             f"their neighbours; in {track.others} only another face was seen), {track.several} with several faces "

@@ -75,7 +75,10 @@ def test_info_takes_dir_and_says_what_the_recipe_holds(tmp_path):
     r = CliRunner().invoke(app, ["info", "--dir", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert "data/train: done, 2 utterances" in r.output
-    assert "exp/x: training unfinished, last checkpoint step-000020" in r.output
+    assert "exp/x: training unfinished, last checkpoint step-000020" in r.output and "decode uses" not in r.output
+    (tmp_path / "exp/x/meta.json").write_text('{"checkpoint": "step-000010"}')  # the best, not the last
+    r = CliRunner().invoke(app, ["info", "--dir", str(tmp_path)])
+    assert "last checkpoint step-000020 (decode uses step-000010)" in r.output
 
 
 def test_log_lines_never_glue_onto_a_live_progress_bar():
