@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from .errors import MavsrError
 from .fsutil import atomic_write_json, clean_stale, sha256_file, verify_checksum
 from .rates import Rates
+from .recipe import decoding_checkpoint, list_checkpoints
 
 
 def save(ckpt_root: Path, step: int, state: dict, meta: dict, trainer: dict | None, keep: int,
@@ -77,20 +78,11 @@ def save_named(ckpt_root: Path, name: str, state: dict, meta: dict, trainer: dic
     return final
 
 
-def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    if not ckpt_root.is_dir():
-        return []
-    return sorted(p for p in ckpt_root.glob("step-*") if (p / "model.safetensors").is_file())
-
-
 def for_decoding(exp_dir: Path) -> Path:
-    """The checkpoint a finished experiment names in meta.json (e.g. an average), else the latest."""
-    meta = exp_dir / "meta.json"
-    if meta.is_file():
-        name = json.loads(meta.read_text()).get("checkpoint")
-        if name and (exp_dir / "ckpt" / name / "model.safetensors").is_file():
-            return exp_dir / "ckpt" / name
-    return latest(exp_dir)
+    """The checkpoint a finished experiment names in meta.json (e.g. an average), else the latest
+    (recipe.decoding_checkpoint, which `info` and `score` read without torch)."""
+    ckpt = decoding_checkpoint(exp_dir)
+    return ckpt if ckpt is not None else latest(exp_dir)
 
 
 def latest(exp_dir: Path) -> Path:

@@ -41,10 +41,11 @@ from .rates import DecodeTag, Rates, condition_name, most_accurate_first, requir
 from .recipe import (
     Recipe,
     checksum_or_none,
-    done_inputs,
+    decoding_checkpoint,
     done_text,
     finished,
     is_done,
+    other_checkpoint,
     resolve_model,
     write_provenance,
 )
@@ -105,25 +106,15 @@ def known_scores(exp: Path, split: str) -> dict[str, float]:
     """WER per rate tag from scored clean decode dirs of this split decoded from the experiment's
     checkpoint (the lowest over beams)."""
     out: dict[str, float] = {}
+    now = decoding_checkpoint(exp)
     for w in exp.glob(f"decode_*/{split}/wer.json"):
         tag = DecodeTag.parse(w.parent.parent.name)
         if tag.condition or tag.pool:  # noisy conditions and inference-only pooling do not rank configurations
             continue
-        if other_checkpoint(exp, w.parent):  # an earlier checkpoint's score says nothing of this one
+        if other_checkpoint(w.parent, now):  # an earlier checkpoint's score says nothing of this one
             continue
         out[tag.rates.tag] = min(out.get(tag.rates.tag, 1e9), json.loads(w.read_text())["wer"])
     return out
-
-
-def other_checkpoint(exp: Path, d: Path) -> str | None:
-    """The checkpoint decode dir `d` was decoded from, where that is not the one `exp` decodes now
-    (a decode of a training still running, say); None where it is, or a marker names none."""
-    made = (done_inputs(d) or {}).get("checkpoint")
-    try:
-        now = checkpoint.for_decoding(exp).name
-    except MavsrError:  # no checkpoint left to compare with
-        return None
-    return made if made and made != now else None
 
 
 def ranking_scores(exp: Path) -> list[tuple[dict[str, float], str]]:

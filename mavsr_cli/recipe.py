@@ -181,12 +181,31 @@ def checksum_or_none(path: Path) -> str | None:
     return sha256_file(path) if Path(path).is_file() else None
 
 
-def _decoded_checkpoint(exp: Path) -> str | None:
-    """The checkpoint a finished experiment's meta.json names for decoding (checkpoint.for_decoding)."""
-    try:
-        return json.loads((exp / "meta.json").read_text()).get("checkpoint")
-    except (OSError, ValueError, AttributeError):
-        return None
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """exp/<tag>/ckpt/step-*/ holding their trained tensors, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.glob("step-*") if (p / "model.safetensors").is_file())
+
+
+def decoding_checkpoint(exp: Path) -> Path | None:
+    """The checkpoint decode reads: the one a finished experiment names in meta.json (e.g. an
+    average, or the best on val), else the latest; None before the first."""
+    meta = exp / "meta.json"
+    if meta.is_file():
+        name = json.loads(meta.read_text()).get("checkpoint")
+        if name and (exp / "ckpt" / name / "model.safetensors").is_file():
+            return exp / "ckpt" / name
+    ckpts = list_checkpoints(exp / "ckpt")
+    return ckpts[-1] if ckpts else None
+
+
+def other_checkpoint(d: Path, now: Path | None) -> str | None:
+    """The checkpoint decode dir `d` was decoded from, where that is not `now` (decoding_checkpoint
+    of its experiment: a decode of a training still running, say); None where it is, or where
+    either is not known."""
+    made = (done_inputs(d) or {}).get("checkpoint")
+    return made if made and now is not None and made != now.name else None
 
 
 def status_lines(recipe: Recipe) -> list[str]:
@@ -208,9 +227,9 @@ def status_lines(recipe: Recipe) -> list[str]:
     for d in sorted((recipe.root / "exp").glob("*/")):
         ckpts = sorted((d / "ckpt").glob("step-*"))
         last = f", last checkpoint {ckpts[-1].name}" if ckpts else ""
-        chosen = _decoded_checkpoint(d)
-        if ckpts and chosen and chosen != ckpts[-1].name:
-            last += f" (decode uses {chosen})"
+        chosen = decoding_checkpoint(d)
+        if ckpts and chosen and chosen.name != ckpts[-1].name:
+            last += f" (decode uses {chosen.name})"
         decodes = [x for x in d.glob("decode_*/*/") if is_done(x)]
         lines.append(f"  {rel(d)}: {'trained' if is_done(d) else 'training unfinished'}{last}, "
                      f"{len(decodes)} finished decode dirs")

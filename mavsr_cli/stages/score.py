@@ -14,11 +14,10 @@ import subprocess
 from pathlib import Path
 
 from .. import __version__
-from ..decoding import other_checkpoint
 from ..errors import MavsrError
 from ..fsutil import atomic_write_text
 from ..rates import DecodeTag, condition_snr
-from ..recipe import Recipe, is_done
+from ..recipe import Recipe, decoding_checkpoint, is_done, other_checkpoint
 from ..scoring import score_dir
 
 
@@ -46,11 +45,11 @@ def run(recipe: Recipe, exp: Path, force: bool = False, log=print, normaliser: s
     dirs = sorted(d for d in exp.glob("decode_*/*") if is_done(d) and (d / "hyp.jsonl").is_file())
     if not dirs:
         raise MavsrError(f"no finished decode dirs in {exp}: run `mavsr decode` first")
-    rows = []
+    rows, now = [], decoding_checkpoint(exp)
     for d in dirs:
         res = score_dir(d, force, normaliser)
         tag = DecodeTag.parse(d.parent.name)
-        old = other_checkpoint(exp, d)
+        old = other_checkpoint(d, now)
         if old:
             log(f"score: warning: {d.parent.name}/{d.name} was decoded from {old}, not the experiment's checkpoint "
                 "now; decode it again with --force")

@@ -76,6 +76,9 @@ def test_info_takes_dir_and_says_what_the_recipe_holds(tmp_path):
     assert r.exit_code == 0, r.output
     assert "data/train: done, 2 utterances" in r.output
     assert "exp/x: training unfinished, last checkpoint step-000020" in r.output and "decode uses" not in r.output
+    for step in ("step-000010", "step-000020"):  # checkpoints with their tensors, as decode reads them
+        (tmp_path / "exp/x/ckpt" / step).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "exp/x/ckpt" / step / "model.safetensors").write_bytes(b"")
     (tmp_path / "exp/x/meta.json").write_text('{"checkpoint": "step-000010"}')  # the best, not the last
     r = CliRunner().invoke(app, ["info", "--dir", str(tmp_path)])
     assert "last checkpoint step-000020 (decode uses step-000010)" in r.output
