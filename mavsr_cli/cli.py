@@ -23,6 +23,7 @@ from .options import (
     LANDMARKS,
     MOUTH_CROP,
     MOUTH_CROP_MAX_SIDE,
+    SERVE_MAX_BEAM,
     SHARD_SIZE,
     BenchOptions,
     Bounds,
@@ -611,6 +612,10 @@ def serve(
                                                   "without one, random features of this many seconds.")]
     = SERVE.warmup_seconds,
     device: DeviceOpt = SERVE.device,
+    beam: Annotated[int | None, typer.Option(help="Beam width of requests that name none, and of the start-up "
+                                             "decodes that measure each pair's cost (the controller is surest "
+                                             "at the beam it measured). Default: each experiment's decode.beam.")]
+    = SERVE.beam,
 ) -> None:
     """Serve transcription over HTTP (OpenAI's /v1/audio/transcriptions shape), batching requests and
     trading compression for latency under load. Needs the serve extra."""
@@ -628,8 +633,10 @@ def serve(
         raise MavsrError(f"--batch-wait-ms must be at least 0, got {batch_wait_ms:g}")
     if not 0 <= port <= 65535:
         raise MavsrError(f"--port must be 0 to 65535, got {port}")
+    if beam is not None and not 1 <= beam <= SERVE_MAX_BEAM:
+        raise MavsrError(f"--beam must be 1 to {SERVE_MAX_BEAM}, got {beam}")
     opts = ServeOptions(host, port, rates, slo_ms, max_batch, batch_wait_ms, max_queue, max_upload_mb, max_seconds,
-                        api_key, warmup_seconds, device)
+                        api_key, warmup_seconds, device, beam)
     stage.run(_recipe(dir), exp, opts, log=lambda m: print(m, file=sys.stderr, flush=True))
 
 

@@ -118,6 +118,9 @@ class Bounds:
     linear_tol: float = 0.1  # claim 4: media tokens within this fraction of the rate-proportional count
 
 
+SERVE_MAX_BEAM = 64  # the widest beam a served request (or serve's --beam) may ask for
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     host: str = "127.0.0.1"  # loopback only by default; another address without an API key is warned about
@@ -132,3 +135,4 @@ class ServeOptions:
     api_key: str | None = None  # required as 'Authorization: Bearer KEY' on /v1 and /metrics (or MAVSR_API_KEY)
     warmup_seconds: float = 3.0  # random-feature clip of the start-up decodes, when the recipe has no val/test media
     device: str = DEVICE  # where the models run (devices.resolve)
+    beam: int | None = None  # requests that name none, and the start-up cost measurements (None: the config's)

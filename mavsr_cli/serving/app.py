@@ -34,14 +34,13 @@ from ..config import STREAMS
 from ..decoding import Budget, pick_by_budget
 from ..errors import MavsrError
 from ..media import MediaError, TooLong, streams
-from ..options import ServeOptions
+from ..options import SERVE_MAX_BEAM, ServeOptions
 from ..rates import Rates
 from .batcher import Batcher, Done, Engine, Job
 from .elastic import retry_after
 
 FORMATS = ("json", "text", "verbose_json")
 AUTO = (None, "", "auto")  # a `rates` field that leaves the pair to the server
-MAX_BEAM = 64
 LANGUAGES = (None, "", "en", "english")
 
 
@@ -272,8 +271,8 @@ def check_form(rates, budget, beam, response_format, language, temperature) -> N
             raise Refused(400, "bad_request", str(e)) from None
     if budget is not None and (budget <= 0 or rates not in AUTO):
         raise Refused(400, "bad_request", "budget must be > 0 and cannot be given with rates")
-    if beam is not None and not 1 <= beam <= MAX_BEAM:
-        raise Refused(400, "bad_request", f"beam must be 1 to {MAX_BEAM}, got {beam}")
+    if beam is not None and not 1 <= beam <= SERVE_MAX_BEAM:
+        raise Refused(400, "bad_request", f"beam must be 1 to {SERVE_MAX_BEAM}, got {beam}")
     if (language or "").lower() not in LANGUAGES:
         raise Refused(400, "bad_request", f"language {language!r}: the model transcribes English (en)")
     if temperature not in (None, 0.0):

@@ -29,11 +29,11 @@ from . import elastic
 class Engine:
     """One served experiment: its transcriber, its pairs in accuracy order, its decode defaults."""
 
-    def __init__(self, tr: Transcriber, fixed: Rates | None = None) -> None:
+    def __init__(self, tr: Transcriber, fixed: Rates | None = None, beam: int | None = None) -> None:
         self.tr, self.name, self.modality = tr, tr.dec.exp.name, tr.modality
         self.pairs = most_accurate_first(tr.dec.trained)
         self.fixed = fixed  # the server's --rates when not auto
-        self.beam = tr.dec.cfg.decode.beam
+        self.beam = beam or tr.dec.cfg.decode.beam  # the server's --beam, else the config's
         self.scores = ranking_scores(tr.dec.exp)  # what `budget` ranks by, read once (decoding.pick_by_budget)
 
     def max_new_tokens(self, duration: float) -> int:

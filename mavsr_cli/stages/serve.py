@@ -23,7 +23,7 @@ GRACE_S = 60  # on SIGTERM, requests still unanswered after this long are droppe
 SERVE_EXTRA = "the server needs the serve extra: pip install 'mavsr[serve]' (make install adds it)"
 
 
-def engines(recipe: Recipe, exps: list[Path], rates: str, log, device: str) -> list:
+def engines(recipe: Recipe, exps: list[Path], rates: str, log, device: str, beam: int | None = None) -> list:
     from ..serving.batcher import Engine
     from ..transcription import Transcriber
 
@@ -34,7 +34,7 @@ def engines(recipe: Recipe, exps: list[Path], rates: str, log, device: str) -> l
         if fixed is not None and fixed not in tr.dec.trained:
             raise MavsrError(f"--rates {fixed.tag} is not in {tr.dec.exp.name}'s trained grid: "
                              + ", ".join(r.tag for r in tr.dec.trained))
-        out.append(Engine(tr, fixed))
+        out.append(Engine(tr, fixed, beam))
     mods = [e.modality for e in out]
     if len(set(mods)) < len(mods):
         raise MavsrError(f"two experiments of one modality ({', '.join(mods)}): uploads could not be routed")
@@ -76,7 +76,7 @@ def run(recipe: Recipe, exps: list[Path], opts: ServeOptions, log=print) -> None
             "use the server (give --api-key or MAVSR_API_KEY)")
     tmp = Path(tempfile.mkdtemp(prefix="mavsr-serve-"))  # 0700: this user's only
     try:
-        srv = Server(engines(recipe, exps, opts.rates, log, opts.device), opts, tmp, log=log)
+        srv = Server(engines(recipe, exps, opts.rates, log, opts.device, opts.beam), opts, tmp, log=log)
         sock = bind(opts.host, opts.port)
         host, port = sock.getsockname()[:2]
         log(f"serve: listening on http://{host}:{port} (rates {opts.rates}"

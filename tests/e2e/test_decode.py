@@ -317,6 +317,7 @@ def test_options_that_would_be_ignored_are_refused(recipe):
                          (["train", "--config", "conf/tiny.yaml", "--rates", "all", "--tag", "../escape"],
                           "must be a plain name"),
                          (["serve", "--exp", "exp/t", "--batch-wait-ms", "-5"], "at least 0, got -5"),
+                         (["serve", "--exp", "exp/t", "--beam", "65"], "--beam must be 1 to 64, got 65"),
                          (["prepare", "synth", "--nj", "0"], "--nj"),
                          (["score", "--exp", "exp/nope"], "is not an experiment dir"),
                          (["transcribe", str(video), "--exp", "exp/t", "--save-roi", "roi.txt"], "give a .mp4 name")):
