@@ -456,7 +456,17 @@ def extract_features(
         cfg = C.with_modality(cfg, modality.value)
     stage.run(_recipe(dir, "dump"), cfg, split, force, _log, parse_shard(shard), shard_size, device)
     if shard is None:
-        _next(f"mavsr train{f' --config {config}' if config else ''} --rates all")
+        _next(_after_features(config))
+
+
+def _after_features(config: Path | None) -> str:
+    """extract-features' next command: decode for the config of an experiment that has a checkpoint
+    (one imported, or trained), else train."""
+    from .recipe import decoding_checkpoint
+
+    if config is not None and config.name == "config.yaml" and decoding_checkpoint(config.parent) is not None:
+        return f"mavsr decode --exp {config.parent} --sweep"
+    return f"mavsr train{f' --config {config}' if config else ''} --rates all"
 
 
 @app.command("train", cls=_Command, epilog=_examples("train"))

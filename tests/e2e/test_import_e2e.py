@@ -41,7 +41,8 @@ def test_an_imported_checkpoint_decodes_and_transcribes(recipe, tmp_path):
     again = mavsr(d, "import", "omni-avsr", str(tmp_path / "model_avg_1.pth"), "--exp", "exp/imported", "--llm",
                   "models/llm", ok=False)
     assert again.returncode != 0 and "exists; use --force" in again.stderr
-    mavsr(d, "extract-features", "--config", "exp/imported/config.yaml", "--split", "test")
+    feats = mavsr(d, "extract-features", "--config", "exp/imported/config.yaml", "--split", "test")
+    assert "next: mavsr decode --exp exp/imported --sweep" in feats.stdout  # not train: it has its checkpoint
     mavsr(d, "decode", "--exp", "exp/imported", "--audio-rate", "16", "--video-rate", "5", "--beam", "1")
     hyp = [json.loads(x) for x in (d / "exp/imported/decode_a16v5_beam1/test/hyp.jsonl").read_text().splitlines()]
     assert len(hyp) == 4

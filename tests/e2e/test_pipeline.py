@@ -59,6 +59,7 @@ def test_rerun_is_a_no_op(recipe):
     r4 = mavsr(d, "decode", "--exp", "exp/t", "--audio-rate", "4", "--video-rate", "2")
     for r in (r1, r2, r3, r4):
         assert "is done" in r.stdout or "are done" in r.stdout
+    assert "next: mavsr train --config conf/tiny.yaml --rates all" in r2.stdout  # a recipe config: train next
     assert snapshot(d) == before
 
 
