@@ -397,8 +397,9 @@ def create_app(srv: Server) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "experiments": [{"name": e.name, "modality": e.modality,
-                                                 "rates": [r.tag for r in e.pairs]} for e in srv.engines],
+        exps = [{"name": e.name, "modality": e.modality, "rates": [r.tag for r in e.pairs], "beam": e.beam}
+                for e in srv.engines]
+        return {"status": "ok", "experiments": exps,
                 "rates": srv.opts.rates, "slo_ms": srv.opts.slo_ms, "queue": srv.batcher.queued}
 
     @app.get("/metrics")

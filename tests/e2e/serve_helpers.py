@@ -32,6 +32,7 @@ class Served:
         self.url = self._wait(lambda: next((m.group(1) for x in self.lines
                                             if (m := re.search(r"listening on (http://\S+)", x))), None), timeout)
         self._wait(lambda: self._healthy(), timeout)
+        self._wait(lambda: "serve: ready" in self.lines, timeout)  # its start-up lines read too (its own thread)
 
     def _read(self) -> None:
         for line in self.proc.stderr:

@@ -34,18 +34,19 @@ def env() -> dict:
     return dict(os.environ, HF_HUB_OFFLINE="1", MAVSR_QUIET="1")
 
 
-def interrupt(d: Path, args: list[str], ready, sig: str, rng: random.Random, max_delay: float = 0.3) -> str:
+def interrupt(d: Path, args: list[str], ready, sig: str, rng: random.Random, max_delay: float = 0.3,
+              pace=None) -> str:
     """Run `mavsr args`, wait until ready() says its work is under way, wait a random moment more,
-    send the signal; returns stderr. The process must die of it (not finish first)."""
+    send the signal; returns stderr. The process must die of it (not finish first). `pace`: a second
+    mark one unit of work after ready(); the moment is then at most 4 units (however fast the process
+    runs beside the other workers, most of its work is still ahead when the signal comes)."""
     p = subprocess.Popen(MAVSR + args + ["--dir", str(d)], cwd=d, env=env(), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while not ready():
-        if p.poll() is not None:
-            pytest.fail(f"mavsr {' '.join(args)} ended ({p.returncode}) before the interruption point:\n"
-                        + p.stderr.read()[-2000:])
-        assert time.time() - t0 < 300, "the interruption point never came"
-        time.sleep(0.002)
+    wait_for(p, args, ready)
+    if pace is not None:
+        t = time.monotonic()
+        wait_for(p, args, pace)
+        max_delay = min(max_delay, 4 * (time.monotonic() - t))
     delay = rng.uniform(0.0, max_delay)
     print(f"{sig} after ready + {delay:.3f} s (seed {SEED})")
     time.sleep(delay)
@@ -56,6 +57,16 @@ def interrupt(d: Path, args: list[str], ready, sig: str, rng: random.Random, max
         assert "rerun the same command to resume" in err
         assert not leftovers(d, journals=False), leftovers(d)  # a decode journal is finished work: kept
     return err
+
+
+def wait_for(p: subprocess.Popen, args: list[str], mark) -> None:
+    t0 = time.time()
+    while not mark():
+        if p.poll() is not None:
+            pytest.fail(f"mavsr {' '.join(args)} ended ({p.returncode}) before the interruption point:\n"
+                        + p.stderr.read()[-2000:])
+        assert time.time() - t0 < 300, "the interruption point never came"
+        time.sleep(0.002)
 
 
 def leftovers(d: Path, journals: bool = True) -> list[str]:
@@ -109,10 +120,11 @@ def test_extraction_interrupted_then_rerun_equals_an_uninterrupted_run(recipe, t
     d = copy_recipe(recipe, tmp_path / "r", without=("exp", "dump"))
     ref = av_dump(recipe)
     out = d / "dump" / ref.name / "train"
-    # one utterance per shard, interrupted after the first: 15 of train's 16 still to encode (with two of
-    # them per shard and the second shard as the mark, a CI run beside another worker finished train first)
+    # one utterance per shard, interrupted at most 4 shards after the second: 10 or more of train's 16 still to
+    # encode (with two of them per shard and a fixed 0.3 s, a CI run beside another worker finished train first)
     args = ["extract-features", "--config", "conf/tiny.yaml", "--shard-size", "1"]
-    interrupt(d, args, lambda: (out / "shard-00000.safetensors").is_file(), sig, rng_for(f"extract-{sig}"))
+    interrupt(d, args, lambda: (out / "shard-00000.safetensors").is_file(), sig, rng_for(f"extract-{sig}"),
+              pace=lambda: (out / "shard-00001.safetensors").is_file())
     assert not (out / ".done").exists()
     mavsr(d, *args)
     for split in ("train", "test"):
@@ -229,8 +241,10 @@ def test_training_interrupted_then_rerun_equals_an_uninterrupted_run(train_ref, 
     assert not leftovers(d)
 
 
-# one utterance per batch: 16 batches of about 15 ms each on a 2-core CPU
-DECODE = ["decode", "--exp", "exp/t", "--split", "train", "--audio-rate", "4", "--video-rate", "2", "--batch-size", "1"]
+# one utterance per batch: 16 batches of about 50 ms each on a 2-core CPU (beam 40: at beam 15 a batch took
+# 15 ms, and the whole decode less than a busy worker may go unscheduled)
+DECODE = ["decode", "--exp", "exp/t", "--split", "train", "--audio-rate", "4", "--video-rate", "2", "--batch-size", "1",
+          "--beam", "40"]
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +252,7 @@ def decode_ref(recipe, tmp_path_factory):
     """An uninterrupted decode of the train split (16 utterances)."""
     d = copy_recipe(recipe, tmp_path_factory.mktemp("dec") / "r")
     mavsr(d, *DECODE)
-    return hyps(d / "exp/t/decode_a4v2_beam15/train/hyp.jsonl")
+    return hyps(d / "exp/t/decode_a4v2_beam40/train/hyp.jsonl")
 
 
 def hyps(p: Path) -> list[tuple]:
@@ -248,14 +262,14 @@ def hyps(p: Path) -> list[tuple]:
 @pytest.mark.parametrize("sig", list(SIGNALS))
 def test_decoding_interrupted_then_rerun_equals_an_uninterrupted_run(recipe, decode_ref, tmp_path, sig):
     d = copy_recipe(recipe, tmp_path / "r")
-    journal = d / "exp/t/decode_a4v2_beam15/.train.parts/part-00000-of-00001.jsonl.journal"
+    journal = d / "exp/t/decode_a4v2_beam40/.train.parts/part-00000-of-00001.jsonl.journal"
     args = DECODE
     interrupt(d, args, lambda: journal.is_file() and journal.read_text().count("\n") >= 1, sig,
-              rng_for(f"decode-{sig}"), max_delay=0.03)
+              rng_for(f"decode-{sig}"), pace=lambda: journal.is_file() and journal.read_text().count("\n") >= 2)
     r = mavsr(d, *args)
     if sig == "SIGKILL":
         assert "resuming" in r.stdout  # the batches finished before the kill are not decoded again
-    assert hyps(d / "exp/t/decode_a4v2_beam15/train/hyp.jsonl") == decode_ref
+    assert hyps(d / "exp/t/decode_a4v2_beam40/train/hyp.jsonl") == decode_ref
     assert not leftovers(d)
 
 

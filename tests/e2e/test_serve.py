@@ -10,6 +10,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 from e2e_helpers import mavsr
 from serve_helpers import ENDPOINT, Served, clips_of, metric, write_wav
@@ -136,7 +137,6 @@ def test_bad_input_gets_a_status_and_one_line_and_the_server_goes_on(recipe, ser
         assert r.status_code == status, (status, words, r.text)
         msg = r.json()["error"]["message"]
         assert words in msg and "\n" not in msg and str(served.tmp) not in msg, msg
-    import httpx
 
     def chunked():  # no Content-Length: the limit is found while the body arrives
         yield b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.mp4"\r\n\r\n'
@@ -190,6 +190,7 @@ def test_the_controller_compresses_more_under_load_and_returns_to_the_best_pair_
                "--max-queue", "64", "--beam", "64", tmp=tmp_path / "tmp")
     try:
         assert "one clip at beam 64:" in "\n".join(s.lines)
+        assert [e["beam"] for e in httpx.get(s.url + "/healthz").json()["experiments"]] == [64]
         first = s.post(video).json()
         assert (first["rates"], first["beam"]) == ("a4v2", 64)  # idle: the most accurate pair, at the server's beam
         burst = _parallel(lambda _: s.post(video), range(32), workers=32)

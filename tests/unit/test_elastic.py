@@ -89,30 +89,38 @@ def test_a_request_that_queued_during_a_decode_is_not_held_for_the_batch_wait_ag
     """--batch-wait-ms lets others join the oldest queued request: one that has already waited that long
     behind a decode goes at once (the batcher used to wait the whole wait_s after every decode)."""
     import asyncio
+    import threading
     import time
     import types
 
     from mavsr_cli.serving.batcher import Batcher, Job
 
-    started = []
+    wait_s, started, release = 2.0, [], threading.Event()
 
-    def decode(clips, rates, mnt, beam):  # the decode thread's work: 1.5 s for the first batch
+    def decode(clips, rates, mnt, beam):  # the decode thread's work: the first batch until released
         started.append(time.perf_counter())
-        time.sleep(1.5 if len(started) == 1 else 0.0)
+        if len(started) == 1:
+            release.wait(60)
         return ["x"] * len(clips), [1] * len(clips)
 
     engine = types.SimpleNamespace(name="t", fixed=None, tr=types.SimpleNamespace(decode=decode))
 
     async def scenario():
-        b = Batcher(max_batch=4, wait_s=1.0, slo_s=60.0)
+        b = Batcher(max_batch=4, wait_s=wait_s, slo_s=60.0)
         loop = asyncio.create_task(b.run())
         first = asyncio.create_task(b.submit(Job(engine, None, Rates(4, 2), 1, 4, time.perf_counter())))
-        await asyncio.sleep(1.2)  # the first batch is decoding (from 1.0 s to 2.5 s)
-        second = await b.submit(Job(engine, None, Rates(4, 2), 1, 4, time.perf_counter()))
+        while not started:  # the first batch is decoding (after its wait_s)
+            await asyncio.sleep(0.01)
+        second = asyncio.create_task(b.submit(Job(engine, None, Rates(4, 2), 1, 4, time.perf_counter())))
+        await asyncio.sleep(wait_s + 0.1)  # the second has waited its wait_s behind the decode
+        t_release = time.perf_counter()
+        release.set()
         await first
+        done = await second
         loop.cancel()
         b.close()
-        return (await first).started, second.started
+        return t_release, done.started, len(started)
 
-    t_first, t_second = asyncio.run(scenario())
-    assert t_second - t_first < 1.5 + 0.5  # at the end of the first decode, not 1.0 s after it
+    t_release, t_second, decodes = asyncio.run(scenario())
+    assert decodes == 2  # two batches: the second request was not in the first
+    assert t_second - t_release < wait_s / 2  # at the end of the first decode, not wait_s after it
