@@ -117,7 +117,11 @@ class AVSRModel(nn.Module):
         parts += [y.reshape(-1, y.shape[-1]) for y, _, _ in blocks]
         parts.append(self._embed(sum(tgts, []), device) if targets is not None else parts[1][:0])
         width = parts[1].shape[1]
-        table = torch.cat(parts + [parts[1].new_zeros(1, width)])  # (rows, D); the last row pads
+        # (rows, D); the last row pads. In the frozen LLM's dtype, as its own embedding gives its inputs: the
+        # float32 markers and projections would otherwise promote a bf16 LLM's residual stream to float32, and
+        # with it the keys its rotary embedding writes to the KV cache (twice the bytes, and cast back to bf16
+        # at every step by a GPU's autocast attention)
+        table = torch.cat(parts + [parts[1].new_zeros(1, width)]).to(self.frozen_dtype)
         rows, labels = self._rows(blocks, tgts, table.shape[0] - 1)
         longest = max(len(r) for r in rows)
         cpu = torch.device("cpu")  # filled row by row here, then moved to the model's device at once

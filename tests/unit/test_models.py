@@ -11,6 +11,7 @@ import torch
 from model_helpers import as_trained, input_dependent
 
 from mavsr_cli import config as C
+from mavsr_cli import decoding
 from mavsr_cli.datasets import synth
 from mavsr_cli.decoding import beam_search, generate, greedy_search
 from mavsr_cli.errors import MavsrError
@@ -694,6 +695,17 @@ def test_a_bf16_frozen_llm_trains_fp32_tensors_and_decodes(parts):
         hyps16, n16 = generate(m16.eval(), _feats(), Rates(4, 2), 4, beam=beam)
         hyps32, n32 = generate(m32.eval(), _feats(), Rates(4, 2), 4, beam=beam)
         assert n16 == n32 and len(hyps16) == 2 and all(isinstance(h, str) for h in hyps16)
+    # the bf16 LLM's inputs, and so its residual stream and the keys and values it caches, are bf16 as
+    # its own embedding would give them (float32 markers and projections had promoted the keys)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m16.build(_feats(), Rates(4, 2), None, left_pad=True)[0].dtype == torch.bfloat16
+        assert m32.build(_feats(), Rates(4, 2), None, left_pad=True)[0].dtype == torch.float32
+    cached = []
+    real = decoding._in_place_cache
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decoding, "_in_place_cache", lambda extra: cached.append(real(extra)) or cached[-1])
+        generate(m16, _feats(), Rates(4, 2), 4, beam=3)
+    assert cached and {x.dtype for layer in cached[0].layers for x in layer.buf} == {torch.bfloat16}
     l16 = MatryoshkaLoss(m16, m16.grid, packed=False)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         c16 = l16(_feats(), tg)
