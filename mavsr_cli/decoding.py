@@ -232,6 +232,17 @@ def _causal_lm(llm):
     return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
 
+def _last_position(emb: torch.Tensor) -> int | torch.Tensor:
+    """The prompt's full call keeps the logits of its last position only. In float32 as the slice `1`
+    (each row's product alone, by a batched product: the numbers every CPU test holds); in a lower
+    precision as an index, which copies the (B, 1, D) rows together: a strided slice there sent the
+    output layer's weight, expanded per row, through a copy (2 GB and 9 s a prompt at Llama-3.2-1B's
+    vocabulary in bf16 on this CPU, benchmarks/real_size_memory.md)."""
+    if emb.dtype == torch.float32:
+        return 1
+    return torch.tensor([emb.shape[1] - 1], device=emb.device)
+
+
 @torch.no_grad()
 def greedy_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, max_new_tokens: int) -> list[list[int]]:
     """The most likely token at every step, with the in-place KV cache; token for token what
@@ -239,7 +250,7 @@ def greedy_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, max_new_
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = _in_place_cache(max_new_tokens)
     out = llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-              logits_to_keep=1)
+              logits_to_keep=_last_position(emb))
     full = _search_mask(mask, max_new_tokens)
     step_logits = one_token_step(_causal_lm(llm), mask.shape[1] + max_new_tokens)
     logits = out.logits[:, -1]  # (B, V)
@@ -322,7 +333,7 @@ def beam_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, beam: int,
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = _in_place_cache(max_new_tokens)
     out = llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-              logits_to_keep=1)
+              logits_to_keep=_last_position(emb))
     logp = torch.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(k, 0)  # (B*K, V)
     cache.batch_repeat_interleave(k)
     full = _search_mask(mask, max_new_tokens).repeat_interleave(k, 0)
