@@ -64,6 +64,26 @@ class Track:
     others: int = 0  # detector frames where only faces far from the lost one were seen (not taken)
 
 
+_DESCRIBED: dict = {}
+
+
+def describe(opt: DetectOptions = DetectOptions()) -> str:
+    """One line naming what detects the landmarks: mavsr's tracker version, dlib's version, the
+    predictor file's digest and the options (the cache of detected landmarks records it, so landmarks
+    reused from an earlier run can be told apart from those this run would find)."""
+    if opt not in _DESCRIBED:
+        import hashlib
+
+        import dlib
+
+        from . import __version__
+
+        digest = hashlib.sha256(_predictor_path().read_bytes()).hexdigest()[:16]
+        _DESCRIBED[opt] = (f"mavsr {__version__} tracker, dlib {dlib.__version__} HOG frontal faces, {PREDICTOR} "
+                           f"sha256:{digest}, every {opt.every} frames, max side {opt.max_side} px")
+    return _DESCRIBED[opt]
+
+
 def available() -> bool:
     return importlib.util.find_spec("dlib") is not None and _predictor_path() is not None
 

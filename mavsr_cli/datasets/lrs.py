@@ -20,7 +20,7 @@ import numpy as np
 
 from ..clocks import FPS, SAMPLE_RATE
 from ..errors import MavsrError
-from ..fsutil import atomic_write_pickle, inside
+from ..fsutil import atomic_write_pickle, atomic_write_text, inside
 from ..media import check_mouth_crop, looks_like_mouth_crop, read_audio, read_video_at, to_roi, write_av, write_wav
 from .lrs_text import clean_transcript, parse_text
 
@@ -203,6 +203,21 @@ def process(item: Item, root: Path, out_dir: Path, landmarks_dir: Path | None, m
     if not recs:
         return f"{rel}: no segment left to write"
     return recs
+
+
+DETECTED_BY = "DETECTED_BY.txt"  # beside the cached landmarks: one line per detector that wrote some (faces.describe)
+
+
+def cache_detectors(out_dir: Path) -> list[str]:
+    """The detectors whose landmarks the cache under <out_dir>/landmarks/ holds."""
+    p = out_dir / "landmarks" / DETECTED_BY
+    return p.read_text().splitlines() if p.is_file() else []
+
+
+def record_detector(out_dir: Path, line: str) -> None:
+    have = cache_detectors(out_dir)
+    if line not in have:
+        atomic_write_text(out_dir / "landmarks" / DETECTED_BY, "".join(x + "\n" for x in have + [line]))
 
 
 def detected_path(out_dir: Path, item: Item) -> Path:

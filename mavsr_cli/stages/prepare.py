@@ -242,8 +242,9 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
     todo = items if opt.shard is None else items[opt.shard[0]::opt.shard[1]]
     args = [(it, root, out_dir, records / it.split / (it.uid or f"{it.speaker}/{it.utt}") / "record.json",
              opt.landmarks, mean_face, opt.max_seconds, corpus == "dir", opt.mouth_crops) for it in todo]
+    _check_cached_detector(out_dir, corpus, log)
     results = list(parallel_map(_lrs_one, args, opt.nj, f"prepare {corpus} ({len(todo)} videos)"))
-    _log_detection(corpus, results, log)
+    _log_detection(out_dir, corpus, results, log)
     if opt.shard is not None:
         log(f"prepare {corpus}: shard {opt.shard[0]}/{opt.shard[1]} done ({len(todo)} videos); "
             "run without --shard to merge")
@@ -263,10 +264,27 @@ def run_lrs(recipe: Recipe, corpus: str, opt: LrsOptions, force: bool = False, l
     return summary
 
 
-def _log_detection(corpus: str, results: list, log) -> None:
-    """One line on the videos whose landmarks came from face detection, if any did."""
+def _check_cached_detector(out_dir: Path, corpus: str, log) -> None:
+    """One line when the landmarks cached by an earlier run's face detection were found by another
+    detector than this run's (they are reused as they are)."""
+    from .. import faces
+    from ..datasets.lrs import cache_detectors
+
+    others = [x for x in cache_detectors(out_dir) if not faces.available() or x != faces.describe()]
+    if others:
+        log(f"prepare {corpus}: warning: corpus/{corpus}/landmarks/ holds landmarks found by another face detector "
+            f"({others[0]}); they are reused as they are: remove the dir to detect them again")
+
+
+def _log_detection(out_dir: Path, corpus: str, results: list, log) -> None:
+    """One line on the videos whose landmarks came from face detection, if any did; the cache
+    records the detector (datasets.lrs.DETECTED_BY)."""
     found = [r[0]["faces"] for r in results if isinstance(r, list) and r and "faces" in r[0]]
     if found:
+        from .. import faces
+        from ..datasets.lrs import record_detector
+
+        record_detector(out_dir, faces.describe())
         frames, missed, several = (sum(f[k] for f in found) for k in ("frames", "missed", "several"))
         log(f"prepare {corpus}: faces detected in {len(found)} videos without landmarks (cached under "
             f"corpus/{corpus}/landmarks/): {missed} of {frames} frames without a face (filled in from their "

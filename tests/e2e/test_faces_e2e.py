@@ -12,6 +12,7 @@ import pytest
 from e2e_helpers import mavsr
 from face_videos import marker_offset, talking_face
 
+from mavsr_cli import faces
 from mavsr_cli.media import read_audio, read_video_gray
 
 
@@ -59,6 +60,14 @@ def test_prepare_dir_detects_faces_and_keeps_mouth_crops(tmp_path):
     cached = d / "corpus/dir/landmarks/ann/take1.pkl"
     with open(cached, "rb") as f:
         assert len(pickle.load(f)) == 40  # the landmarks found, for a rerun
+    by = d / "corpus/dir/landmarks/DETECTED_BY.txt"  # and what found them
+    assert by.read_text() == faces.describe() + "\n" and "dlib" in by.read_text() and "sha256:" in by.read_text()
+    r = mavsr(d, "prepare", "dir", "--root", str(root), "--split", "dev", "--nj", "1", "--force")
+    assert "another face detector" not in r.stdout
+    by.write_text("mavsr 0.0.1 tracker, dlib 19.0.0 HOG frontal faces\n")  # as an older install had left it
+    r = mavsr(d, "prepare", "dir", "--root", str(root), "--split", "dev", "--nj", "1", "--force")
+    assert "holds landmarks found by another face detector (mavsr 0.0.1 tracker, dlib 19.0.0" in r.stdout
+    assert (d / "data/dev/manifest.jsonl").read_text().count("\n") == 1  # reused as they are
     # --mouth-crops keeps the old rule: a video without landmarks must be a crop already
     shutil.copy(d / utts["ann-take1"]["video"], root / "ann/crop.mp4")
     (root / "ann/crop.txt").write_text("hello world\n")
