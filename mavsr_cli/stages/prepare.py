@@ -270,7 +270,9 @@ def _check_cached_detector(out_dir: Path, corpus: str, log) -> None:
     from .. import faces
     from ..datasets.lrs import cache_detectors
 
-    others = [x for x in cache_detectors(out_dir) if not faces.available() or x != faces.describe()]
+    if not faces.available():  # no detector here to differ from: the cache is all there is
+        return
+    others = [x for x in cache_detectors(out_dir) if x != faces.describe()]
     if others:
         log(f"prepare {corpus}: warning: corpus/{corpus}/landmarks/ holds landmarks found by another face detector "
             f"({others[0]}); they are reused as they are: remove the dir to detect them again")
