@@ -456,16 +456,21 @@ def extract_features(
         cfg = C.with_modality(cfg, modality.value)
     stage.run(_recipe(dir, "dump"), cfg, split, force, _log, parse_shard(shard), shard_size, device)
     if shard is None:
-        _next(_after_features(config))
+        _next(_after_features(config, dir))
 
 
-def _after_features(config: Path | None) -> str:
+def _after_features(config: Path | None, recipe_dir: Path) -> str:
     """extract-features' next command: decode for the config of an experiment that has a checkpoint
-    (one imported, or trained), else train."""
+    (one imported, or trained; --exp as decode reads it, under the recipe dir), else train."""
     from .recipe import decoding_checkpoint
 
-    if config is not None and config.name == "config.yaml" and decoding_checkpoint(config.parent) is not None:
-        return f"mavsr decode --exp {config.parent} --sweep"
+    try:
+        trained = config is not None and config.name == "config.yaml" and decoding_checkpoint(config.parent)
+    except ValueError:  # an unreadable meta.json: decode will say so
+        trained = False
+    if trained:
+        exp, root = config.parent.resolve(), recipe_dir.resolve()
+        return f"mavsr decode --exp {exp.relative_to(root) if exp.is_relative_to(root) else exp} --sweep"
     return f"mavsr train{f' --config {config}' if config else ''} --rates all"
 
 

@@ -33,7 +33,7 @@ class Engine:
         self.tr, self.name, self.modality = tr, tr.dec.exp.name, tr.modality
         self.pairs = most_accurate_first(tr.dec.trained)
         self.fixed = fixed  # the server's --rates when not auto
-        self.beam = beam or tr.dec.cfg.decode.beam  # the server's --beam, else the config's
+        self.beam = beam if beam is not None else tr.dec.cfg.decode.beam  # the server's --beam, else the config's
         self.scores = ranking_scores(tr.dec.exp)  # what `budget` ranks by, read once (decoding.pick_by_budget)
 
     def max_new_tokens(self, duration: float) -> int:
@@ -99,7 +99,8 @@ class Batcher:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mavsr-decode")
 
     def measure(self, engine: Engine, seconds: float, reps: int = 5) -> None:
-        """Decode costs of every pair at the experiment's beam, at batch 1 and at a larger batch, before
+        """Decode costs of every pair at the engine's beam (serve's --beam, else the experiment's), at batch 1
+        and at a larger batch, before
         serving (blocking); one decode of each pair first, untimed, for the one-off costs. The pairs take
         turns, `reps` rounds, and each keeps its least time: another process's burst only ever adds
         time, and taking turns spreads a slow stretch over all pairs rather than one (CI saw a lone

@@ -241,7 +241,7 @@ def test_training_interrupted_then_rerun_equals_an_uninterrupted_run(train_ref, 
     assert not leftovers(d)
 
 
-# one utterance per batch: 16 batches of about 50 ms each on a 2-core CPU (beam 40: at beam 15 a batch took
+# one utterance per batch: 16 batches of about 40 ms each on a 2-core CPU (beam 40: at beam 15 a batch took
 # 15 ms, and the whole decode less than a busy worker may go unscheduled)
 DECODE = ["decode", "--exp", "exp/t", "--split", "train", "--audio-rate", "4", "--video-rate", "2", "--batch-size", "1",
           "--beam", "40"]

@@ -109,14 +109,16 @@ def test_a_request_that_queued_during_a_decode_is_not_held_for_the_batch_wait_ag
         b = Batcher(max_batch=4, wait_s=wait_s, slo_s=60.0)
         loop = asyncio.create_task(b.run())
         first = asyncio.create_task(b.submit(Job(engine, None, Rates(4, 2), 1, 4, time.perf_counter())))
+        deadline = time.monotonic() + 60
         while not started:  # the first batch is decoding (after its wait_s)
+            assert time.monotonic() < deadline, "the first batch never started"
             await asyncio.sleep(0.01)
         second = asyncio.create_task(b.submit(Job(engine, None, Rates(4, 2), 1, 4, time.perf_counter())))
         await asyncio.sleep(wait_s + 0.1)  # the second has waited its wait_s behind the decode
         t_release = time.perf_counter()
         release.set()
-        await first
-        done = await second
+        await asyncio.wait_for(first, 60)
+        done = await asyncio.wait_for(second, 60)
         loop.cancel()
         b.close()
         return t_release, done.started, len(started)

@@ -706,6 +706,16 @@ def test_a_bf16_frozen_llm_trains_fp32_tensors_and_decodes(parts):
         mp.setattr(decoding, "_in_place_cache", lambda extra: cached.append(real(extra)) or cached[-1])
         generate(m16, _feats(), Rates(4, 2), 4, beam=3)
     assert cached and {x.dtype for layer in cached[0].layers for x in layer.buf} == {torch.bfloat16}
+    # the prompt's last row reaches the output layer whole (a strided bf16 row made PyTorch's CPU product
+    # copy the layer's weight once per row: 2 GB at Llama-3.2-1B's vocabulary, benchmarks/README.md)
+    seen = []
+    hook = decoding._causal_lm(m16.llm).lm_head.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].is_contiguous()))
+    try:
+        generate(m16, _feats(), Rates(4, 2), 4, beam=3)
+    finally:
+        hook.remove()
+    assert seen and all(seen), seen
     l16 = MatryoshkaLoss(m16, m16.grid, packed=False)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         c16 = l16(_feats(), tg)
