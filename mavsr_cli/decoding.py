@@ -67,19 +67,23 @@ RANKING_SPLITS = ("val", "test")  # --budget ranks pairs by the WER scored on th
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """`--budget`'s unit, the one the reports show: LLM input tokens per second of speech, media
-    tokens plus the fixed ones of every utterance (BOS, modality markers, prompt) spread over its
-    duration. `fixed` tokens per utterance of `seconds` on average (a split's mean, or one clip's)."""
+    """`--budget`'s unit and count, the reports': LLM input tokens per second of speech. A pair's cost
+    is what RESULTS.md and REPORT.md would count for the utterances decoded: each one's media tokens
+    at the pair's rates (its streams' frames pooled as the model pools them, Rates.media_tokens) plus
+    `fixed` (BOS, modality markers, prompt), over their seconds of speech."""
 
     limit: float
     fixed: int
-    seconds: float
+    clips: tuple[tuple[float, int, int], ...]  # per utterance: (seconds, audio frames at 50 Hz, video frames at 25)
 
     def cost(self, r: Rates) -> float:
-        return r.tokens_per_second() + self.fixed / max(self.seconds, 1e-9)
+        tokens = sum(self.fixed + r.media_tokens(a, v) for _, a, v in self.clips)
+        return tokens / max(sum(s for s, _, _ in self.clips), 1e-9)
 
     def describe(self) -> str:
-        return f"{self.limit:g} LLM input tokens/s (media + {self.fixed} prompt tokens per {self.seconds:.2f} s)"
+        n, seconds = len(self.clips), sum(s for s, _, _ in self.clips)
+        return (f"{self.limit:g} LLM input tokens/s (media + {self.fixed} prompt tokens per utterance, "
+                f"{n} utterance{'s' if n != 1 else ''} of {seconds:.2f} s)")
 
 
 def pick_by_budget(trained: list[Rates], budget: Budget,
@@ -398,18 +402,16 @@ class Decoder:
                 "features": checksum_or_none(cache / "provenance.json"), "device": self.device.type}
 
     def requested_rates(self, audio_rate: int | None, video_rate: int | None, budget: float | None,
-                        seconds: float | None = None) -> Rates | None:
-        """The trained pair a call asks for: by --budget for speech of `seconds` per utterance (default:
-        the split's mean; the choice and its reason are logged) or by --audio-rate/--video-rate; None
-        when it names neither."""
+                        clips: list[tuple[float, int, int]] | None = None) -> Rates | None:
+        """The trained pair a call asks for: by --budget for the `clips` decoded ((seconds, audio frames,
+        video frames) each; default: the split's, from its feature cache; the choice and its reason are
+        logged) or by --audio-rate/--video-rate; None when it names neither."""
         if budget is not None:
             if audio_rate is not None or video_rate is not None:
                 raise MavsrError("--budget picks the rates; drop --audio-rate/--video-rate")
             if not budget > 0:
                 raise MavsrError(f"--budget is LLM input tokens per second of speech, > 0; got {budget:g}")
-            if seconds is None:
-                seconds = sum(u.duration for u in self.utts.values()) / max(len(self.utts), 1)
-            b = Budget(budget, self.fixed_tokens(), seconds)
+            b = Budget(budget, self.fixed_tokens(), tuple(self._split_clips() if clips is None else clips))
             r, why = pick_by_budget(self.trained, b, ranking_scores(self.exp))
             self.log(f"decode: budget {b.describe()} -> {r.tag} {r.pair} at {b.cost(r):.2f}: {why}")
             return r
@@ -418,6 +420,11 @@ class Decoder:
         r = Rates(audio_rate, video_rate)
         require(r, self.trained)
         return r
+
+    def _split_clips(self) -> list[tuple[float, int, int]]:
+        """(seconds, audio frames, video frames) of the split's utterances that decode reads."""
+        store = self.store(dataclasses.replace(self.options(), snr=None))  # the clean cache: the same lengths
+        return [(self.utts[i].duration, *store.lengths(i)) for i in store.ids() if i in self.utts]
 
     def fixed_tokens(self) -> int:
         """LLM input tokens of every utterance beside the media: BOS, two markers per stream, the prompt

@@ -87,6 +87,11 @@ class FeatureStore:
         e = self.entries[uid]
         return int(e["video_len"]) if "video_len" in e else (int(e["audio_len"]) + 1) // 2
 
+    def lengths(self, uid: str) -> tuple[int, int]:
+        """(audio frames at 50 Hz, video frames at 25 Hz) of an utterance, 0 for a stream not cached."""
+        e = self.entries[uid]
+        return int(e.get("audio_len", 0)), int(e.get("video_len", 0))
+
     def get(self, uid: str, modality: str, copy: int | None = None) -> torch.Tensor:
         """Features (T, D) of an utterance; `copy` k picks its k-th augmented copy."""
         e = self.entries[uid]

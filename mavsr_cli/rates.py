@@ -49,6 +49,16 @@ class Rates:
             t += video_hz / self.video
         return t
 
+    def media_tokens(self, audio_frames: int, video_frames: int) -> int:
+        """LLM input tokens of one utterance's streams at these rates: each stream's frames pooled
+        by its rate, a trailing partial group dropped, at least one token (model/compress.py)."""
+        t = 0
+        if self.audio:
+            t += max(audio_frames // self.audio, 1)
+        if self.video:
+            t += max(video_frames // self.video, 1)
+        return t
+
     def __str__(self) -> str:
         return self.tag
 

@@ -81,6 +81,10 @@ class Clip:
     duration: float  # seconds of media
     mouth: str | None  # how the mouth was found (roi, mouth crop, detected); None without video
 
+    def frames(self) -> tuple[float, int, int]:
+        """(seconds, audio frames, video frames), as decoding.Budget counts a clip."""
+        return (self.duration, *(len(self.feats[m]) if m in self.feats else 0 for m in ("audio", "video")))
+
 
 @dataclasses.dataclass(eq=False)
 class EncoderInputs:

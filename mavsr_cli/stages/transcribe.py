@@ -49,12 +49,12 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
     if budget is None:  # refused before the media are read
         rates = dec.requested_rates(audio_rate, video_rate, None) or tr.default_rates()
     elif audio_rate is not None or video_rate is not None:
-        dec.requested_rates(audio_rate, video_rate, budget, 1.0)  # the one refusal of both together
+        dec.requested_rates(audio_rate, video_rate, budget, [])  # the one refusal of both together
     t0 = time.perf_counter()
     clip = tr.clip(media, roi, mouth_crop, save_roi)
     t1 = time.perf_counter()
     if budget is not None:
-        rates = dec.requested_rates(None, None, budget, clip.duration)
+        rates = dec.requested_rates(None, None, budget, [clip.frames()])
     hyps, n_in = tr.decode([clip], rates, max_new_tokens(opts, [clip.duration]), opts.beam)
     t2 = time.perf_counter()
     return {"text": hyps[0], "media": str(media), "rates": rates.tag, "pair": rates.pair, "beam": opts.beam,

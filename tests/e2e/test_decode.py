@@ -49,20 +49,23 @@ def test_budget_prefers_the_lowest_known_wer_then_the_least_compression():
 
     grid = [Rates(4, 2), Rates(4, 5), Rates(16, 2), Rates(16, 5)]
 
+    two_s = ((2.0, 100, 50),)  # one utterance of 2 s: 100 audio frames, 50 video frames
+
     def pick(limit, scores=None, fixed=0):
-        return pick_by_budget(grid, Budget(limit, fixed, 2.0), [(scores, "test")] if scores else [])[0]
+        return pick_by_budget(grid, Budget(limit, fixed, two_s), [(scores, "test")] if scores else [])[0]
 
     assert pick(100) == Rates(4, 2)
     assert pick(20) == Rates(4, 5)  # 17.5 tokens/s, the most tokens that fit
     assert pick(20, {"a16v2": 3.0, "a4v5": 4.0}) == Rates(16, 2)  # better known WER
-    assert pick(9) == Rates(16, 5)
+    assert pick(9) == Rates(16, 5)  # 6 + 10 tokens in 2 s: the frames pooled, a partial group dropped
+    assert Budget(0, 0, two_s).cost(Rates(16, 2)) == (6 + 25) / 2.0
     # the prompt counts: 8 fixed tokens per 2 s utterance add 4 tokens/s, so 20 no longer fits (4,5)
     assert pick(20, fixed=8) == Rates(16, 2) and pick(21.5, fixed=8) == Rates(4, 5)
     # a validation split ranks first, but only where it scores a pair that fits; else the test set does
     val, test = {"a4v2": 1.0}, {"a16v2": 3.0, "a4v5": 4.0, "a16v5": 2.0}
-    r, why = pick_by_budget(grid, Budget(20, 0, 2.0), [(val, "val"), (test, "test")])
+    r, why = pick_by_budget(grid, Budget(20, 0, two_s), [(val, "val"), (test, "test")])
     assert r == Rates(16, 5) and "lowest test WER (2.00%)" in why
-    assert pick_by_budget(grid, Budget(100, 0, 2.0), [(val, "val"), (test, "test")])[0] == Rates(4, 2)
+    assert pick_by_budget(grid, Budget(100, 0, two_s), [(val, "val"), (test, "test")])[0] == Rates(4, 2)
 
 
 def test_budget_speaks_the_reports_unit_and_decode_and_transcribe_agree(recipe, tmp_path):
@@ -90,6 +93,9 @@ def test_budget_speaks_the_reports_unit_and_decode_and_transcribe_agree(recipe, 
     said = r.stdout + r.stderr
     assert "media + " in said and "prompt tokens" in said and "scored pairs that fit" in said
     assert said.split("-> ")[1].split()[0] == best(fits)
+    # the report's figure of the cheapest pair is a budget it fits (the frames it pools, not the nominal rate)
+    r = mavsr(d, "decode", "--exp", "exp/t", "--budget", f"{table['(16,5)'] + 0.05:.2f}", "--beam", "1")
+    assert r.stdout.split("-> ")[1].split()[0] == "a16v5"
     # a budget between the media-only and the reported count of (4,5) no longer admits it
     between = (Rates(4, 5).tokens_per_second() + table["(4,5)"]) / 2
     r = mavsr(d, "decode", "--exp", "exp/t", "--budget", f"{between:.2f}", "--beam", "1")

@@ -38,3 +38,17 @@ def test_select_and_require_name_the_trained_grid():
         select("a8v2", g)
     with pytest.raises(MavsrError, match="not in the trained grid"):
         require(Rates(16, 1), g)
+
+
+def test_media_tokens_count_what_the_projectors_pool():
+    """Rates.media_tokens (what --budget counts) is the length compress() gives each stream."""
+    import torch
+
+    from mavsr_cli.model.compress import compress
+
+    for a_rate, v_rate in ((1, 1), (4, 2), (16, 5), (3, None), (None, 5)):
+        r = Rates(a_rate, v_rate)
+        for ta, tv in ((0, 0), (1, 1), (15, 4), (16, 5), (124, 62), (301, 150)):
+            want = sum(int(compress(torch.zeros(1, max(t, 1), 2), torch.tensor([t]), rate)[1])
+                       for t, rate in ((ta, a_rate), (tv, v_rate)) if rate)
+            assert r.media_tokens(ta, tv) == want, (r, ta, tv)
