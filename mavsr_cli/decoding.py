@@ -62,7 +62,7 @@ def max_new_tokens(opts: DecodeConfig, durations: list[float]) -> int:
     return opts.max_new_tokens or auto_max_new_tokens(durations)
 
 
-RANKING_SPLITS = ("val", "test")  # --budget ranks pairs by the WER scored on the first of these that has any
+RANKING_SPLITS = ("val", "test")  # --budget ranks by the one of these that scores the most fitting pairs (val on a tie)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,18 +89,19 @@ class Budget:
 def pick_by_budget(trained: list[Rates], budget: Budget,
                    rankings: list[tuple[dict[str, float], str]] = ()) -> tuple[Rates, str]:
     """(the pair, why): among the trained pairs whose cost fits the budget, the one of lowest known
-    WER on the first split of `rankings` ((scores, split) pairs, ranking_scores) that scores any of
-    them, else the least compressed one."""
+    WER on the split of `rankings` ((scores, split) pairs, ranking_scores) that scores the most of
+    them (the first, validation before test, on a tie: one pair scored on val must not hide the test
+    scores of the others), else the least compressed one."""
     fits = [r for r in trained if budget.cost(r) <= budget.limit + 1e-9]
     if not fits:
         cheapest = min(trained, key=budget.cost)
         raise MavsrError(f"no trained configuration fits {budget.describe()}; the cheapest, {cheapest.tag}, "
                          f"needs {budget.cost(cheapest):.2f}")
-    for scores, split in rankings:
-        scored = [r for r in fits if r.tag in scores]
-        if scored:
-            best = min(scored, key=lambda r: (scores[r.tag], -r.tokens_per_second()))
-            return best, f"lowest {split} WER ({scores[best.tag]:.2f}%) of the {len(scored)} scored pairs that fit"
+    ranked = [(scores, split, [r for r in fits if r.tag in scores]) for scores, split in rankings]
+    scores, split, scored = max(ranked, key=lambda x: len(x[2]), default=({}, "", []))  # max keeps the first
+    if scored:
+        best = min(scored, key=lambda r: (scores[r.tag], -r.tokens_per_second()))
+        return best, f"lowest {split} WER ({scores[best.tag]:.2f}%) of the {len(scored)} scored pairs that fit"
     best = most_accurate_first(fits)[0]
     return best, (f"the least compressed of the {len(fits)} pairs that fit (none of them has a scored clean "
                   "decode dir of the experiment's checkpoint to rank by)")
@@ -123,8 +124,8 @@ def known_scores(exp: Path, split: str) -> dict[str, float]:
 
 def ranking_scores(exp: Path) -> list[tuple[dict[str, float], str]]:
     """What --budget ranks by, whatever split is decoded: (scores, split) for each of RANKING_SPLITS
-    with any (a validation split before the test set); pick_by_budget takes the first that scores
-    a pair within the budget."""
+    with any (a validation split before the test set); pick_by_budget takes the one that scores the
+    most pairs within the budget."""
     return [(s, split) for split in RANKING_SPLITS if (s := known_scores(exp, split))]
 
 

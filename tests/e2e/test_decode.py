@@ -61,11 +61,16 @@ def test_budget_prefers_the_lowest_known_wer_then_the_least_compression():
     assert Budget(0, 0, two_s).cost(Rates(16, 2)) == (6 + 25) / 2.0
     # the prompt counts: 8 fixed tokens per 2 s utterance add 4 tokens/s, so 20 no longer fits (4,5)
     assert pick(20, fixed=8) == Rates(16, 2) and pick(21.5, fixed=8) == Rates(4, 5)
-    # a validation split ranks first, but only where it scores a pair that fits; else the test set does
+    # the split that scores the most of the pairs that fit ranks them, validation first on a tie
     val, test = {"a4v2": 1.0}, {"a16v2": 3.0, "a4v5": 4.0, "a16v5": 2.0}
-    r, why = pick_by_budget(grid, Budget(20, 0, two_s), [(val, "val"), (test, "test")])
+    both = [(val, "val"), (test, "test")]
+    r, why = pick_by_budget(grid, Budget(20, 0, two_s), both)
     assert r == Rates(16, 5) and "lowest test WER (2.00%)" in why
-    assert pick_by_budget(grid, Budget(100, 0, two_s), [(val, "val"), (test, "test")])[0] == Rates(4, 2)
+    r, why = pick_by_budget(grid, Budget(100, 0, two_s), both)  # one pair scored on val hides no test score
+    assert r == Rates(16, 5) and "of the 3 scored pairs" in why
+    val = {"a4v2": 9.0, "a4v5": 1.0, "a16v2": 8.0}
+    r, why = pick_by_budget(grid, Budget(100, 0, two_s), [(val, "val"), (test, "test")])
+    assert r == Rates(4, 5) and "lowest val WER (1.00%)" in why
 
 
 def test_budget_speaks_the_reports_unit_and_decode_and_transcribe_agree(recipe, tmp_path):
