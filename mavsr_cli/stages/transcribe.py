@@ -17,10 +17,13 @@ encoding and decoding are transcription.py's, which `mavsr serve` shares.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
+from ..config import STREAMS
 from ..decoding import max_new_tokens
 from ..errors import MavsrError
+from ..fsutil import atomic_file
 from ..options import DEVICE
 from ..recipe import Recipe
 from ..transcription import Transcriber
@@ -50,13 +53,19 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
         rates = dec.requested_rates(audio_rate, video_rate, None) or tr.default_rates()
     elif audio_rate is not None or video_rate is not None:
         dec.requested_rates(audio_rate, video_rate, budget, [])  # the one refusal of both together
-    t0 = time.perf_counter()
-    clip = tr.clip(media, roi, mouth_crop, save_roi)
-    t1 = time.perf_counter()
-    if budget is not None:
-        rates = dec.requested_rates(None, None, budget, [clip.frames()])
-    hyps, n_in = tr.decode([clip], rates, max_new_tokens(opts, [clip.duration]), opts.beam)
-    t2 = time.perf_counter()
+    if "video" not in STREAMS[tr.modality] and (roi is not None or mouth_crop or save_roi is not None):
+        raise MavsrError(f"{dec.exp.name} is an audio-only model: --roi, --mouth-crop and --save-roi act on the "
+                         "video it does not read; drop them")
+    if save_roi is not None and Path(save_roi).resolve() == media.resolve():
+        raise MavsrError(f"--save-roi {save_roi} is the input file; give another name")
+    with atomic_file(save_roi, keep_suffix=True) if save_roi is not None else nullcontext() as roi_out:
+        t0 = time.perf_counter()
+        clip = tr.clip(media, roi, mouth_crop, roi_out)  # the crop is kept only if the clip is transcribed
+        t1 = time.perf_counter()
+        if budget is not None:
+            rates = dec.requested_rates(None, None, budget, [clip.frames()])
+        hyps, n_in = tr.decode([clip], rates, max_new_tokens(opts, [clip.duration]), opts.beam)
+        t2 = time.perf_counter()
     return {"text": hyps[0], "media": str(media), "rates": rates.tag, "pair": rates.pair, "beam": opts.beam,
             "duration": round(clip.duration, 3), "tokens_in": int(n_in[0]),
             "time": {"encode": round(t1 - t0, 3), "decode": round(t2 - t1, 3)}, "checkpoint": dec.ckpt.name,

@@ -35,6 +35,14 @@ def test_transcribe_finds_the_face_and_decodes_without_a_roi(recipe, tmp_path):
     r = mavsr(recipe, "transcribe", str(video), "--exp", "exp/t", "--mouth-crop", ok=False)
     assert r.returncode == 2 and "640x480 frames are not a mouth crop" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    # a crop is kept only for a clip transcribed: not where the budget is refused, never over the input
+    r = mavsr(recipe, "transcribe", str(video), "--exp", "exp/t", "--budget", "1", "--save-roi",
+              str(tmp_path / "refused.mp4"), ok=False)
+    assert r.returncode == 2 and "no trained configuration fits" in r.stderr
+    before = video.read_bytes()
+    r = mavsr(recipe, "transcribe", str(video), "--exp", "exp/t", "--save-roi", str(video), ok=False)
+    assert r.returncode == 2 and "is the input file" in r.stderr and video.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phone.mp4", "roi.mp4"]  # nothing else, no temporary
 
 
 def test_prepare_dir_detects_faces_and_keeps_mouth_crops(tmp_path):

@@ -151,6 +151,12 @@ def test_audio_only_and_video_only_models_train_and_decode(recipe, modality):
     r = mavsr(d, "decode", "--exp", f"exp/{modality}", flag, want[0][1:], other, "2", ok=False)
     assert r.returncode == 2 and "not in the trained grid" in r.stderr + r.stdout
     assert mavsr(d, "score", "--exp", f"exp/{modality}").stdout.count("WER") == 2
+    if modality == "a":  # options on the video an audio-only model never reads are refused, not ignored
+        video = d / json.loads((d / "data/test/manifest.jsonl").read_text().splitlines()[0])["video"]
+        for extra in (["--roi", "0,0,40,40"], ["--mouth-crop"], ["--save-roi", str(d / "crop.mp4")]):
+            r = mavsr(d, "transcribe", str(video), "--exp", "exp/a", *extra, ok=False)
+            assert r.returncode == 2 and "an audio-only model" in r.stderr, (extra, r.stderr)
+        assert not (d / "crop.mp4").exists()
 
 
 def test_sharded_extraction_merges_into_the_same_cache(recipe, tmp_path):
