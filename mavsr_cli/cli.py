@@ -456,22 +456,28 @@ def extract_features(
         cfg = C.with_modality(cfg, modality.value)
     stage.run(_recipe(dir, "dump"), cfg, split, force, _log, parse_shard(shard), shard_size, device)
     if shard is None:
-        _next(_after_features(config, dir))
+        _next(_after_features(config, dir, modality, split))
 
 
-def _after_features(config: Path | None, recipe_dir: Path) -> str:
+def _after_features(config: Path | None, recipe_dir: Path, modality: Modality | None, splits: list[str] | None) -> str:
     """extract-features' next command: decode for the config of an experiment that has a checkpoint
-    (one imported, or trained; --exp as decode reads it, under the recipe dir), else train."""
+    (one imported, or trained; --exp as decode reads it, under the recipe dir) or for splits other than
+    train, else train (with the --modality the features were made for)."""
     from .recipe import decoding_checkpoint
 
     try:
         trained = config is not None and config.name == "config.yaml" and decoding_checkpoint(config.parent)
     except ValueError:  # an unreadable meta.json: decode will say so
         trained = False
+    which = next((s for s in splits or [] if s != "train"), "test")
+    split = f" --split {which}" if which != "test" else ""
     if trained:
         exp, root = config.parent.resolve(), recipe_dir.resolve()
-        return f"mavsr decode --exp {exp.relative_to(root) if exp.is_relative_to(root) else exp} --sweep"
-    return f"mavsr train{f' --config {config}' if config else ''} --rates all"
+        return f"mavsr decode --exp {exp.relative_to(root) if exp.is_relative_to(root) else exp}{split} --sweep"
+    if splits and "train" not in splits:
+        return f"mavsr decode --exp exp/<tag>{split} --sweep"
+    return (f"mavsr train{f' --config {config}' if config else ''}"
+            f"{f' --modality {modality.value}' if modality else ''} --rates all")
 
 
 @app.command("train", cls=_Command, epilog=_examples("train"))

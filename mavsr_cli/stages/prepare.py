@@ -398,7 +398,8 @@ def run_csv(recipe: Recipe, csv_path: Path, data_root: Path, split: str, force: 
                                  text=" ".join(text.lower().split()), num_frames=num_frames,
                                  duration=round(num_frames / FPS, 3), speaker=Path(key).parent.name or key))
     if not utts:
-        raise MavsrError(f"no usable lines in {csv_path} ({len(skipped)} skipped)")
+        first = f"; the first: {skipped[0]}" if skipped else ""
+        raise MavsrError(f"no usable lines in {csv_path} ({len(skipped)} skipped{first})")
     utts.sort(key=lambda u: u.id)
     if len({u.id for u in utts}) != len(utts):
         raise MavsrError(f"duplicate utterances in {csv_path}")

@@ -247,3 +247,6 @@ def test_an_llm_avsr_label_list_imports_as_a_manifest(tmp_path):
     assert u["speaker"] == "spk0000001"
     skipped = (d / "data/test/skipped.txt").read_text()
     assert "00002.wav" in skipped and "expected 5 fields" in skipped and "2 skipped" in r.stdout
+    # a wrong --root skips every line: the one-line error says why, from the first line
+    r = mavsr(d, "prepare", "csv", "--csv", str(lst), "--root", str(tmp_path / "elsewhere"), "--split", "x", ok=False)
+    assert r.returncode == 2 and "no usable lines" in r.stderr and "line 1:" in r.stderr and "missing" in r.stderr

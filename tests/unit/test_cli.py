@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import typer
 
 from mavsr_cli.cli import app
@@ -115,3 +117,22 @@ def test_log_lines_never_glue_onto_a_live_progress_bar():
     assert "━" in text  # a bar was drawn (a terminal)
     for i in range(3):
         assert f"logged line {i}" in lines, [x for x in lines if "logged" in x]
+
+
+def test_extract_features_next_line_follows_what_was_extracted(tmp_path):
+    from mavsr_cli.cli import _after_features
+    from mavsr_cli.config import Modality
+
+    conf = Path("conf/synth.yaml")
+    assert _after_features(conf, tmp_path, None, None) == "mavsr train --config conf/synth.yaml --rates all"
+    assert _after_features(conf, tmp_path, Modality("a"), None) == \
+        "mavsr train --config conf/synth.yaml --modality a --rates all"  # as the features were made
+    assert _after_features(conf, tmp_path, None, ["dev"]) == "mavsr decode --exp exp/<tag> --split dev --sweep"
+    assert _after_features(conf, tmp_path, None, ["train", "dev"]).startswith("mavsr train")
+    exp = tmp_path / "exp/imported"
+    (exp / "ckpt/step-000001").mkdir(parents=True)
+    (exp / "ckpt/step-000001/model.safetensors").write_bytes(b"")
+    (exp / "config.yaml").write_text("")
+    assert _after_features(exp / "config.yaml", tmp_path, None, ["test"]) == "mavsr decode --exp exp/imported --sweep"
+    assert _after_features(exp / "config.yaml", tmp_path, None, ["val"]) == \
+        "mavsr decode --exp exp/imported --split val --sweep"
