@@ -92,7 +92,9 @@ EXAMPLES = {  # shown under each command's --help; the synthetic recipe's comman
               "mavsr serve --exp exp/synth_ms_all --rates a4v2 --api-key \"$KEY\" --host 0.0.0.0"],
     "bench": ["mavsr bench --exp exp/synth_ms_all --snr clean,10,0,-5",
               "mavsr bench --exp exp/synth_ms_all --exp exp/synth_a_ms_all --out bench/"],
-    "claims": ["bash study.sh && mavsr claims --dir .   # in recipes/synth"],
+    "claims": ["mavsr claims --bench exp/t/bench --matryoshka exp/t   # one experiment: the claims it can check",
+               "mavsr claims --bench exp/bench --matryoshka exp/ms --baseline exp/base_a4v2 --baseline exp/base_a16v5 "
+               "--rate1 exp/rate1 --audio-only exp/audio --video-only exp/video   # recipes/synth/study.sh, stage 7"],
     "info": ["mavsr info", "mavsr info --grid conf/synth.yaml   # the rate tags, for scripts"],
 }
 
@@ -432,7 +434,8 @@ def tiny_models(
 def extract_features(
     dir: DirOpt = Path("."),
     config: ConfigOpt = None,
-    split: Annotated[list[str] | None, typer.Option("--split", "-s", help="Split(s) to extract; repeat the option "
+    split: Annotated[list[str] | None, typer.Option("--split", "-s", metavar="SPLIT",
+                                                    help="Split(s) to extract; repeat the option "
                                                     "for several. Default: every prepared split (data/*/).")] = None,
     shard: Annotated[str | None, typer.Option(help="i/N: compute only this worker's share of the shard files (N "
                                               "workers, one dump dir); run again without it to merge.")] = None,
@@ -605,7 +608,8 @@ def transcribe(
 
 @app.command("serve", cls=_Command, epilog=_examples("serve"))
 def serve(
-    exp: Annotated[list[Path], typer.Option(help="Experiment dir (exp/<tag>); repeat it to serve one of each "
+    exp: Annotated[list[Path], typer.Option(metavar="DIR",
+                                            help="Experiment dir (exp/<tag>); repeat it to serve one of each "
                                             "modality: an upload goes to the audio-visual one when it has both "
                                             "streams, else to the audio-only or video-only one.")],
     dir: DirOpt = Path("."),
@@ -663,7 +667,8 @@ def serve(
 
 @app.command("bench", cls=_Command, epilog=_examples("bench"))
 def bench(
-    exp: Annotated[list[Path], typer.Option(help="Experiment dir(s) (exp/<tag>); repeat the option to compare "
+    exp: Annotated[list[Path], typer.Option(metavar="DIR",
+                                            help="Experiment dir(s) (exp/<tag>); repeat the option to compare "
                                             "several (e.g. AV, audio-only, video-only, baselines).")],
     dir: DirOpt = Path("."),
     split: Annotated[str, typer.Option(help="Split to decode.")] = BENCH.split,
@@ -697,10 +702,12 @@ def bench(
 def claims(
     bench: Annotated[Path, typer.Option(help="bench.json (or its dir) of `mavsr bench` over the Matryoshka, "
                                         "audio-only and video-only experiments.")],
-    matryoshka: Annotated[list[Path], typer.Option(help="Matryoshka experiment(s): the first is the one in the "
+    matryoshka: Annotated[list[Path], typer.Option(metavar="DIR",
+                                                   help="Matryoshka experiment(s): the first is the one in the "
                                                    "bench; repeat for other LoRA strategies (checked from their "
                                                    "decode dirs).")],
-    baseline: Annotated[list[Path] | None, typer.Option(help="Per-rate baseline experiment (one trained "
+    baseline: Annotated[list[Path] | None, typer.Option(metavar="DIR",
+                                                        help="Per-rate baseline experiment (one trained "
                                                         "configuration each); repeat for each.")] = None,
     rate1: Annotated[Path | None, typer.Option(help="Experiment trained at rate 1, decoded with --pool-rates at the "
                                                "Matryoshka grid's pairs.")] = None,

@@ -136,3 +136,29 @@ def test_extract_features_next_line_follows_what_was_extracted(tmp_path):
     assert _after_features(exp / "config.yaml", tmp_path, None, ["test"]) == "mavsr decode --exp exp/imported --sweep"
     assert _after_features(exp / "config.yaml", tmp_path, None, ["val"]) == \
         "mavsr decode --exp exp/imported --split val --sweep"
+
+
+def test_every_help_example_parses_as_its_command():
+    """Each example under a command's --help names only options it has, gives every required one, and
+    values of their types (the claims example once lacked its two required options)."""
+    import shlex
+
+    from mavsr_cli.cli import EXAMPLES
+
+    commands = dict(_all_commands())
+    checked = 0
+    for examples in EXAMPLES.values():
+        for example in examples:
+            for part in example.split("  #")[0].split("&&"):
+                words = shlex.split(part)
+                if words[0] == "torchrun":  # torchrun [its options] -m mavsr_cli CMD ...
+                    words = ["mavsr", *words[words.index("mavsr_cli") + 1:]]
+                if words[0] != "mavsr":
+                    continue  # bash study.sh and the like
+                name = " ".join(words[1:3]) if " ".join(words[1:3]) in commands else words[1]
+                args = words[1 + len(name.split()):]
+                if any("$" in w or "`" in w for w in args):
+                    continue  # filled in by the shell
+                commands[name].make_context(name, args)  # raises on an unknown or missing option, or a bad value
+                checked += 1
+    assert checked > 20
