@@ -101,10 +101,15 @@ def select(spec: str, trained: list[Rates]) -> list[Rates]:
 
 
 def require(r: Rates, trained: list[Rates]) -> None:
-    if r not in trained:
-        raise MavsrError(
-            f"rates {r.tag} {r.pair} are not in the trained grid: {', '.join(x.tag for x in trained)}"
-        )
+    if r in trained:
+        return
+    grid_text = ", ".join(x.tag for x in trained)
+    both = all(x.audio and x.video for x in trained)
+    if both and not (r.audio and r.video):  # an audio-visual model given one rate
+        missing = "video" if r.audio else "audio"
+        raise MavsrError(f"this audio-visual model takes a rate for each stream; {r.tag} has no {missing} rate "
+                         f"(--{missing}-rate; trained grid: {grid_text})")
+    raise MavsrError(f"rates {r.tag} {r.pair} are not in the trained grid: {grid_text}")
 
 
 def condition_name(noise: str, snr: float) -> str:

@@ -38,6 +38,12 @@ def test_select_and_require_name_the_trained_grid():
         select("a8v2", g)
     with pytest.raises(MavsrError, match="not in the trained grid"):
         require(Rates(16, 1), g)
+    with pytest.raises(MavsrError, match="v5 has no audio rate"):  # one rate of an audio-visual model
+        require(Rates(None, 5), g)
+    with pytest.raises(MavsrError, match="a16 has no video rate"):
+        require(Rates(16, None), g)
+    with pytest.raises(MavsrError, match="not in the trained grid"):  # an audio-only model given a video rate
+        require(Rates(4, 2), [Rates(4, None), Rates(16, None)])
 
 
 def test_media_tokens_count_what_the_projectors_pool():
