@@ -691,6 +691,10 @@ def bench(
     from .stages import bench as stage
 
     snrs = stage.parse_snrs(snr)
+    seen = [x.resolve() for x in exp]
+    if len(set(seen)) < len(seen):
+        twice = next(x for x, r in zip(exp, seen, strict=True) if seen.count(r) > 1)
+        raise MavsrError(f"--exp {twice} is given twice: each experiment is a row set of the report once")
     if noise is not None and all(s is None for s in snrs):
         raise MavsrError(f"--noise {noise} is the noise of the SNR conditions; give one in --snr too (e.g. clean,10)")
     opt = BenchOptions(split=split, snrs=snrs, noise=noise or BENCH.noise, beam=beam, batch_size=batch_size,

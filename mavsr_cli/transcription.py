@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .clocks import SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME
+from .clocks import SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME, audio_frames
 from .config import STREAMS
 from .decoding import Decoder, generate
 from .errors import MavsrError
@@ -45,6 +45,8 @@ def parse_roi(spec: str | None) -> tuple[int, int, int, int] | None:
         x, y, w, h = (int(v) for v in spec.split(","))
     except ValueError:
         raise MavsrError(f"--roi must be x,y,w,h in pixels, got {spec!r}") from None
+    if w < 1 or h < 1 or x < 0 or y < 0:
+        raise MavsrError(f"--roi {spec}: x and y must be at least 0 and the width and height at least 1")
     return x, y, w, h
 
 
@@ -94,6 +96,11 @@ class EncoderInputs:
     frames: np.ndarray | None  # (T, 96, 96) uint8 mouth crops at the video encoder's fps
     duration: float  # seconds of media
     mouth: str | None  # how the mouth was found; None without video
+
+    def frames_count(self) -> tuple[float, int, int]:
+        """(seconds, audio frames, video frames) the encoders will give (Clip.frames, before encoding)."""
+        return (self.duration, audio_frames(len(self.wav)) if self.wav is not None else 0,
+                len(self.frames) if self.frames is not None else 0)
 
 
 class Transcriber:

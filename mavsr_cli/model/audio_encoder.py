@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..clocks import AUDIO_HZ, SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME
+from ..clocks import AUDIO_HZ, SAMPLE_RATE, SAMPLES_PER_AUDIO_FRAME, audio_frames
 from ..errors import MavsrError
 
 WINDOW_TOKENS = 30 * AUDIO_HZ  # Whisper's window: 30 s, 1500 encoder frames
@@ -85,7 +85,7 @@ class WhisperAudioEncoder(nn.Module):
 
     def forward(self, wav: np.ndarray) -> torch.Tensor:
         """One utterance of 16 kHz mono float audio -> (T, d_model) at 50 Hz."""
-        n_tokens = max(1, len(wav) // SAMPLES_PER_AUDIO_FRAME)  # 10 ms mel hop, then stride-2 conv: 20 ms per token
+        n_tokens = audio_frames(len(wav))  # 10 ms mel hop, then stride-2 conv: 20 ms per token
         enc = self.encoder
         dev = enc.conv1.weight.device
         if self.mode == "faithful":  # 30 s windows, each padded as Whisper was trained; never cut
@@ -134,7 +134,7 @@ class WhisperAudioEncoder(nn.Module):
         """Several utterances in one encoder call -> ((B, T, d_model) zero-padded, lengths (B,)); each
         row equals `forward` of its utterance within fp32 tolerance (tested). faithful: one batch of
         30 s windows; fast: the masked batch of `encode_mels`."""
-        lens = [max(1, len(w) // SAMPLES_PER_AUDIO_FRAME) for w in wavs]
+        lens = [audio_frames(len(w)) for w in wavs]
         if self.mode != "faithful":
             h, n = self.encode_mels([self.mel(w) for w in wavs])
             return _zero_padding(h, n), n
@@ -166,7 +166,7 @@ class WhisperAudioEncoder(nn.Module):
 
     def mel(self, wav: np.ndarray) -> torch.Tensor:
         """Whisper log-mel of the true length, (80, 2 * tokens)."""
-        n_tokens = max(1, len(wav) // SAMPLES_PER_AUDIO_FRAME)
+        n_tokens = audio_frames(len(wav))
         mel = self.extractor(self.prepared(wav), sampling_rate=SAMPLE_RATE, return_tensors="pt",
                              padding="longest", truncation=False).input_features  # (1, 80, frames)
         return mel[0, :, : 2 * n_tokens]

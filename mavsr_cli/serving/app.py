@@ -192,7 +192,7 @@ class Server:
         except MavsrError as err:
             raise Refused(422, "no_stream", str(err).replace(str(path), label)) from None
         if form["budget"] is not None:
-            b = Budget(form["budget"], e.tr.dec.fixed_tokens(), (clip.frames(),))
+            b = Budget(form["budget"], e.tr.dec.fixed_tokens(), (clip.frames_count(),))
             try:
                 rates = pick_by_budget(e.tr.dec.trained, b, e.scores)[0]
             except MavsrError as err:
@@ -269,8 +269,10 @@ def check_form(rates, budget, beam, response_format, language, temperature) -> N
             Rates.parse(rates)
         except MavsrError as e:
             raise Refused(400, "bad_request", str(e)) from None
-    if budget is not None and (budget <= 0 or rates not in AUTO):
-        raise Refused(400, "bad_request", "budget must be > 0 and cannot be given with rates")
+    if budget is not None and not budget > 0:
+        raise Refused(400, "bad_request", f"budget is LLM input tokens per second of speech, > 0; got {budget:g}")
+    if budget is not None and rates not in AUTO:
+        raise Refused(400, "bad_request", "budget picks the rates: give one of budget and rates")
     if beam is not None and not 1 <= beam <= SERVE_MAX_BEAM:
         raise Refused(400, "bad_request", f"beam must be 1 to {SERVE_MAX_BEAM}, got {beam}")
     if (language or "").lower() not in LANGUAGES:

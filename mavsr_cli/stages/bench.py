@@ -35,7 +35,7 @@ from ..errors import MavsrError
 from ..fsutil import atomic_write_json, atomic_write_text
 from ..options import BenchOptions
 from ..rates import Rates
-from ..recipe import Recipe
+from ..recipe import Recipe, write_provenance
 from ..scoring import score_dir
 
 COLUMNS = ["exp", "modality", "rates", "audio_rate", "video_rate", "snr", "wer", "cer", "tokens_per_s",
@@ -300,5 +300,6 @@ def run(recipe: Recipe, exps: list[Path], opt: BenchOptions, out: Path | None = 
     text += "\n" + ("".join(f"![{f}]({f})\n\n" for f in files) if files
                     else "(plots not drawn: install matplotlib, `pip install 'mavsr[plots]'`)\n")
     atomic_write_text(out / "REPORT.md", text)
+    write_provenance(out, None)  # cmd.txt: the options are in bench.json and REPORT.md
     log(f"bench: {len(rows)} rows -> {out}/bench.csv, bench.json, REPORT.md" + "".join(f", {f}" for f in files))
     return out

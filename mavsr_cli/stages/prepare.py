@@ -178,7 +178,8 @@ def write_split(recipe: Recipe, split: str, utts: list, skipped: list[str], sett
     write_provenance(d, yaml.safe_dump(settings, sort_keys=False))
     mark_done(d, _marker(recipe, settings))
     hours = sum(u.duration for u in utts) / 3600
-    log(f"prepare {split}: {len(utts)} utterances ({hours:.2f} h of speech), {len(skipped)} skipped"
+    speech = f"{hours:.2f} h" if hours >= 0.1 else f"{hours * 60:.1f} min"  # a small corpus is not '0.00 h'
+    log(f"prepare {split}: {len(utts)} utterances ({speech} of speech), {len(skipped)} skipped"
         + (f" (see {d / 'skipped.txt'})" if skipped else ""))
     for s in skipped[:5]:
         log(f"  skipped {s}")

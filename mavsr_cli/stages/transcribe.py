@@ -26,7 +26,7 @@ from ..errors import MavsrError
 from ..fsutil import atomic_file
 from ..options import DEVICE
 from ..recipe import Recipe
-from ..transcription import Transcriber
+from ..transcription import Transcriber, parse_roi
 
 
 def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, video_rate: int | None = None,
@@ -41,6 +41,7 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
                          "give one of them")
     if save_roi is not None and Path(save_roi).suffix.lower() != ".mp4":
         raise MavsrError(f"--save-roi writes an mp4 (video and audio): give a .mp4 name, not {Path(save_roi).name}")
+    parse_roi(roi)  # a malformed region is refused before the model loads
     if not media.is_file():
         raise MavsrError(f"media file not found: {media}")
     tr = Transcriber(recipe, exp, log=log, device=device)

@@ -247,6 +247,7 @@ def test_bench_measures_every_pair_and_condition_in_one_run(recipe, tmp_path):
     out = tmp_path / "bench"
     r = mavsr(recipe, "bench", "--exp", "exp/t", "--snr", "clean,0", "--beam", "2", "--out", str(out))
     assert "bench: 8 rows" in r.stdout
+    assert "mavsr bench --exp exp/t --snr clean,0" in (out / "cmd.txt").read_text()  # the report names its command
     rows = list(csv.DictReader((out / "bench.csv").open()))
     assert sorted((x["rates"], x["snr"]) for x in rows) == sorted(
         (t, s) for t in ("a4v2", "a4v5", "a16v2", "a16v5") for s in ("clean", "0.0"))
@@ -331,7 +332,9 @@ def test_options_that_would_be_ignored_are_refused(recipe):
                          (["serve", "--exp", "exp/t", "--beam", "65"], "--beam must be 1 to 64, got 65"),
                          (["prepare", "synth", "--nj", "0"], "--nj"),
                          (["score", "--exp", "exp/nope"], "is not an experiment dir"),
-                         (["transcribe", str(video), "--exp", "exp/t", "--save-roi", "roi.txt"], "give a .mp4 name")):
+                         (["transcribe", str(video), "--exp", "exp/t", "--save-roi", "roi.txt"], "give a .mp4 name"),
+                         (["transcribe", str(video), "--exp", "exp/t", "--roi", "-5,0,0,10"], "at least 1"),
+                         (["bench", "--exp", "exp/t", "--exp", "exp/t", "--snr", "clean"], "given twice")):
         r = mavsr(d, *args, ok=False)
         assert r.returncode == 2 and phrase in r.stderr, (args, r.stderr)
     assert snapshot(d) == before and not (d / "escape").exists()

@@ -126,7 +126,8 @@ def test_bad_input_gets_a_status_and_one_line_and_the_server_goes_on(recipe, ser
         (dict(media=good, rates="../../etc/passwd"), 400, "bad rate tag"),
         (dict(media=good, beam="0"), 400, "beam must be 1 to 64"),
         (dict(media=good, beam="wide"), 400, "beam: "),
-        (dict(media=good, budget="-3"), 400, "budget must be > 0"),
+        (dict(media=good, budget="-3"), 400, "> 0; got -3"),
+        (dict(media=good, budget="20", rates="a4v2"), 400, "give one of budget and rates"),
         (dict(media=good, budget="0.5"), 400, "no trained configuration fits"),
         (dict(media=good, language="fr"), 400, "transcribes English"),
         (dict(media=good, headers={}), 401, "Bearer"),
@@ -264,3 +265,15 @@ def test_uploads_read_together_are_encoded_together_and_each_transcribed_as_alon
         assert metric(m, "mavsr_encode_batch_size_count") < len(jobs)  # some were encoded in one call
     finally:
         s.stop()
+
+
+def test_an_upload_read_counts_the_frames_its_encoding_gives(recipe):
+    """A served `budget` is priced on the upload as read, before it is encoded (decoding.Budget): the
+    frames counted there are the encoders' own, so the server and `transcribe` pick the same pair."""
+    from mavsr_cli.recipe import Recipe
+    from mavsr_cli.transcription import Transcriber
+
+    tr = Transcriber(Recipe(recipe), recipe / "exp/t", log=lambda m: None, device="cpu")
+    for _, video in clips_of(recipe):
+        inputs = tr.read(video)
+        assert inputs.frames_count() == tr.encode([inputs])[0].frames(), video
