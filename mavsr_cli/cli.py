@@ -71,7 +71,7 @@ EXAMPLES = {  # shown under each command's --help; the synthetic recipe's comman
     "extract-features": ["mavsr extract-features --config conf/synth.yaml",
                          "mavsr extract-features --config conf/synth.yaml --shard 0/4   # one of 4 workers"],
     "train": ["mavsr train --config conf/synth.yaml --rates all --tag synth_ms_all",
-              "torchrun --nproc_per_node 4 -m mavsr_cli train --config conf/lrs3.yaml --rates all"],
+              "torchrun --nproc_per_node 4 -m mavsr_cli train --config conf/avsr_ms.yaml --rates all   # recipes/lrs3"],
     "decode": ["mavsr decode --exp exp/synth_ms_all --audio-rate 16 --video-rate 5",
                "mavsr decode --exp exp/synth_ms_all --sweep --snr 0   # every pair, 0 dB babble",
                "mavsr decode --exp exp/synth_ms_all --budget 25   # the best pair within 25 tokens/s"],

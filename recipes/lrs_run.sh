@@ -6,7 +6,7 @@
 #   0 prepare <corpus>     corpus/<corpus>/ (aligned 96x96 mouth ROIs), data/<split>/manifest.jsonl
 #   1 extract-features     dump/<encoders>/{train-aug<hash>,val,test}/ (frozen Whisper + AV-HuBERT, once)
 #   2 train --rates all    exp/<conf>_all/ (one Matryoshka model); with --baselines, one model per pair
-#   3 decode --sweep       every trained pair, beam 15; then babble noise at each SNR of --snrs
+#   3 decode --sweep       every trained pair, beam 15; then babble noise at each SNR of --snrs (not VSR)
 #   4 score                exp/*/RESULTS.md
 # Environment: LANDMARKS (landmark pickle dir), NJ (prepare workers), TRAIN (e.g.
 #   "torchrun --nproc_per_node 8 -m mavsr_cli" for multi-GPU training).
@@ -59,6 +59,7 @@ if step 3; then
   for exp in exp/${name}_*; do
     [ -f "$exp/meta.json" ] || continue
     mavsr decode --exp "$exp" --split test --sweep --beam 15
+    grep -q '"modality": "v"' "$exp/meta.json" && continue  # video only: no audio to add noise to
     for snr in $snrs; do
       mavsr decode --exp "$exp" --split test --sweep --beam 15 --snr "$snr" --noise babble
     done
