@@ -71,16 +71,17 @@ def _short(v) -> str:
     return s[:12] + "..." if len(s) > 24 and all(c in "0123456789abcdef" for c in s) else s
 
 
-def finished(d: Path, inputs: dict, what: str, log=print) -> bool:
+def finished(d: Path, inputs: dict, what: str, log=print, redo: str = "use --force to redo it") -> bool:
     """True (logged) when `d` is finished and was made from `inputs`; False when not finished.
-    A dir finished from other inputs is refused in one line naming each difference: silently
-    keeping it would report results of something else, silently redoing it would lose work."""
+    A dir finished from other inputs is refused in one line naming each difference (and `redo`, how
+    to go on): silently keeping it would report results of something else, silently redoing it
+    would lose work."""
     old = done_inputs(d)
     if old is None:
         return False
     changes = input_changes(old, inputs)
     if changes:
-        raise MavsrError(f"{what} was made from other inputs: {'; '.join(changes)}; use --force to redo it")
+        raise MavsrError(f"{what} was made from other inputs: {'; '.join(changes)}; {redo}")
     log(f"{what} is done (use --force to redo)")
     return True
 

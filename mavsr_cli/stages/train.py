@@ -83,7 +83,9 @@ def run(recipe: Recipe, cfg: Config, rates_spec: str, tag: str, force: bool = Fa
     enc_tag = encoders_tag(provenance(recipe, cfg))
     cache = recipe.dump(enc_tag, cache_split(cfg, "train"))
     inputs = _inputs(recipe, cfg, rates, cache)
-    if not force and finished(exp, inputs, f"train: {exp.relative_to(recipe.root)}", log):
+    redo = ("use --force to train it again from the start (a finished run is not extended: the learning-rate "
+            "schedule spans all its epochs), or another --tag")
+    if not force and finished(exp, inputs, f"train: {exp.relative_to(recipe.root)}", log, redo):
         return exp
     val = _validation(recipe, cfg, enc_tag)  # checked before anything is written
     if main:

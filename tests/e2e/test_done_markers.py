@@ -58,6 +58,16 @@ def test_tiny_models_with_another_width_names_it(recipe, tmp_path):
     assert "audio_dim 32 != 64" in refused(d, *changed(TINY, **{"--audio-dim": "64"}))
 
 
+def test_more_epochs_for_a_finished_training_say_how_to_go_on(recipe, tmp_path):
+    d = copy(recipe, tmp_path / "r")
+    conf = yaml.safe_load((d / "conf/tiny.yaml").read_text())
+    conf["train"]["epochs"] += 1
+    (d / "conf/tiny.yaml").write_text(yaml.safe_dump(conf))
+    line = refused(d, "train", "--config", "conf/tiny.yaml", "--rates", "all", "--tag", "t")
+    assert f"epochs {conf['train']['epochs'] - 1} != {conf['train']['epochs']}" in line
+    assert "from the start" in line and "another --tag" in line
+
+
 def test_features_of_another_manifest_are_refused(recipe, tmp_path):
     d = copy(recipe, tmp_path / "r", without=("exp",))
     m = d / "data/test/manifest.jsonl"
