@@ -83,7 +83,7 @@ class Clip:
     duration: float  # seconds of media
     mouth: str | None  # how the mouth was found (roi, mouth crop, detected); None without video
 
-    def frames(self) -> tuple[float, int, int]:
+    def counts(self) -> tuple[float, int, int]:
         """(seconds, audio frames, video frames), as decoding.Budget counts a clip."""
         return (self.duration, *(len(self.feats[m]) if m in self.feats else 0 for m in ("audio", "video")))
 
@@ -97,8 +97,8 @@ class EncoderInputs:
     duration: float  # seconds of media
     mouth: str | None  # how the mouth was found; None without video
 
-    def frames_count(self) -> tuple[float, int, int]:
-        """(seconds, audio frames, video frames) the encoders will give (Clip.frames, before encoding)."""
+    def counts(self) -> tuple[float, int, int]:
+        """(seconds, audio frames, video frames) the encoders will give (Clip.counts, before encoding)."""
         return (self.duration, audio_frames(len(self.wav)) if self.wav is not None else 0,
                 len(self.frames) if self.frames is not None else 0)
 

@@ -192,7 +192,7 @@ class Server:
         except MavsrError as err:
             raise Refused(422, "no_stream", str(err).replace(str(path), label)) from None
         if form["budget"] is not None:
-            b = Budget(form["budget"], e.tr.dec.fixed_tokens(), (clip.frames_count(),))
+            b = Budget(form["budget"], e.tr.dec.fixed_tokens(), (clip.counts(),))
             try:
                 rates = pick_by_budget(e.tr.dec.trained, b, e.scores)[0]
             except MavsrError as err:

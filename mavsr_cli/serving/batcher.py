@@ -100,11 +100,10 @@ class Batcher:
 
     def measure(self, engine: Engine, seconds: float, reps: int = 5) -> None:
         """Decode costs of every pair at the engine's beam (serve's --beam, else the experiment's), at batch 1
-        and at a larger batch, before
-        serving (blocking); one decode of each pair first, untimed, for the one-off costs. The pairs take
-        turns, `reps` rounds, and each keeps its least time: another process's burst only ever adds
-        time, and taking turns spreads a slow stretch over all pairs rather than one (CI saw a lone
-        pair's three reps in a row hide a 30% cost gap)."""
+        and at a larger batch, before serving (blocking); one decode of each pair first, untimed, for the
+        one-off costs. The pairs take turns, `reps` rounds, and each keeps its least time: another
+        process's burst only ever adds time, and taking turns spreads a slow stretch over all pairs
+        rather than one (CI saw a lone pair's three reps in a row hide a 30% cost gap)."""
         n2, clip = min(self.max_batch, 4), engine.sample(seconds)
         mnt = engine.max_new_tokens(clip.duration)
         sizes = (1, n2) if n2 > 1 else (1,)

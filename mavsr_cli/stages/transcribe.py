@@ -64,7 +64,7 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
         clip = tr.clip(media, roi, mouth_crop, roi_out)  # the crop is kept only if the clip is transcribed
         t1 = time.perf_counter()
         if budget is not None:
-            rates = dec.requested_rates(None, None, budget, [clip.frames()])
+            rates = dec.requested_rates(None, None, budget, [clip.counts()])
         hyps, n_in = tr.decode([clip], rates, max_new_tokens(opts, [clip.duration]), opts.beam)
         t2 = time.perf_counter()
     return {"text": hyps[0], "media": str(media), "rates": rates.tag, "pair": rates.pair, "beam": opts.beam,

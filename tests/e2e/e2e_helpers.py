@@ -24,6 +24,14 @@ def snapshot(d: Path) -> dict:
             for p in (d / sub).rglob("*") if p.is_file()}
 
 
+def refused(d: Path, *args) -> str:
+    """Run a command that must be refused in one line (exit 2) with nothing written; returns that line."""
+    before = snapshot(d)
+    r = mavsr(d, *args, ok=False)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert snapshot(d) == before  # nothing written
+    return err[0]
 
 
 def av_dump(d: Path) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from e2e_helpers import mavsr, snapshot
+from e2e_helpers import mavsr, refused, snapshot
 
 from mavsr_cli.rates import DecodeTag, Rates
 
@@ -374,15 +374,7 @@ def test_a_decode_begun_on_another_device_type_is_not_finished_on_this_one(recip
     assert {x["device"] for x in lines} == {"cpu"}
     part.write_text("".join(json.dumps({**x, "device": "cuda"}) + "\n" for x in lines))  # as a GPU worker's
 
-    def refused(*run: str) -> str:
-        before = snapshot(d)
-        r = mavsr(d, *run, ok=False)
-        err = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(err) == 1, r.stderr
-        assert snapshot(d) == before  # nothing written
-        return err[0]
-
-    line = refused(*args)  # part 1 is still to decode, here on the CPU
+    line = refused(d, *args)  # part 1 is still to decode, here on the CPU
     assert "was begun on cuda" in line and "--device cuda" in line and "--force" in line, line
     mavsr(d, *args, "--force")
     out = d / "exp/t/decode_a16v5_beam1/test"
@@ -390,7 +382,7 @@ def test_a_decode_begun_on_another_device_type_is_not_finished_on_this_one(recip
     done = json.loads((out / ".done").read_text())
     assert done["device"] == "cpu"
     (out / ".done").write_text(json.dumps({**done, "device": "cuda"}))  # as a GPU's decode would have recorded
-    line = refused(*args)
+    line = refused(d, *args)
     assert "device cuda != cpu" in line, line
 
 

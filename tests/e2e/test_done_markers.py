@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import yaml
-from e2e_helpers import MAVSR, mavsr, snapshot
+from e2e_helpers import MAVSR, mavsr, refused
 
 TINY = ["tiny-models", "--audio-dim", "32", "--video-dim", "32", "--llm-hidden", "64", "--audio-layers", "1",
         "--video-layers", "1", "--encoder-epochs", "1", "--lm-epochs", "1"]  # as the shared fixture
@@ -31,17 +31,6 @@ def changed(args: list[str], **values) -> list[str]:
     for flag, v in values.items():
         args[args.index(flag) + 1] = v
     return args
-
-
-def refused(d: Path, *args) -> str:
-    """Run a command that must be refused in one line with nothing written; returns that line."""
-    before = snapshot(d)
-    r = mavsr(d, *args, ok=False)
-    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
-    lines = [x for x in r.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1, r.stderr
-    assert snapshot(d) == before
-    return lines[0]
 
 
 def test_prepare_with_other_options_names_the_difference(recipe, tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from e2e_helpers import MAVSR, av_dump, mavsr, snapshot
+from e2e_helpers import MAVSR, av_dump, mavsr, refused
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -163,21 +163,14 @@ def test_a_split_begun_on_another_device_type_is_not_finished_on_this_one(recipe
     for n in (0, 2):  # as a GPU worker would have named them (the same tensors)
         _name_device(out / f"shard-{n:05d}.safetensors", "cuda")
 
-    def refused(*run: str) -> str:
-        before = snapshot(d)
-        r = mavsr(d, *(run or args), ok=False)
-        err = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(err) == 1, r.stderr
-        assert snapshot(d) == before and not (out / ".done").exists()  # nothing written
-        return err[0]
-
-    line = refused()  # owns all four: 1 and 3 to encode on the CPU
+    line = refused(d, *args)  # owns all four: 1 and 3 to encode on the CPU
     assert "shard-00000.safetensors was encoded on cuda" in line and "--device cuda" in line, line
-    assert refused(*args[:3], "--split", "train", *args[3:]) == line  # train, asked first, is not begun either
+    assert refused(d, *args[:3], "--split", "train", *args[3:]) == line  # train, asked first, is not begun either
+    assert not (out / ".done").exists()
     mavsr(d, *args, "--shard", "1/2")  # the other worker's share, its own shards on the CPU
     (out / "shard-00003.safetensors").unlink()
-    line = refused()  # 3 to encode, finished shards of both types: no single device to resume on
-    assert "encoded on cpu and cuda" in line and "--shard i/N" in line, line
+    line = refused(d, *args)  # 3 to encode, finished shards of both types: no single device to resume on
+    assert "encoded on cpu and cuda" in line and "--shard i/N" in line and not (out / ".done").exists(), line
     mavsr(d, *args, "--shard", "1/2")  # worker 1 finishes its own share on its own device
     mavsr(d, *args)  # nothing left to encode: the merge gathers both devices' shards and names them
     assert json.loads((out / "provenance.json").read_text())["devices"] == ["cpu", "cuda"]

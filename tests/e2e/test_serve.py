@@ -276,4 +276,4 @@ def test_an_upload_read_counts_the_frames_its_encoding_gives(recipe):
     tr = Transcriber(Recipe(recipe), recipe / "exp/t", log=lambda m: None, device="cpu")
     for _, video in clips_of(recipe):
         inputs = tr.read(video)
-        assert inputs.frames_count() == tr.encode([inputs])[0].frames(), video
+        assert inputs.counts() == tr.encode([inputs])[0].counts(), video
