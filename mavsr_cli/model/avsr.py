@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..rates import Rates
+from . import merged
 from . import projector as proj
 from .compress import compress
 from .last_layer import last_layer_at, query_windows
@@ -167,39 +168,45 @@ class AVSRModel(nn.Module):
 
         Sums, not means, so a trainer can normalise by the token count of a whole global batch
         (gradient accumulation, several processes) and get exactly the single-batch gradient.
-        `packed` runs every configuration in one LLM pass (MS only): the sequences of all
-        configurations are right-padded to one length and stacked along the batch, (G*B) rows at
-        once; right padding leaves each real token's position and attention unchanged, so each sum
-        equals the unpacked one.
+        With one shared LoRA (MS) several configurations run in one LLM pass, their rows merged
+        (merged.py; the same sums to float rounding), wherever the LLM's layers are plain;
+        `packed` (train.pack_rates) asks for that pass and is refused for SS/MSS.
         """
-        if packed:
-            if self.strategy != "ms":
-                raise ValueError("packing configurations into one pass needs the shared-LoRA (ms) strategy")
-            built = [self.build(feats, r, targets) for r in grid]
-            length = max(e.shape[1] for e, _, _ in built)
-
-            def pad(x, value):
-                widths = (0, 0, 0, length - x.shape[1]) if x.dim() == 3 else (0, length - x.shape[1])
-                return torch.nn.functional.pad(x, widths, value=value)
-
-            emb = torch.cat([pad(e, 0.0) for e, _, _ in built])  # (G*B, L, D)
-            mask = torch.cat([pad(m, 0) for _, m, _ in built])  # (G*B, L)
-            lab = torch.cat([pad(y, -100) for _, _, y in built])  # (G*B, L)
-            ce = self._token_ce(emb, mask, lab)  # (G*B, L-1)
-            b = len(targets)
-            return [ce[k * b:(k + 1) * b].sum() for k in range(len(grid))]
+        if packed and self.strategy != "ms":
+            raise ValueError("packing configurations into one pass needs the shared-LoRA (ms) strategy")
+        if self.strategy == "ms" and len(grid) > 1 and merged.mergeable(self._causal_lm().get_decoder()):
+            return self._merged_ce([self.build(feats, r, targets) for r in grid])
         out = []
         for r in grid:
             emb, mask, lab = self.build(feats, r, targets)
             out.append(self._token_ce(emb, mask, lab).sum())
         return out
 
+    def _causal_lm(self):
+        return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+
+    def _merged_ce(self, built: list[tuple]) -> list[torch.Tensor]:
+        """ce_sums of several configurations' (inputs_embeds, mask, labels) in one merged LLM pass."""
+        lm = self._causal_lm()
+        inputs, keeps, golds = [], [], []
+        for emb, mask, lab in built:
+            gold = lab[:, 1:]
+            keep = gold != -100  # (B, L-1)
+            windows = query_windows(keep)  # (B, Q)
+            inputs.append((emb, mask, windows))
+            keeps.append(keep.gather(1, windows))  # (B, Q)
+            golds.append(gold[keep])
+        hidden = merged.hidden_at_windows(lm.get_decoder(), inputs)  # per configuration (B, Q, D)
+        logits = lm.get_output_embeddings()(torch.cat([h[k] for h, k in zip(hidden, keeps, strict=True)]))
+        ce = torch.nn.functional.cross_entropy(logits.float(), torch.cat(golds), reduction="none")  # (N,)
+        return [c.sum() for c in ce.split([len(g) for g in golds])]
+
     def _token_ce(self, emb, mask, lab) -> torch.Tensor:
         """(B, L-1) cross-entropy of each next token, 0 where there is no target. The output layer
         runs only at the positions the loss reads (the transcript's and EOS): at Llama 3's 128,256-wide
         vocabulary, logits over the media and prompt positions would be most of a step's memory. So
         does the last decoder layer beside its keys and values (last_layer.py)."""
-        lm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        lm = self._causal_lm()
         gold = lab[:, 1:]
         keep = gold != -100  # (B, L-1)
         decoder = lm.get_decoder()

@@ -610,11 +610,14 @@ class SavedBytes:
 
 
 @pytest.mark.parametrize("strategy", ["ms", "ss"])
-def test_the_backward_per_configuration_gives_the_joint_gradient_and_holds_one_graph(parts, strategy):
+def test_the_backward_per_configuration_gives_the_joint_gradient_and_holds_one_graph(parts, strategy, monkeypatch):
     """Issue 22, item 4: run configuration by configuration, a step's gradients are the joint
-    backward's (fp32 tolerance), and the graph it holds at its peak is about one configuration's."""
+    backward's (fp32 tolerance), and the graph it holds at its peak is about one configuration's
+    share of a joint step of separate passes (MS merges them otherwise: the next test)."""
+    from mavsr_cli.model import merged
     from mavsr_cli.train_loop import MatryoshkaLoss, matryoshka_backward
 
+    monkeypatch.setattr(merged, "mergeable", lambda decoder: False)
     tg = [[5, 6, 7, 9, 11], [8, 4]]
     out = {}
     for mode in ("joint", "per_config"):
@@ -631,6 +634,70 @@ def test_the_backward_per_configuration_gives_the_joint_gradient_and_holds_one_g
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
     g = len(ce0)
     assert peak1 < peak0 / g * 1.6, (peak0, peak1)  # (4 configurations: about a quarter of the joint peak)
+
+
+@pytest.fixture(scope="module")
+def two_layers(tmp_path_factory):
+    """The tests' tiny LLM with two layers: merged.py runs every layer but the last its own way."""
+    d = tmp_path_factory.mktemp("two_layers")
+    llm_mod.tiny(d / "llm", synth.vocabulary() + "transcribe speech and video to text".split(), hidden=32,
+                 layers=2, heads=2)
+    return d
+
+
+def _merged_and_apart(model_dir, monkeypatch, tg) -> dict:
+    """A joint MS step's (losses, gradients, saved-for-backward peak): merged, then in separate passes."""
+    from mavsr_cli.model import merged
+
+    out = {}
+    for mode in ("merged", "apart"):
+        if mode == "apart":
+            monkeypatch.setattr(merged, "mergeable", lambda decoder: False)
+        m, saved = _strategy_model(model_dir, "ms").train(), SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, SavedBytes.unpack):
+            ce = torch.stack(m.ce_sums(_feats(), m.grid, tg))
+            ce.sum().backward()
+        out[mode] = ce.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, saved.peak
+    return out
+
+
+def test_ms_configurations_run_merged_in_one_pass_with_the_separate_passes_sums(two_layers, monkeypatch):
+    """Issue 21: under MS a joint step stacks its four configurations' rows into one LLM pass (the
+    attention split back per configuration): the losses and gradients of separate passes, to fp32
+    rounding, for no more bytes held for backward."""
+    from mavsr_cli.model import merged
+
+    calls = []
+    real = merged.hidden_at_windows
+    monkeypatch.setattr(merged, "hidden_at_windows", lambda *a: calls.append(len(a[1])) or real(*a))
+    out = _merged_and_apart(two_layers, monkeypatch, [[5, 6, 7, 9, 11], [8, 4]])
+    (ce0, g0, peak0), (ce1, g1, peak1) = out["merged"], out["apart"]
+    assert calls == [4]  # one merged pass of the 4 configurations; none once merging is off
+    torch.testing.assert_close(ce0, ce1, rtol=1e-6, atol=1e-6)
+    assert set(g0) == set(g1) and len(g0) > 10
+    for n in g0:
+        assert g0[n].abs().max() > 0, n
+        torch.testing.assert_close(g0[n], g1[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert peak0 <= peak1, (peak0, peak1)
+
+
+def test_an_llm_whose_layers_are_hooked_or_checkpointed_runs_its_configurations_apart(two_layers):
+    """FSDP gathers a layer's shards in a hook on the layer's call, and gradient checkpointing
+    wraps that call: the merged pass, which calls a layer's parts, runs neither, so it steps aside."""
+    from mavsr_cli.model import merged
+
+    m = _strategy_model(two_layers, "ms").train()
+    decoder = m.llm.get_base_model().get_decoder()
+    assert merged.mergeable(decoder)
+    seen = []
+    hook = decoder.layers[0].register_forward_pre_hook(lambda module, args: seen.append(module))
+    assert not merged.mergeable(decoder)
+    m.ce_sums(_feats(), m.grid, [[5, 6], [7]])
+    assert len(seen) == len(m.grid)  # every configuration's pass called the hooked layer
+    hook.remove()
+    assert merged.mergeable(decoder)
+    m.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not merged.mergeable(decoder)
 
 
 def test_a_steps_gradients_are_the_same_in_every_run_on_several_threads(parts):
