@@ -10,7 +10,8 @@ transcript tokens each. Each variant runs in its own process; figures are the pa
 resident memory (after loading, every page read, over the process before it; step and decode: the
 growth of the peak, reset before).
 
-  before       model.frozen_dtype float32, train.backward joint (what 5631a68 did everywhere)
+  before       model.frozen_dtype float32, train.backward joint (5631a68's settings; since 5498b1a
+               a joint MS step runs its configurations merged in one LLM pass, model/merged.py)
   bf16         frozen weights in bf16 (bf16 autocast), joint backward
   per_config   float32 weights, the backward configuration by configuration
   after        bf16 and per configuration (mavsr's default on a GPU; on CPU auto keeps float32)
