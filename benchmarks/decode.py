@@ -5,7 +5,7 @@ Decoder, on the cached test features:
   1. utterances/s at beam B for batch size 1 (the reference practice) and batched, interleaved,
      with a check that both give the same hypotheses;
   2. per trained configuration, LLM input tokens per utterance and batched decode time;
-  3. LLM input tokens for a 10 s clip per configuration, next to paper.md Table 4.
+  3. LLM input tokens for a 10 s clip per configuration, next to docs/method.md Table 4.
 
     python benchmarks/decode.py [--dir recipes/synth] [--exp exp/synth_ms_all] [--beam 15] [--batch 32]
                                 [--utts 32] [--reps 2] [--out FILE]
@@ -29,7 +29,7 @@ from mavsr_cli.features import batch_features
 from mavsr_cli.rates import Rates
 from mavsr_cli.recipe import Recipe
 
-# paper.md, Table 4: LLM input tokens for a 10 s clip (Llama 3.1-8B setting)
+# docs/method.md, Table 4: LLM input tokens for a 10 s clip (Llama 3.1-8B setting)
 PAPER_T4 = {"a1v1": 757, "a4v2": 257, "a4v5": 182, "a16v2": 163, "a16v5": 88}
 
 

@@ -1,4 +1,4 @@
-"""Training-time augmentation (paper.md, "Training recipe"), made to work with a feature cache.
+"""Training-time augmentation (docs/method.md, "Training recipe"), made to work with a feature cache.
 
 Noise: babble (a mix of several training utterances of other speakers) or a user's noise file,
 added at an SNR drawn from a set that includes "clean". Because the encoders are frozen and their

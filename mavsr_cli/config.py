@@ -33,7 +33,7 @@ STREAMS = {"av": ("audio", "video"), "a": ("audio",), "v": ("video",)}  # the fe
 
 
 class Strategy(str, Enum):
-    """LoRA over the frozen LLM (paper.md, Llama-MTSK)."""
+    """LoRA over the frozen LLM (docs/method.md, Llama-MTSK)."""
 
     ms = "ms"  # one shared LoRA for every configuration
     ss = "ss"  # one LoRA per configuration
@@ -64,7 +64,7 @@ class AudioEncoderConfig:
 class VideoEncoderConfig:
     path: str = "large_vox_iter5.pt"  # video encoder: mavsr dir (config.json + safetensors)
     fps: int = 25  # video frame rate the encoder expects
-    crop: int = 88  # centre crop (pixels) taken from the 96x96 mouth ROI (paper.md, Pipeline 2)
+    crop: int = 88  # centre crop (pixels) taken from the 96x96 mouth ROI (docs/method.md, Pipeline 2)
     mean: float = 0.421  # pixel normalisation mean (reference code)
     std: float = 0.165  # pixel normalisation std (reference code)
 
@@ -75,7 +75,7 @@ class LoraConfig:
     rank: int = 64  # LoRA bottleneck (64 for Llama 3.2-1B in the reference code)
     alpha: float = 8  # LoRA scaling numerator (scale = alpha / rank)
     dropout: float = 0.05  # dropout on the LoRA input
-    targets: tuple[str, ...] = ("q_proj", "v_proj")  # attention projections adapted (paper.md, LLM)
+    targets: tuple[str, ...] = ("q_proj", "v_proj")  # attention projections adapted (docs/method.md, LLM)
 
 
 @dataclass(frozen=True)

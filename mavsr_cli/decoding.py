@@ -54,7 +54,7 @@ from .sharding import Shard
 
 # ---- rules ---------------------------------------------------------------------------------
 def auto_max_new_tokens(durations: list[float]) -> int:
-    """Room for about 8 tokens per second of the longest utterance, never fewer than 32 (paper.md)."""
+    """Room for about 8 tokens per second of the longest utterance, never fewer than 32 (docs/method.md)."""
     return max(32, math.ceil(8 * max(durations)))
 
 

@@ -292,5 +292,5 @@ def _window(frames: np.ndarray, crop: int, y0: int, x0: int) -> torch.Tensor:
 
 
 def normalise(crop: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """uint8 pixels -> [0, 1] -> (x - mean) / std, float32 (paper.md, Pipeline 2)."""
+    """uint8 pixels -> [0, 1] -> (x - mean) / std, float32 (docs/method.md, Pipeline 2)."""
     return (crop.float() / 255.0 - mean) / std

@@ -1,7 +1,7 @@
 """Compression-rate pairs and their tags: the only module that parses and prints tags.
 
 A tag names the rates of the streams a configuration uses: `a16v5` (audio pooled by 16, video by
-5), `a4` (audio only), `v5` (video only). See paper.md, "Rate pair notation".
+5), `a4` (audio only), `v5` (video only). See docs/method.md, "Rate pair notation".
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Rates:
 
 def most_accurate_first(pairs: list[Rates]) -> list[Rates]:
     """The one order of "most accurate" (transcribe's default, --budget's fallback, serve's controller):
-    most LLM input tokens per second first (paper.md, Table 1), then the finer audio rate, then video."""
+    most LLM input tokens per second first (docs/method.md, Table 1), then the finer audio rate, then video."""
     return sorted(pairs, key=lambda r: (-r.tokens_per_second(), r.audio or 0, r.video or 0))
 
 

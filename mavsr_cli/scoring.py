@@ -1,7 +1,7 @@
 """Text normalisation, WER and CER with substitutions, deletions and insertions (jiwer), alignments.
 
 Normalisers (applied to reference and hypothesis alike):
-  default  lower-case, strip punctuation except apostrophes, collapse whitespace (paper.md: corpus
+  default  lower-case, strip punctuation except apostrophes, collapse whitespace (docs/method.md: corpus
            WER on lower-cased, whitespace-split text)
   none     collapse whitespace only
 `score_dir` scores one decode dir: hyp.jsonl -> wer.json, result.txt, errors.txt, ref.trn, hyp.trn.

@@ -1,4 +1,4 @@
-"""The Matryoshka training loop (paper.md, "Matryoshka training").
+"""The Matryoshka training loop (docs/method.md, "Matryoshka training").
 
 Every step: load the native-rate features of a batch once (the cache stands in for "encode once"),
 then for each rate configuration of the grid compress, project and run the LLM, and average the

@@ -140,7 +140,7 @@ class Transcriber:
         return self._aenc
 
     def default_rates(self) -> Rates:
-        """The least compressed trained pair: the most accurate one (paper.md, Table 1)."""
+        """The least compressed trained pair: the most accurate one (docs/method.md, Table 1)."""
         return most_accurate_first(self.dec.trained)[0]
 
     @torch.inference_mode()

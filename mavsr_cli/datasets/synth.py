@@ -324,7 +324,7 @@ def synthesize(text: str, spk: Speaker, rng: np.random.Generator) -> SynthUttera
                               pitch_range=spk.pitch_range)
     wav = torch.from_numpy(speech.audio)[None]
     audio = compat.resample(wav, speech.sample_rate, SAMPLE_RATE)[0].numpy()
-    spf = SAMPLE_RATE // FPS  # 640 samples per video frame (paper.md, training recipe)
+    spf = SAMPLE_RATE // FPS  # 640 samples per video frame (docs/method.md, training recipe)
     num_frames = max(1, int(np.ceil(len(audio) / spf)))
     audio = np.pad(audio, (0, num_frames * spf - len(audio)))
     audio = audio + rng.normal(0, 1e-3, audio.shape).astype(np.float32)  # recording noise floor

@@ -1,6 +1,6 @@
 """The AVSR model: frozen LLM with LoRA, fed compressed and projected audio/video tokens.
 
-LLM input (paper.md, Pipeline 5):
+LLM input (docs/method.md, Pipeline 5):
     [BOS] <audio> A.. </audio> <video> V.. </video> prompt transcript [EOS]
 The four modality markers are learned embeddings owned by this module (not new rows in the LLM's
 vocabulary), so the frozen LLM is untouched and the checkpoint holds them with the projectors.

@@ -44,7 +44,7 @@ def build_model(cfg: Config, audio_dim: int | None, video_dim: int | None, seed:
     llm, tok = llm if llm is not None else llm_mod.load(llm_path or m.llm, frozen_dtype(m.frozen_dtype, bf16))
     width = llm.get_input_embeddings().weight.shape[1]
     # 2. LoRA adapters on the attention projections: MS one shared, SS one per configuration,
-    #    MSS both (paper.md, Matryoshka training)
+    #    MSS both (docs/method.md, Matryoshka training)
     names = llm_mod.all_adapters(m.lora.strategy, [r.tag for r in grid])
     llm = llm_mod.add_lora(llm, m.lora.rank, m.lora.alpha, m.lora.dropout, m.lora.targets, names)
     # 3. one projector per (modality, rate); configurations sharing a rate share it

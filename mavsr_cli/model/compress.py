@@ -1,6 +1,6 @@
 """Token compression by rate r along time, respecting each utterance's true length.
 
-paper.md, Pipeline 3: average pooling of r consecutive tokens (or stacking them along the feature
+docs/method.md, Pipeline 3: average pooling of r consecutive tokens (or stacking them along the feature
 axis); a trailing partial group is dropped. Unlike the reference code, padding never mixes into
 a real token: groups are formed inside each utterance's length, and an utterance shorter than r
 still yields one token (the mean of what it has).

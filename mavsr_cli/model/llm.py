@@ -13,11 +13,11 @@ import torch
 
 from ..errors import MavsrError
 
-ADAPTER_MS = "ms"  # the shared LoRA used by every rate configuration (paper.md, MS)
+ADAPTER_MS = "ms"  # the shared LoRA used by every rate configuration (docs/method.md, MS)
 
 
 def adapters_for(strategy: str, tag: str) -> list[str]:
-    """The LoRA adapters active for one rate configuration (paper.md, Matryoshka training):
+    """The LoRA adapters active for one rate configuration (docs/method.md, Matryoshka training):
     MS: the shared one; SS: the configuration's own (named by its rate tag); MSS: both, summed."""
     if strategy == "ms":
         return [ADAPTER_MS]

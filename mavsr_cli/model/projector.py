@@ -1,4 +1,4 @@
-"""Per-(modality, rate) projector into the LLM's embedding space (paper.md, Pipeline 4)."""
+"""Per-(modality, rate) projector into the LLM's embedding space (docs/method.md, Pipeline 4)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The elastic controller: which trained rate pair decodes the next batch, so that latency stays under
 the target. Pure functions and a small cost model; the batcher calls them, the tests call them alone.
 
-Accuracy order: the least compressed pair first (more LLM input tokens, lower WER: paper.md, Table 1).
+Accuracy order: the least compressed pair first (more LLM input tokens, lower WER: docs/method.md, Table 1).
 Cost: seconds to decode a batch of n at a pair, `fixed + per_item * n`, measured at start-up on each
 pair and then corrected by every batch decoded (an exponential average of measured / predicted).
 """

@@ -1,4 +1,4 @@
-"""Stage `claims`: the paper's four claims (paper.md), checked against a finished study.
+"""Stage `claims`: the paper's four claims (docs/method.md), checked against a finished study.
 
 Reads what earlier stages wrote, decodes nothing:
     <bench>/bench.json                  rows of `mavsr bench` over the Matryoshka, audio-only and

@@ -25,7 +25,7 @@ def test_grid_is_the_paper_grid():
 
 
 def test_tokens_per_second_follow_rates():
-    # paper.md: (16,5) = 50/16 + 25/5 = 8.125 tokens per second
+    # docs/method.md: (16,5) = 50/16 + 25/5 = 8.125 tokens per second
     assert Rates(16, 5).tokens_per_second() == pytest.approx(8.125)
     assert Rates(4, 2).tokens_per_second() > Rates(16, 5).tokens_per_second()
 
