@@ -115,7 +115,9 @@ class TrainConfig:
     seed: int = 0  # seed for initialisation and data order
     log_every: int = 10  # steps between log lines in train.log
     keep_checkpoints: int = 2  # how many step checkpoints to keep
-    pack_rates: bool = False  # MS: the configurations in one LLM pass, rows merged (model/merged.py); a joint backward
+    # MS: a joint backward, whose configurations share one LLM pass, their rows merged (model/merged.py; apart under
+    # FSDP or grad_checkpointing); train.backward joint does the same
+    pack_rates: bool = False
     # per_config: each configuration's forward and backward in turn, gradients accumulating, so a step's
     # activations peak at one configuration's (not under FSDP); joint: one backward over all of them at once
     backward: str = "per_config"

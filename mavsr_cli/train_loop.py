@@ -5,8 +5,9 @@ then for each rate configuration of the grid compress, project and run the LLM, 
 losses with equal weights. Each configuration's backward runs right after its forward, gradients
 accumulating, so a step holds one configuration's activations at a time (`train.backward`). With
 one shared LoRA (MS) a joint backward (`train.backward: joint`, or `train.pack_rates`) runs the
-configurations in one LLM pass, their rows merged (model/merged.py): the same losses and gradients,
-1.13x faster a step on a 2-core CPU (benchmarks/vs_authors.md).
+configurations in one LLM pass, their rows merged (model/merged.py): the same losses and gradients
+at LoRA dropout 0 (with dropout, other draws), 1.13-1.16x faster a step on issue 21's shapes on a
+2-core CPU (benchmarks/vs_authors.md). Under FSDP or gradient checkpointing they run apart.
 
 Optimisation is the reference code's: AdamW (0.9, 0.98), weight decay 0.1, cosine decay without
 warm-up, gradient clipping at 10. The loss of a step is normalised by the target-token count of

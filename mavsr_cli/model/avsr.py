@@ -169,7 +169,8 @@ class AVSRModel(nn.Module):
         Sums, not means, so a trainer can normalise by the token count of a whole global batch
         (gradient accumulation, several processes) and get exactly the single-batch gradient.
         With one shared LoRA (MS) several configurations run in one LLM pass, their rows merged
-        (merged.py; the same sums to float rounding), wherever the LLM's layers are plain;
+        (merged.py; the same sums to float rounding at LoRA dropout 0), wherever the LLM's layers are
+        plain (not under FSDP or gradient checkpointing);
         `packed` (train.pack_rates) asks for that pass and is refused for SS/MSS.
         """
         if packed and self.strategy != "ms":

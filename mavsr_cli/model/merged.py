@@ -13,16 +13,21 @@ interleaved rounds) ran 1.22x faster at 472 rows than at 320 and 152 (rates 4 an
 each row-wise operator is called once instead of once per configuration.
 
 The last layer computes its queries, attention output and MLP only at the query windows the loss
-reads (as last_layer.py does for one configuration); the output layer runs once, on every
-configuration's read positions together.
+reads (as last_layer.py does for one configuration). The output layer runs configuration by
+configuration (avsr.py): over every configuration's read rows at once, its backward's (rows,
+vocabulary) gradient was one transient, 1.5x the step's peak at Llama-3.2-1B size.
 
-The same sums as separate passes, to float rounding (tested): the attention calls are the same;
+The same sums as separate passes, to float rounding, where nothing random runs (tested at LoRA
+dropout 0): the attention calls are the same;
 a product's rows are each the same dot products (bit for bit with MKL from some 50 rows up; not
-at a handful), and a weight's gradient adds every configuration's rows in one reduction.
+at a handful), and a weight's gradient adds every configuration's rows in one reduction. With LoRA
+dropout, one mask is drawn over all rows where separate passes draw one per configuration: the
+same dropout, other draws, so a merged step's losses are not a per-configuration step's (each is
+still reproducible from its seed).
 
 Llama's plain layers only, and only where nothing wraps them: gradient checkpointing and FSDP's
 per-layer hooks act on a layer's call, which this pass does not make (`mergeable`): such steps run
-their configurations in separate passes, as before.
+their configurations in separate passes, as before, `train.pack_rates` included.
 """
 
 from __future__ import annotations
@@ -31,23 +36,41 @@ import torch
 
 from . import attention, last_layer
 
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def _plain(module, cls) -> bool:
+    """`module` runs `cls.forward` as is: no hook on its call, no forward of its own or of a subclass."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    return type(module).forward is cls.forward and "forward" not in module.__dict__ and not any(hooks)
+
 
 def mergeable(decoder) -> bool:
-    """Whether `decoder` (a LlamaModel) can run merged: plain Llama layers with no hooks, no
-    gradient checkpointing, and an attention whose masks this pass builds."""
+    """Whether `decoder` (a LlamaModel) can run merged: plain Llama layers and attentions that nothing
+    hooks (FSDP's gathers, accelerate's device moves, PyTorch's global hooks) or checkpoints, and an
+    attention whose masks this pass builds. The pass calls a layer's parts, never the layer or its
+    attention, so anything hung on those calls would be skipped."""
     try:
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+        from torch.nn.modules import module as torch_module
+        from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer
     except ImportError:  # pragma: no cover
         return False
     kinds = ("sdpa", "eager", attention.NAME)
     if decoder.config._attn_implementation not in kinds or getattr(decoder, "gradient_checkpointing", False):
         return False
-    for layer in decoder.layers:
-        if not isinstance(layer, LlamaDecoderLayer) or "forward" in layer.__dict__:
+    if any(getattr(torch_module, name, None) for name in _GLOBAL_HOOKS):
+        return False
+    for layer in _layers(decoder):
+        if not isinstance(layer, LlamaDecoderLayer) or getattr(layer, "gradient_checkpointing", False):
             return False
-        if getattr(layer, "gradient_checkpointing", False) or layer._forward_hooks or layer._forward_pre_hooks:
+        if not (_plain(layer, LlamaDecoderLayer) and _plain(layer.self_attn, LlamaAttention)):
             return False
     return True
+
+
+def _layers(decoder):
+    return decoder.layers[: decoder.config.num_hidden_layers]  # as LlamaModel.forward runs them
 
 
 class _Piece:
@@ -101,15 +124,10 @@ def _layer(layer, h: torch.Tensor, pieces: list[_Piece]) -> torch.Tensor:
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
-def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Llama's rotary embedding of one of q or k (B, H, T, hd), by apply_rotary_pos_emb's formula."""
-    from transformers.models.llama.modeling_llama import rotate_half
-
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
-
-
 def _last_layer(layer, h: torch.Tensor, pieces: list[_Piece]) -> torch.Tensor:
     """The last layer, its outputs only at the pieces' query windows -> (sum B*Q, D), piece by piece."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
     attn = layer.self_attn
     hd = attn.head_dim
     x = layer.input_layernorm(h)
@@ -120,8 +138,10 @@ def _last_layer(layer, h: torch.Tensor, pieces: list[_Piece]) -> torch.Tensor:
     for p in pieces:
         sl, n = slice(p.start, p.start + p.rows), p.windows.numel()
         qw = _heads(q[at:at + n], p, hd, p.windows.shape[1])
-        qw = _rotary(qw, last_layer._rows(p.cos, p.windows), last_layer._rows(p.sin, p.windows))
-        kp = _rotary(_heads(k[sl], p, hd), p.cos, p.sin)
+        # queries and keys sit at other positions: each rotated alone, by transformers' function as
+        # last_layer.py does (a patched or hub-kernel rotary is then used by both)
+        qw, _ = apply_rotary_pos_emb(qw, qw, last_layer._rows(p.cos, p.windows), last_layer._rows(p.sin, p.windows))
+        _, kp = apply_rotary_pos_emb(_heads(k[sl], p, hd), _heads(k[sl], p, hd), p.cos, p.sin)
         mask = last_layer._mask_rows(p.mask, p.windows, p.t)
         outs.append(_attend(attn, qw, kp, _heads(v[sl], p, hd), mask).reshape(n, -1))
         at += n
@@ -138,8 +158,9 @@ def hidden_at_windows(decoder, inputs: list[tuple[torch.Tensor, torch.Tensor, to
         pieces.append(_Piece(decoder, emb, mask, windows, start))
         start += pieces[-1].rows
     h = torch.cat([emb.reshape(-1, emb.shape[-1]) for emb, _, _ in inputs])  # (R, D)
-    for layer in decoder.layers[:-1]:
+    *layers, last = _layers(decoder)
+    for layer in layers:
         h = _layer(layer, h, pieces)
-    y = decoder.norm(_last_layer(decoder.layers[-1], h, pieces))  # (sum B*Q, D)
+    y = decoder.norm(_last_layer(last, h, pieces))  # (sum B*Q, D)
     return [w.view(p.b, p.windows.shape[1], -1) for w, p in zip(y.split([p.windows.numel() for p in pieces]),
                                                                 pieces, strict=True)]

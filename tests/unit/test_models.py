@@ -283,8 +283,8 @@ def test_mavsr_imports_before_and_after_transformers_in_a_fresh_process():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-1500:]
 
 
-def test_packed_configurations_give_the_same_losses_and_gradients(parts):
-    m = _model(parts)
+def test_packed_configurations_give_the_same_losses_and_gradients(two_layers):
+    m = _model(two_layers)
     m.train()
     tok = m.tokenizer
     tg = [tok("anna found the apple near the kitchen", add_special_tokens=False).input_ids,
@@ -612,28 +612,30 @@ class SavedBytes:
 @pytest.mark.parametrize("strategy", ["ms", "ss"])
 def test_the_backward_per_configuration_gives_the_joint_gradient_and_holds_one_graph(parts, strategy, monkeypatch):
     """Issue 22, item 4: run configuration by configuration, a step's gradients are the joint
-    backward's (fp32 tolerance), and the graph it holds at its peak is about one configuration's
-    share of a joint step of separate passes (MS merges them otherwise: the next test)."""
+    backward's (fp32 tolerance; under MS the joint step's configurations share a merged pass), and
+    the graph it holds at its peak is about one configuration's share of a joint step of separate
+    passes."""
     from mavsr_cli.model import merged
     from mavsr_cli.train_loop import MatryoshkaLoss, matryoshka_backward
 
-    monkeypatch.setattr(merged, "mergeable", lambda decoder: False)
     tg = [[5, 6, 7, 9, 11], [8, 4]]
     out = {}
-    for mode in ("joint", "per_config"):
+    for mode in ("joint", "per_config", "joint apart"):
+        if mode == "joint apart":
+            monkeypatch.setattr(merged, "mergeable", lambda decoder: False)
         m = _strategy_model(parts, strategy).train()
         engine, saved = MatryoshkaLoss(m, m.grid, packed=False), SavedBytes()
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, SavedBytes.unpack):
             ce = matryoshka_backward(engine, _feats(), tg, len(m.grid), 0.25 / 7, mode == "per_config")
         out[mode] = ce, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, saved.peak
-    (ce0, g0, peak0), (ce1, g1, peak1) = out["joint"], out["per_config"]
+    (ce0, g0, _), (ce1, g1, peak1), (_, _, peak_apart) = out["joint"], out["per_config"], out["joint apart"]
     torch.testing.assert_close(ce1, ce0)
     assert ce0.shape == (len(_strategy_model(parts, strategy).grid),)
     assert set(g1) == set(g0) and len(g0) > 4
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
     g = len(ce0)
-    assert peak1 < peak0 / g * 1.6, (peak0, peak1)  # (4 configurations: about a quarter of the joint peak)
+    assert peak1 < peak_apart / g * 1.6, (peak_apart, peak1)  # (4 configurations: about a quarter of the joint peak)
 
 
 @pytest.fixture(scope="module")
@@ -695,6 +697,11 @@ def test_an_llm_whose_layers_are_hooked_or_checkpointed_runs_its_configurations_
     m.ce_sums(_feats(), m.grid, [[5, 6], [7]])
     assert len(seen) == len(m.grid)  # every configuration's pass called the hooked layer
     hook.remove()
+    assert merged.mergeable(decoder)
+    for hooked in (decoder.layers[-1].self_attn.register_forward_hook(lambda *a: None),  # the merged pass skips it
+                   torch.nn.modules.module.register_module_forward_pre_hook(lambda *a: None)):
+        assert not merged.mergeable(decoder)
+        hooked.remove()
     assert merged.mergeable(decoder)
     m.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert not merged.mergeable(decoder)
