@@ -639,7 +639,8 @@ def serve(
     device: DeviceOpt = SERVE.device,
     beam: Annotated[int | None, typer.Option(help="Beam width of requests that name none, and of the start-up "
                                              "decodes that measure each pair's cost (the controller is surest "
-                                             "at the beam it measured). Default: each experiment's decode.beam.")]
+                                             "at the beam it measured). 1 to 64. Default: each experiment's "
+                                             "decode.beam (one above 64 is refused: pass --beam).")]
     = SERVE.beam,
 ) -> None:
     """Serve transcription over HTTP (OpenAI's /v1/audio/transcriptions shape), batching requests and

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import MavsrError
-from ..options import ServeOptions
+from ..options import SERVE_MAX_BEAM, ServeOptions
 from ..rates import Rates
 from ..recipe import Recipe
 
@@ -35,6 +35,9 @@ def engines(recipe: Recipe, exps: list[Path], rates: str, log, device: str, beam
             raise MavsrError(f"--rates {fixed.tag} is not in {tr.dec.exp.name}'s trained grid: "
                              + ", ".join(r.tag for r in tr.dec.trained))
         out.append(Engine(tr, fixed, beam))
+        if out[-1].beam > SERVE_MAX_BEAM:  # what a request may ask for is what the server may be told
+            raise MavsrError(f"{tr.dec.exp.name} decodes at beam {out[-1].beam} (its config's decode.beam), "
+                             f"above the server's 1 to {SERVE_MAX_BEAM}: pass --beam")
     mods = [e.modality for e in out]
     if len(set(mods)) < len(mods):
         raise MavsrError(f"two experiments of one modality ({', '.join(mods)}): uploads could not be routed")

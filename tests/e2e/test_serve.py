@@ -6,13 +6,15 @@ and back down when idle."""
 
 import json
 import os
+import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from e2e_helpers import mavsr
+import yaml
+from e2e_helpers import mavsr, refused
 from serve_helpers import ENDPOINT, Served, clips_of, metric, write_wav
 
 KEY = "s3cret-key"
@@ -277,3 +279,15 @@ def test_an_upload_read_counts_the_frames_its_encoding_gives(recipe):
     for _, video in clips_of(recipe):
         inputs = tr.read(video)
         assert inputs.counts() == tr.encode([inputs])[0].counts(), video
+
+
+def test_an_experiment_whose_beam_a_request_could_not_ask_for_is_refused_at_start(recipe, tmp_path):
+    """A request may ask for beam 1 to 64; so may the config a server takes its default beam from."""
+    wide = tmp_path / "wide"
+    shutil.copytree(recipe / "exp/t", wide, ignore=shutil.ignore_patterns("decode_*", "bench"))
+    cfg = yaml.safe_load((wide / "config.yaml").read_text())
+    cfg.setdefault("decode", {})["beam"] = 65
+    (wide / "config.yaml").write_text(yaml.safe_dump(cfg))
+    line = refused(recipe, "serve", "--exp", str(wide), "--port", "0")
+    assert "beam 65" in line and "--beam" in line, line
+
