@@ -77,16 +77,19 @@ def test_gradient_accumulation_gives_the_one_batch_result(recipe, ref):
     assert max_diff(final_state(recipe / "exp/accum"), final_state(ref)) < SAME_WEIGHTS
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_two_gloo_processes_train_the_same_weights_as_one(recipe, ref, engine):
+@pytest.mark.parametrize("engine,backward", [("ddp", "per_config"), ("fsdp", "per_config"), ("ddp", "joint")])
+def test_two_gloo_processes_train_the_same_weights_as_one(recipe, ref, engine, backward):
+    """ref steps configuration by configuration in one process; a joint MS step under DDP runs
+    its configurations in one merged LLM pass (model/merged.py), FSDP runs them apart."""
     d = recipe
-    cf = conf(d, f"dist_{engine}", save_every=1, distributed=engine)
+    tag = f"{engine}_{backward}"
+    cf = conf(d, f"dist_{tag}", save_every=1, distributed=engine, backward=backward)
     env = dict(os.environ, HF_HUB_OFFLINE="1", MAVSR_QUIET="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "mavsr_cli", "train", "--config", cf, "--tag", engine, "--dir", str(d)]
+           "-m", "mavsr_cli", "train", "--config", cf, "--tag", tag, "--dir", str(d)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=d, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    exp = d / "exp" / engine
+    exp = d / "exp" / tag
     assert (exp / ".done").is_file()
     assert len(losses(exp)) == len(losses(ref))  # one writer: rank 0
     for a, b in zip(losses(exp), losses(ref), strict=True):
