@@ -33,7 +33,7 @@ STREAMS = {"av": ("audio", "video"), "a": ("audio",), "v": ("video",)}  # the fe
 
 
 class Strategy(str, Enum):
-    """LoRA over the frozen LLM (docs/method.md, Llama-MTSK)."""
+    """LoRA over the frozen LLM (docs/method.md, Matryoshka training)."""
 
     ms = "ms"  # one shared LoRA for every configuration
     ss = "ss"  # one LoRA per configuration

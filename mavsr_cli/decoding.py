@@ -54,7 +54,8 @@ from .sharding import Shard
 
 # ---- rules ---------------------------------------------------------------------------------
 def auto_max_new_tokens(durations: list[float]) -> int:
-    """Room for about 8 tokens per second of the longest utterance, never fewer than 32 (docs/method.md)."""
+    """Room for about 8 tokens per second of the longest utterance, never fewer than the authors' 32
+    (docs/method.md, Decoding and scoring)."""
     return max(32, math.ceil(8 * max(durations)))
 
 

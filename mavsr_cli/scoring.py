@@ -1,8 +1,8 @@
 """Text normalisation, WER and CER with substitutions, deletions and insertions (jiwer), alignments.
 
 Normalisers (applied to reference and hypothesis alike):
-  default  lower-case, strip punctuation except apostrophes, collapse whitespace (docs/method.md: corpus
-           WER on lower-cased, whitespace-split text)
+  default  lower-case, strip punctuation except apostrophes, collapse whitespace (docs/method.md,
+           Decoding and scoring: the authors' WER is on lower-cased, whitespace-split text)
   none     collapse whitespace only
 `score_dir` scores one decode dir: hyp.jsonl -> wer.json, result.txt, errors.txt, ref.trn, hyp.trn.
 """
