@@ -138,7 +138,8 @@ def _main(version: Annotated[bool, typer.Option("--version", "-V", is_eager=True
 
 DirOpt = Annotated[Path, typer.Option("--dir", "-d", help="Recipe directory holding data/, dump/, exp/.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c",
-                                                help="YAML config (e.g. conf/synth.yaml); defaults otherwise.")]
+                                                help="YAML config (e.g. conf/synth.yaml), relative to the current "
+                                                     "dir or else to --dir; defaults otherwise.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo work even if its .done marker exists.")]
 ExpOpt = Annotated[Path, typer.Option(help="Experiment dir (exp/<tag>), relative to --dir or absolute.")]
 ShardOpt = Annotated[str | None, typer.Option(help="i/N: do only this worker's share; run again without it to merge.")]
@@ -190,6 +191,14 @@ def _recipe(d: Path, *writes: str | Path):
     for w in writes:
         check_writable(recipe.root / w)
     return recipe
+
+
+def _config_path(config: Path | None, recipe_dir: Path) -> Path | None:
+    """--config as given where it names a file from here; else the recipe dir's file of that name (a
+    recipe's conf/ lives there, and --exp and the config's own paths are read from there too)."""
+    if config is None or config.is_absolute() or config.is_file() or not (recipe_dir / config).is_file():
+        return config
+    return recipe_dir / config
 
 
 def _next(*commands: str) -> None:
@@ -454,6 +463,7 @@ def extract_features(
     from . import config as C
     from .stages import extract_features as stage
 
+    config = _config_path(config, dir)
     cfg = C.load(config)
     if modality is not None:
         cfg = C.with_modality(cfg, modality.value)
@@ -507,6 +517,7 @@ def train(
     from . import config as C
     from .stages import train as stage
 
+    config = _config_path(config, dir)
     cfg = C.load(config)
     if lora is not None:
         cfg = C.with_lora_strategy(cfg, lora.value)

@@ -281,7 +281,21 @@ class Trainer:
                 self.log(f"train: resuming from {self.last.name} (step {self.step_no} of {self.total}, "
                          f"epoch {self.step_no // self.steps_per_epoch + 1})")
         if self.main:
+            self._log_passes()
             self._open_logs()
+
+    def _log_passes(self) -> None:
+        """One line when a joint MS step, which would share one merged LLM pass among its configurations
+        (model/merged.py), must run them apart: FSDP and gradient checkpointing act on a layer's call."""
+        from .model import merged
+
+        m = self.model
+        if self.per_config or len(self.rates) < 2 or m.strategy != "ms" or merged.mergeable(m.llm_decoder()):
+            return
+        why = ("FSDP's per-layer hooks act" if self.fsdp else "gradient checkpointing acts" if self.t.grad_checkpointing
+               else "hooks on its layers act")
+        self.log(f"train: the {len(self.rates)} configurations run in separate LLM passes, not one merged pass: "
+                 f"{why} on each layer's call, which a merged pass does not make")
 
     def _open_logs(self) -> None:
         path = self.exp / "metrics.jsonl"

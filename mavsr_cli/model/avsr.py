@@ -175,7 +175,7 @@ class AVSRModel(nn.Module):
         """
         if packed and self.strategy != "ms":
             raise ValueError("packing configurations into one pass needs the shared-LoRA (ms) strategy")
-        if self.strategy == "ms" and len(grid) > 1 and merged.mergeable(self._causal_lm().get_decoder()):
+        if self.strategy == "ms" and len(grid) > 1 and merged.mergeable(self.llm_decoder()):
             return self._merged_ce([self.build(feats, r, targets) for r in grid])
         out = []
         for r in grid:
@@ -185,6 +185,10 @@ class AVSRModel(nn.Module):
 
     def _causal_lm(self):
         return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+
+    def llm_decoder(self):
+        """The LLM's decoder stack (a LlamaModel for Llama), under peft's wrapper."""
+        return self._causal_lm().get_decoder()
 
     def _merged_ce(self, built: list[tuple]) -> list[torch.Tensor]:
         """ce_sums of several configurations' (inputs_embeds, mask, labels) in one merged LLM pass."""

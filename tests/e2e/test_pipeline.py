@@ -1,11 +1,13 @@
 """The whole recipe through the `mavsr` command, on a tiny synthetic corpus (about a minute)."""
 
 import json
+import os
 import shutil
+import subprocess
 
 import pytest
 import yaml
-from e2e_helpers import av_dump, mavsr, snapshot
+from e2e_helpers import MAVSR, av_dump, mavsr, snapshot
 
 
 def test_file_contracts(recipe):
@@ -61,6 +63,17 @@ def test_rerun_is_a_no_op(recipe):
         assert "is done" in r.stdout or "are done" in r.stdout
     assert "next: mavsr train --config conf/tiny.yaml --rates all" in r2.stdout  # a recipe config: train next
     assert snapshot(d) == before
+
+
+def test_a_recipe_config_is_found_from_another_dir(recipe, tmp_path):
+    """`--config conf/tiny.yaml --dir D` run elsewhere reads D's conf/tiny.yaml, as --exp is read from D."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MAVSR_QUIET="1")
+    before = snapshot(recipe)
+    for stage in (["extract-features"], ["train", "--rates", "all", "--tag", "t"]):
+        r = subprocess.run(MAVSR + stage + ["--config", "conf/tiny.yaml", "--dir", str(recipe)], capture_output=True,
+                           text=True, env=env, cwd=tmp_path, timeout=300)
+        assert r.returncode == 0 and "is done" in r.stdout, r.stdout[-1500:] + r.stderr[-1500:]
+    assert snapshot(recipe) == before
 
 
 def test_decoding_is_deterministic(recipe):

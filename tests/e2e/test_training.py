@@ -97,6 +97,18 @@ def test_two_gloo_processes_train_the_same_weights_as_one(recipe, ref, engine, b
     assert max_diff(final_state(exp), final_state(ref)) < SAME_WEIGHTS
 
 
+def test_gradient_checkpointing_trains_the_same_weights_and_says_the_configurations_run_apart(recipe, ref):
+    """Checkpointed layers recompute their activations in the backward: the same weights. A joint
+    MS step would share one merged LLM pass, which checkpointing (acting on a layer's call) rules
+    out: train says so in one line."""
+    cf = conf(recipe, "ckpt_joint", save_every=1, backward="joint", grad_checkpointing=True)
+    r = mavsr(recipe, "train", "--config", cf, "--tag", "ckpt_joint")
+    assert "run in separate LLM passes, not one merged pass: gradient checkpointing" in r.stdout + r.stderr
+    assert max_diff(final_state(recipe / "exp/ckpt_joint"), final_state(ref)) < SAME_WEIGHTS
+    r = mavsr(recipe, "train", "--config", conf(recipe, "joint", save_every=1, backward="joint"), "--tag", "joint")
+    assert "separate LLM passes" not in r.stdout + r.stderr  # merged
+
+
 def test_the_final_checkpoint_can_average_the_last_ones_and_decode_uses_it(recipe):
     d = recipe
     mavsr(d, "train", "--config", conf(d, "avg", save_every=1, average_last=3, select="last"), "--tag", "avg")
