@@ -187,6 +187,8 @@ def _recipe(d: Path, *writes: str | Path):
 
     if not d.is_dir():
         raise MavsrError(f"recipe directory not found: {d}")
+    global _HINT_DIR
+    _HINT_DIR = d
     recipe = Recipe(d)
     for w in writes:
         check_writable(recipe.root / w)
@@ -201,8 +203,15 @@ def _config_path(config: Path | None, recipe_dir: Path) -> Path | None:
     return recipe_dir / config
 
 
+_HINT_DIR: Path | None = None  # the recipe dir of this call (set by _recipe), for the next command's --dir
+
+
 def _next(*commands: str) -> None:
-    """A stage's last line: the recipe's next command(s)."""
+    """A stage's last line: the recipe's next command(s), with this call's --dir when it is not the
+    current dir (so the line runs as printed, from here)."""
+    d = _HINT_DIR
+    if d is not None and d.resolve() != Path.cwd().resolve():
+        commands = tuple(c.replace("   #", f" --dir {d}   #", 1) if "   #" in c else f"{c} --dir {d}" for c in commands)
     _log("next: " + "   or   ".join(commands))
 
 
