@@ -34,6 +34,7 @@ from .extraction import extract
 from .features import FeatureStore, batch_features, cache_split
 from .fsutil import atomic_write_text, clean_stale, staged_dir
 from .model.build import build_model, train_bf16
+from .model.llm import causal_lm
 from .model.step import add_fresh, one_token_step
 from .options import DEVICE
 from .progress import bar
@@ -152,7 +153,7 @@ def generate(model, feats: dict, rates: Rates, max_new_tokens: int, beam: int = 
     with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
         emb, mask, _ = model.build(feats, rates, None, left_pad=True, pool=pool)  # (B, L, D), (B, L)
         tok = model.tokenizer
-        llm = _causal_lm(model.llm)
+        llm = causal_lm(model.llm)
         if beam > 1:
             ids = beam_search(llm, emb, mask, tok.eos_token_id, beam, max_new_tokens)
         else:
@@ -232,12 +233,6 @@ class _Beams:
         return out
 
 
-def _causal_lm(llm):
-    """The causal LM under peft's wrapper (its LoRA layers are inside it, active as set): calling it
-    directly skips the wrapper's per-call bookkeeping, which a search pays once per token."""
-    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-
-
 def _last_position(emb: torch.Tensor) -> int | torch.Tensor:
     """The prompt's full call keeps the logits of its last position only. In float32 as the slice `1`
     (each row's product alone, by a batched product: the numbers every CPU test holds); in a lower
@@ -258,7 +253,7 @@ def greedy_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, max_new_
     out = llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
               logits_to_keep=_last_position(emb))
     full = _search_mask(mask, max_new_tokens)
-    step_logits = one_token_step(_causal_lm(llm), mask.shape[1] + max_new_tokens)
+    step_logits = one_token_step(causal_lm(llm), mask.shape[1] + max_new_tokens)
     logits = out.logits[:, -1]  # (B, V)
     done = [False] * emb.shape[0]
     seqs: list[list[int]] = [[] for _ in range(emb.shape[0])]
@@ -345,7 +340,7 @@ def beam_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, beam: int,
     full = _search_mask(mask, max_new_tokens).repeat_interleave(k, 0)
     last_pos = pos[:, -1].repeat_interleave(k)
     beams = _Beams(b, k, eos, length_penalty, emb.device)
-    step_logits, embed = one_token_step(_causal_lm(llm), mask.shape[1] + max_new_tokens), llm.get_input_embeddings()
+    step_logits, embed = one_token_step(causal_lm(llm), mask.shape[1] + max_new_tokens), llm.get_input_embeddings()
     for step in range(max_new_tokens):
         rows, toks = beams.step(logp, last=step == max_new_tokens - 1)
         if not rows:

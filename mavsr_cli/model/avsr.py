@@ -18,6 +18,7 @@ from . import merged
 from . import projector as proj
 from .compress import compress
 from .last_layer import last_layer_at, query_windows
+from .llm import causal_lm
 
 MARKERS = ("<audio>", "</audio>", "<video>", "</video>")
 
@@ -183,16 +184,13 @@ class AVSRModel(nn.Module):
             out.append(self._token_ce(emb, mask, lab).sum())
         return out
 
-    def _causal_lm(self):
-        return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-
     def llm_decoder(self):
         """The LLM's decoder stack (a LlamaModel for Llama), under peft's wrapper."""
-        return self._causal_lm().get_decoder()
+        return causal_lm(self.llm).get_decoder()
 
     def _merged_ce(self, built: list[tuple]) -> list[torch.Tensor]:
         """ce_sums of several configurations' (inputs_embeds, mask, labels) in one merged LLM pass."""
-        lm = self._causal_lm()
+        lm = causal_lm(self.llm)
         inputs, keeps, golds = [], [], []
         for emb, mask, lab in built:
             gold = lab[:, 1:]
@@ -213,7 +211,7 @@ class AVSRModel(nn.Module):
         runs only at the positions the loss reads (the transcript's and EOS): at Llama 3's 128,256-wide
         vocabulary, logits over the media and prompt positions would be most of a step's memory. So
         does the last decoder layer beside its keys and values (last_layer.py)."""
-        lm = self._causal_lm()
+        lm = causal_lm(self.llm)
         gold = lab[:, 1:]
         keep = gold != -100  # (B, L-1)
         decoder = lm.get_decoder()

@@ -20,6 +20,8 @@ import torch
 
 from . import attention
 
+MASK_KINDS = ("sdpa", "eager", attention.NAME)  # the masks _mask_rows can make (flash/flex kernels take others)
+
 
 def query_windows(keep: torch.Tensor) -> torch.Tensor:
     """keep (B, T) True where the loss reads a position -> (B, Q) positions, one window per row that
@@ -39,9 +41,8 @@ def _decoder_layer(decoder):
     except ImportError:  # pragma: no cover  (every supported transformers has it)
         return None
     layer = decoder.layers[-1]
-    kinds = ("sdpa", "eager", attention.NAME)  # the masks _mask_rows can make (flash/flex kernels take others)
     plain = "forward" not in layer.__dict__  # no hook has replaced its forward (accelerate's device maps do)
-    ok = isinstance(layer, LlamaDecoderLayer) and decoder.config._attn_implementation in kinds and plain
+    ok = isinstance(layer, LlamaDecoderLayer) and decoder.config._attn_implementation in MASK_KINDS and plain
     return layer if ok else None
 
 

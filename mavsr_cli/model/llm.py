@@ -16,6 +16,12 @@ from ..errors import MavsrError
 ADAPTER_MS = "ms"  # the shared LoRA used by every rate configuration (docs/method.md, MS)
 
 
+def causal_lm(llm):
+    """The causal LM under peft's wrapper (its LoRA layers are inside it, active as set): calling it
+    directly skips the wrapper's per-call bookkeeping, which a search pays once per token."""
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
 def adapters_for(strategy: str, tag: str) -> list[str]:
     """The LoRA adapters active for one rate configuration (docs/method.md, Matryoshka training):
     MS: the shared one; SS: the configuration's own (named by its rate tag); MSS: both, summed."""

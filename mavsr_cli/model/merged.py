@@ -34,38 +34,32 @@ from __future__ import annotations
 
 import torch
 
-from . import attention, last_layer
-
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                 "_global_backward_pre_hooks")
-
-
-def _plain(module, cls) -> bool:
-    """`module` runs `cls.forward` as is: no hook on its call, no forward of its own or of a subclass."""
-    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
-    return type(module).forward is cls.forward and "forward" not in module.__dict__ and not any(hooks)
+from . import last_layer, step
 
 
 def mergeable(decoder) -> bool:
-    """Whether `decoder` (a LlamaModel) can run merged: plain Llama layers and attentions that nothing
-    hooks (FSDP's gathers, accelerate's device moves, PyTorch's global hooks) or checkpoints, and an
-    attention whose masks this pass builds. The pass calls a layer's parts, never the layer or its
-    attention, so anything hung on those calls would be skipped."""
+    """Whether `decoder` (a LlamaModel) can run merged: plain Llama layers that nothing hooks (FSDP's
+    gathers, accelerate's device moves, PyTorch's global hooks: step.py's test, and backward hooks)
+    or checkpoints, and an attention whose masks this pass builds. The pass calls a layer's parts on
+    (rows, D) matrices, never the layer or its attention, so anything hung on those calls would be
+    skipped, and a hook on a part would see other shapes than the layer's call gives it."""
     try:
         from torch.nn.modules import module as torch_module
         from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer
     except ImportError:  # pragma: no cover
         return False
-    kinds = ("sdpa", "eager", attention.NAME)
-    if decoder.config._attn_implementation not in kinds or getattr(decoder, "gradient_checkpointing", False):
+    if decoder.config._attn_implementation not in last_layer.MASK_KINDS:
         return False
-    if any(getattr(torch_module, name, None) for name in _GLOBAL_HOOKS):
+    if getattr(decoder, "gradient_checkpointing", False) or torch_module._global_backward_hooks \
+            or torch_module._global_backward_pre_hooks:
         return False
     for layer in _layers(decoder):
-        if not isinstance(layer, LlamaDecoderLayer) or getattr(layer, "gradient_checkpointing", False):
+        if not isinstance(layer, LlamaDecoderLayer) or getattr(layer, "gradient_checkpointing", False) \
+                or step._hooked(layer):
             return False
-        if not (_plain(layer, LlamaDecoderLayer) and _plain(layer.self_attn, LlamaAttention)):
-            return False
+        for m, cls in ((layer, LlamaDecoderLayer), (layer.self_attn, LlamaAttention)):
+            if type(m).forward is not cls.forward or m._backward_hooks or m._backward_pre_hooks:
+                return False
     return True
 
 

@@ -783,7 +783,7 @@ def test_a_bf16_frozen_llm_trains_fp32_tensors_and_decodes(parts):
     # the prompt's last row reaches the output layer whole (a strided bf16 row made PyTorch's CPU product
     # copy the layer's weight once per row: 2 GB at Llama-3.2-1B's vocabulary, benchmarks/README.md)
     seen = []
-    hook = decoding._causal_lm(m16.llm).lm_head.register_forward_pre_hook(
+    hook = llm_mod.causal_lm(m16.llm).lm_head.register_forward_pre_hook(
         lambda mod, args: seen.append(args[0].is_contiguous()))
     try:
         generate(m16, _feats(), Rates(4, 2), 4, beam=3)
