@@ -187,8 +187,6 @@ def _recipe(d: Path, *writes: str | Path):
 
     if not d.is_dir():
         raise MavsrError(f"recipe directory not found: {d}")
-    global _HINT_DIR
-    _HINT_DIR = d
     recipe = Recipe(d)
     for w in writes:
         check_writable(recipe.root / w)
@@ -203,14 +201,10 @@ def _config_path(config: Path | None, recipe_dir: Path) -> Path | None:
     return recipe_dir / config
 
 
-_HINT_DIR: Path | None = None  # the recipe dir of this call (set by _recipe), for the next command's --dir
-
-
-def _next(*commands: str) -> None:
-    """A stage's last line: the recipe's next command(s), with this call's --dir when it is not the
+def _next(d: Path, *commands: str) -> None:
+    """A stage's last line: the recipe's next command(s), with this call's --dir `d` when it is not the
     current dir (so the line runs as printed, from here)."""
-    d = _HINT_DIR
-    if d is not None and d.resolve() != Path.cwd().resolve():
+    if d.resolve() != Path.cwd().resolve():
         commands = tuple(c.replace("   #", f" --dir {d}   #", 1) if "   #" in c else f"{c} --dir {d}" for c in commands)
     _log("next: " + "   or   ".join(commands))
 
@@ -272,7 +266,7 @@ def prepare_synth(
 
     opt = SynthOptions(num_utts, test_utts, speakers, heldout_speakers, seed, words_per_slot, nj, val_share)
     stage.run_synth(_recipe(dir, "data", "corpus"), opt, force, _log)
-    _next("mavsr tiny-models --ctc-units align   # the synthetic recipe's small models (recipes/synth/run.sh)")
+    _next(dir, "mavsr tiny-models --ctc-units align   # the synthetic recipe's small models (recipes/synth/run.sh)")
 
 
 def _prepare_tree(corpus: str, dir: Path, root: Path | None, landmarks: Path | None, mean_face: Path | None,
@@ -286,7 +280,7 @@ def _prepare_tree(corpus: str, dir: Path, root: Path | None, landmarks: Path | N
     opt = LrsOptions(root, landmarks, mean_face, max_seconds, nj, parse_shard(shard), split, val_share, mouth_crops)
     stage.run_lrs(recipe, corpus, opt, force, _log)
     if shard is None:
-        _next(f"mavsr extract-features --config conf/{corpus if corpus != 'dir' else '<yours>'}.yaml")
+        _next(dir, f"mavsr extract-features --config conf/{corpus if corpus != 'dir' else '<yours>'}.yaml")
 
 
 @prepare_app.command("lrs3", cls=_Command, epilog=_examples("prepare lrs3"))
@@ -391,7 +385,7 @@ def _import(flavour: str, ckpt: Path, exp: Path, dir: Path, llm: str, audio_enco
     hints = authors.Hints(ints(audio_rates, "audio-rates"), ints(video_rates, "video-rates"), compression, lora_scale)
     src = stage.Sources(llm, audio_encoder, video_encoder)
     stage.run(_recipe(dir, exp), flavour, ckpt, exp, src, hints, force, _log)
-    _next(f"mavsr extract-features --config {exp}/config.yaml --split test", f"mavsr decode --exp {exp} --sweep")
+    _next(dir, f"mavsr extract-features --config {exp}/config.yaml --split test", f"mavsr decode --exp {exp} --sweep")
 
 
 @import_app.command("omni-avsr", cls=_Command, epilog=_examples("import omni-avsr"))
@@ -445,7 +439,7 @@ def tiny_models(
     opt = TinyOptions(audio_dim, audio_layers, video_dim, video_layers, llm_hidden, llm_layers, lm_epochs,
                       encoder_epochs, video_epochs=video_epochs, seed=seed, ctc_units=ctc_units.value)
     stage.run(_recipe(dir, "models"), opt, force, _log)
-    _next("mavsr extract-features --config conf/synth.yaml")
+    _next(dir, "mavsr extract-features --config conf/synth.yaml")
 
 
 @app.command("extract-features", cls=_Command, epilog=_examples("extract-features"))
@@ -478,7 +472,7 @@ def extract_features(
         cfg = C.with_modality(cfg, modality.value)
     stage.run(_recipe(dir, "dump"), cfg, split, force, _log, parse_shard(shard), shard_size, device)
     if shard is None:
-        _next(_after_features(config, dir, modality, split))
+        _next(dir, _after_features(config, dir, modality, split))
 
 
 def _after_features(config: Path | None, recipe_dir: Path, modality: Modality | None, splits: list[str] | None) -> str:
@@ -538,7 +532,7 @@ def train(
                                    None if modality is None else cfg.model.modality)
     stage.run(_recipe(dir, "exp"), cfg, rates, tag, force, _log)
     if int(os.environ.get("RANK", "0")) == 0:
-        _next(f"mavsr decode --exp exp/{tag} --sweep")
+        _next(dir, f"mavsr decode --exp exp/{tag} --sweep")
 
 
 @app.command("decode", cls=_Command, epilog=_examples("decode"))
@@ -583,7 +577,7 @@ def decode(
               sweep=sweep, budget=budget, beam=beam, batch_size=batch_size, max_new_tokens=max_new_tokens,
               snr=snr, noise=noise, pool=pool_rates, device=device)
     if shard is None:
-        _next(f"mavsr score --exp {exp}")
+        _next(dir, f"mavsr score --exp {exp}")
 
 
 @app.command("transcribe", cls=_Command, epilog=_examples("transcribe"))
@@ -785,7 +779,7 @@ def score(
     from .stages import score as stage
 
     stage.run(_recipe(dir, exp), exp, force, _log, normaliser=normaliser.value)
-    _next(f"mavsr bench --exp {exp}", f"mavsr transcribe VIDEO --exp {exp}")
+    _next(dir, f"mavsr bench --exp {exp}", f"mavsr transcribe VIDEO --exp {exp}")
 
 
 @app.command("info", cls=_Command, epilog=_examples("info"))

@@ -9,10 +9,11 @@ ROOT = Path(__file__).resolve().parents[2]
 MAVSR = [sys.executable, "-m", "mavsr_cli"]
 
 
-def mavsr(d: Path, *args, ok=True):
+def mavsr(d: Path, *args, ok=True, cwd: Path | None = None):
+    """`mavsr ARGS --dir d`, run in d (or in `cwd`)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", MAVSR_QUIET="1")
     r = subprocess.run(MAVSR + list(args) + ["--dir", str(d)], capture_output=True, text=True, env=env,
-                       cwd=d, timeout=600)
+                       cwd=cwd or d, timeout=600)
     if ok:
         assert r.returncode == 0, f"mavsr {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
