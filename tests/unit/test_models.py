@@ -699,6 +699,7 @@ def test_an_llm_whose_layers_are_hooked_or_checkpointed_runs_its_configurations_
     hook.remove()
     assert merged.mergeable(decoder)
     for hooked in (decoder.layers[-1].self_attn.register_forward_hook(lambda *a: None),  # the merged pass skips it
+                   decoder.layers[0].mlp.register_forward_hook(lambda *a: None),  # it would see (rows, D)
                    torch.nn.modules.module.register_module_forward_pre_hook(lambda *a: None)):
         assert not merged.mergeable(decoder)
         hooked.remove()
