@@ -15,6 +15,13 @@ from .errors import MavsrError
 _TAG = re.compile(r"^(?:a(\d+))?(?:v(\d+))?$")
 
 
+def pooled_length(frames, rate: int):
+    """Tokens a stream of `frames` frames gives at compression `rate`: a trailing partial group is
+    dropped, and an utterance shorter than the rate still gives one token (docs/method.md, Pipeline 3).
+    `frames` an int, or a tensor of lengths (model/compress.py pools by this)."""
+    return (frames // rate).clamp(min=1) if hasattr(frames, "clamp") else max(frames // rate, 1)
+
+
 @dataclass(frozen=True, order=True)
 class Rates:
     """Token-compression rates of one configuration; None = that modality is not used."""
@@ -50,14 +57,8 @@ class Rates:
         return t
 
     def media_tokens(self, audio_frames: int, video_frames: int) -> int:
-        """LLM input tokens of one utterance's streams at these rates: each stream's frames pooled
-        by its rate, a trailing partial group dropped, at least one token (model/compress.py)."""
-        t = 0
-        if self.audio:
-            t += max(audio_frames // self.audio, 1)
-        if self.video:
-            t += max(video_frames // self.video, 1)
-        return t
+        """LLM input tokens of one utterance's streams at these rates (pooled_length of each)."""
+        return sum(pooled_length(n, r) for n, r in ((audio_frames, self.audio), (video_frames, self.video)) if r)
 
     def __str__(self) -> str:
         return self.tag

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..rates import pooled_length
+
 
 def compress(x: torch.Tensor, lengths: torch.Tensor, rate: int, mode: str = "avg"):
     """x (B, T, D), lengths (B,) -> (y (B, T', D or D*rate), out_lengths (B,)).
@@ -17,7 +19,7 @@ def compress(x: torch.Tensor, lengths: torch.Tensor, rate: int, mode: str = "avg
     Positions at or beyond out_lengths in y are zeros.
     """
     b, t, d = x.shape
-    out_len = torch.clamp(lengths // rate, min=1)
+    out_len = pooled_length(lengths, rate)  # (B,)
     groups = max(1, -(-t // rate))
     pad = groups * rate - t
     if pad:
