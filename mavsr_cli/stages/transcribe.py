@@ -69,5 +69,6 @@ def run(recipe: Recipe, exp: Path, media: Path, audio_rate: int | None = None, v
         t2 = time.perf_counter()
     return {"text": hyps[0], "media": str(media), "rates": rates.tag, "pair": rates.pair, "beam": opts.beam,
             "duration": round(clip.duration, 3), "tokens_in": int(n_in[0]),
-            "time": {"encode": round(t1 - t0, 3), "decode": round(t2 - t1, 3)}, "checkpoint": dec.ckpt.name,
+            "timings": {"encode": round(t1 - t0, 3), "decode": round(t2 - t1, 3), "total": round(t2 - t0, 3)},
+            "checkpoint": dec.ckpt.name,
             **({"mouth": clip.mouth} if clip.mouth else {})}

@@ -55,8 +55,9 @@ def test_served_transcripts_are_transcribes_and_requests_are_decoded_together(re
     rec, video = clips[0]
     for rates, args in (("a16v5", ["--audio-rate", "16", "--video-rate", "5"]), (None, [])):
         cli, here = _transcribe(recipe, video, *args), want[(rec["id"], rates)]
-        assert cli["text"] and {k: v for k, v in cli.items() if k != "time"} == {
-            k: v for k, v in here.items() if k != "time"}
+        assert cli["text"] and {k: v for k, v in cli.items() if k != "timings"} == {
+            k: v for k, v in here.items() if k != "timings"}
+        assert set(cli["timings"]) == {"encode", "decode", "total"}  # the server's names, less its queue
     jobs = [(rec, video, rates) for rates in ("a16v5", None) for rec, video in clips]
     res = _parallel(lambda j: served.post(j[1], **({"rates": j[2]} if j[2] else {})), jobs)
     for (rec, _, rates), r in zip(jobs, res, strict=True):
