@@ -4,7 +4,8 @@ Kept apart from the model (model/avsr.py builds the LLM input; this module searc
 LLM's outputs), as openai/whisper keeps decoding.py beside model.py. Deterministic throughout:
 mavsr's greedy loop (token for token transformers' greedy `generate`) or its batched beam search,
 never sampling, so a rerun and any batch size give the same hypotheses. A step's attention on
-the CPU is model/attention.py's (it depends on neither the batch nor the beam).
+the CPU is model/attention.py's (it does not depend on the batch), and a beam's prompt is cached
+and read once per utterance there (model/kv_cache.py).
 
 `Decoder.run` reads  exp/<tag>/{config.yaml, meta.json, ckpt/*/}, dump/<encoders-tag>/<split>[-<condition>]/,
                            data/<split>/manifest.jsonl
@@ -33,6 +34,7 @@ from .errors import MavsrError
 from .extraction import extract
 from .features import FeatureStore, batch_features, cache_split
 from .fsutil import atomic_write_text, clean_stale, staged_dir
+from .model import kv_cache
 from .model.build import build_model, train_bf16
 from .model.llm import causal_lm
 from .model.step import add_fresh, one_token_step
@@ -249,7 +251,7 @@ def greedy_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, max_new_
     """The most likely token at every step, with the in-place KV cache; token for token what
     transformers' greedy `generate` gives (tested). emb (B, L, D) left-padded, mask (B, L)."""
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = _in_place_cache(max_new_tokens)
+    cache = kv_cache.in_place_cache(max_new_tokens)
     out = llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
               logits_to_keep=_last_position(emb))
     full = _search_mask(mask, max_new_tokens)
@@ -277,46 +279,6 @@ def _search_mask(mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     return torch.cat([mask, mask.new_ones(mask.shape[0], max_new_tokens)], dim=1).bool()[:, None, None, :]
 
 
-def _in_place_cache(extra: int):
-    """A KV cache whose storage is allocated once for the prompt and `extra` generated tokens: a step
-    writes its keys and values in place (no concatenation), and a reorder copies only the generated
-    part of each row, since a beam's rows share their utterance's prompt (whole rows only when
-    finished utterances leave the batch)."""
-    from transformers.cache_utils import Cache, DynamicLayer
-
-    class InPlaceLayer(DynamicLayer):
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-                b, h, n, d = key_states.shape
-                self.buf = [key_states.new_empty(b, h, n + extra, d), value_states.new_empty(b, h, n + extra, d)]
-                self.n = 0
-            t = key_states.shape[-2]
-            self.buf[0][:, :, self.n:self.n + t] = key_states
-            self.buf[1][:, :, self.n:self.n + t] = value_states
-            self.n += t
-            return self._views()
-
-        def _views(self):
-            self.keys, self.values = (x[:, :, : self.n] for x in self.buf)
-            return self.keys, self.values
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            self.buf = [x.repeat_interleave(repeats, dim=0) for x in self.buf]
-            self.prompt = self.n  # every beam of an utterance holds the same prompt from here on
-            self._views()
-
-        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-            if len(beam_idx) != self.buf[0].shape[0]:  # rows leave: one gather of what remains
-                self.buf = [x.index_select(0, beam_idx) for x in self.buf]
-            else:  # beams move only within their utterance, whose rows share the prompt: gather the rest
-                for x in self.buf:
-                    x[:, :, self.prompt:self.n] = x[:, :, self.prompt:self.n].index_select(0, beam_idx)
-            self._views()
-
-    return Cache(layer_class_to_replicate=InPlaceLayer)
-
-
 @torch.no_grad()
 def beam_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, beam: int, max_new_tokens: int,
                 length_penalty: float = 1.0) -> list[list[int]]:
@@ -332,15 +294,18 @@ def beam_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, beam: int,
     """
     b, k = emb.shape[0], beam
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    cache = _in_place_cache(max_new_tokens)
+    cache = kv_cache.in_place_cache(max_new_tokens)
     out = llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
               logits_to_keep=_last_position(emb))
     logp = torch.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(k, 0)  # (B*K, V)
-    cache.batch_repeat_interleave(k)
+    step_logits, embed = one_token_step(causal_lm(llm), mask.shape[1] + max_new_tokens), llm.get_input_embeddings()
+    if getattr(step_logits, "shares_prompt", False) and k > 1:
+        kv_cache.share_prompt(cache, k)  # the prompt once per utterance, read once per step
+    else:
+        cache.batch_repeat_interleave(k)
     full = _search_mask(mask, max_new_tokens).repeat_interleave(k, 0)
     last_pos = pos[:, -1].repeat_interleave(k)
     beams = _Beams(b, k, eos, length_penalty, emb.device)
-    step_logits, embed = one_token_step(causal_lm(llm), mask.shape[1] + max_new_tokens), llm.get_input_embeddings()
     for step in range(max_new_tokens):
         rows, toks = beams.step(logp, last=step == max_new_tokens - 1)
         if not rows:

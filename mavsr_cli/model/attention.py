@@ -7,6 +7,12 @@ fixed cost per (row, head) block, which at a beam's 120 rows of short caches is 
 step attends with plain matmuls. Every other call (training, a prompt, a GPU) is transformers'
 `sdpa_attention_forward` unchanged. The choice depends on neither the batch nor the beam, so a
 batched decode still equals one utterance at a time.
+
+In a beam search the beams of an utterance share its prompt, and a step read each prompt key once
+per beam, from memory (the cache outgrows the CPU's caches). `one_query_shared` reads the prompt's
+keys and values once per utterance (model/kv_cache.py holds them so): its queries for all beams
+in one product per kv head, 1.04x a beam-15 decode of 8 utterances. Its numbers depend on the beam
+width (an utterance's product has beam x heads rows), still not on the batch.
 Registered through transformers' AttentionInterface, the extension point it documents.
 """
 
@@ -31,6 +37,28 @@ def one_query(q, key, value, scaling: float, hidden=None, additive=None) -> torc
         w = w + additive
     p = w.float().softmax(-1).to(value.dtype)
     return torch.matmul(p, value).reshape(b, h * d)
+
+
+def one_query_shared(q, pk, pv, gk, gv, beams: int, scaling: float, hidden=None) -> torch.Tensor:
+    """one_query for rows whose prompt is held once per utterance (model/kv_cache.py, share_prompt):
+    q (N, H, hd) with N = U * beams (an utterance's beams adjacent), pk/pv (U, Hkv, Tp, hd) the
+    prompts' keys and values, gk/gv (N, Hkv, Tg, hd) each row's generated ones, `hidden`
+    (N, 1, 1, Tp + Tg) True where a row may not look -> (N, H * hd). The prompt's scores and its
+    share of the output are one product per utterance and kv head over all its beams' queries;
+    the softmax runs over both parts at once, as one_query's."""
+    n, h, d = q.shape
+    u, kv, tp = pk.shape[0], pk.shape[1], pk.shape[2]
+    g = h // kv
+    qu = q.reshape(u, beams, kv, g, d).transpose(1, 2).reshape(u, kv, beams * g, d)  # an utterance's queries
+    sp = torch.matmul(qu, pk.transpose(-1, -2)).view(u, kv, beams, g, tp).transpose(1, 2).reshape(n, kv, g, tp)
+    sg = torch.matmul(q.reshape(n, kv, g, d), gk.transpose(-1, -2))  # (N, Hkv, G, Tg)
+    w = torch.cat([sp, sg], -1).mul_(scaling)  # (N, Hkv, G, Tp + Tg)
+    if hidden is not None:
+        w.masked_fill_(hidden, float("-inf"))
+    p = w.float().softmax(-1).to(pv.dtype)
+    pp = p[..., :tp].reshape(u, beams, kv, g, tp).transpose(1, 2).reshape(u, kv, beams * g, tp)
+    out = torch.matmul(pp, pv).view(u, kv, beams, g, d).transpose(1, 2).reshape(n, kv, g, d)
+    return out.add_(torch.matmul(p[..., tp:], gv)).reshape(n, h * d)
 
 
 def _one_query(query, key, value, mask, scaling: float) -> torch.Tensor:

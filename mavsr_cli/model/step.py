@@ -8,7 +8,10 @@ LoRA projections, the rotary embedding, the cache's `update`, the attention the 
 take: mavsr's matmul attention on the CPU, transformers' SDPA elsewhere, the MLP, the output layer),
 with the cos/sin rows read from a table made once by the model's own rotary module, so the logits
 are the same numbers as the full call's (tested with `torch.equal` on the CPU). Any other model, or
-an attention other than mavsr's, takes the full call.
+an attention other than mavsr's, takes the full call. One exception, on the CPU: a beam search
+whose cache holds each utterance's prompt once (`shares_prompt`; model/kv_cache.py), which the
+full call could not read; there the step attends with `attention.one_query_shared`, equal to the
+per-row attention to rounding (tested), and every other operation is the same.
 
 The step holds its rows as (N, D) matrices and each operation at its cheapest equal form: a
 product is `torch.mm` on the weight's transposed view (what `F.linear` calls for a matrix without
@@ -63,6 +66,8 @@ class LlamaStep:
     def __init__(self, lm, positions: int) -> None:
         self.lm = lm
         dev = lm.lm_head.weight.device
+        # where it attends with matmuls, a beam's prompt can be held once per utterance (kv_cache.share_prompt)
+        self.shares_prompt = dev.type in attention.ONE_QUERY_DEVICES
         at = torch.arange(positions, device=dev)[None]
         cos, sin = (t[0] for t in lm.model.rotary_emb(torch.zeros(1, device=dev), at))
         half = sin.shape[-1] // 2
@@ -105,6 +110,11 @@ class LlamaStep:
         n, hd = x.shape[0], attn.head_dim
         q = self._rope(p["q_proj"](x).view(n, -1, hd), cos, sin)  # (N, H, hd)
         k = self._rope(p["k_proj"](x).view(n, -1, hd), cos, sin)  # (N, Hkv, hd)
+        layer = cache.layers[i]
+        if getattr(layer, "shared", 1) > 1:  # the prompt held once per utterance (model/kv_cache.py)
+            layer.write(k[:, :, None], p["v_proj"](x).view(n, -1, 1, hd))
+            return p["o_proj"](attention.one_query_shared(q, *layer.parts(), layer.shared, attn.scaling,
+                                                          hidden=masks[1]))
         keys, values = cache.update(k[:, :, None], p["v_proj"](x).view(n, -1, 1, hd), i)  # (N, Hkv, T, hd)
         if x.device.type in attention.ONE_QUERY_DEVICES:  # what attention.attention does for one query there
             out = attention.one_query(q, keys, values, attn.scaling, hidden=masks[1])

@@ -7,10 +7,11 @@ from model_helpers import as_trained, input_dependent
 
 from mavsr_cli import config as C
 from mavsr_cli.datasets import synth
-from mavsr_cli.decoding import _in_place_cache, _search_mask, beam_search, generate
+from mavsr_cli.decoding import _search_mask, beam_search, generate
 from mavsr_cli.model import attention
 from mavsr_cli.model import llm as llm_mod
 from mavsr_cli.model.build import build_model
+from mavsr_cli.model.kv_cache import in_place_cache
 from mavsr_cli.model.last_layer import last_layer_at, query_windows
 from mavsr_cli.model.step import LlamaStep, _AsModule, _linear, _rms_norm, one_token_step
 from mavsr_cli.rates import Rates
@@ -78,6 +79,61 @@ def test_a_one_token_steps_matmul_attention_equals_sdpa():
     module.num_key_value_groups, module.is_causal = 2, True
     got, _ = attention.attention(module, q, k, v, mask, scaling=0.125)
     torch.testing.assert_close(got, _sdpa(q, k, v, mask), rtol=1e-5, atol=1e-6)
+
+
+def _rows_keys(layer) -> list[torch.Tensor]:
+    """Every row's keys and values (N, Hkv, T, hd) as a cache layer holds them, in either layout."""
+    if layer.shared == 1:
+        return [layer.keys, layer.values]
+    pk, pv, gk, gv = layer.parts()
+    return [torch.cat([p.repeat_interleave(layer.shared, 0), x], 2) for p, x in ((pk, gk), (pv, gv))]
+
+
+def test_a_beam_cache_holding_the_prompt_once_gives_every_row_the_repeated_layouts_keys():
+    """share_prompt against batch_repeat_interleave through steps, beams moving within their
+    utterance, and a finished utterance's rows leaving: the same keys and values in every row, and
+    the prompt stored once per (remaining) utterance."""
+    g = torch.Generator().manual_seed(0)
+    kv = lambda n, t: [torch.randn(n, 2, t, 4, generator=g) for _ in range(2)]  # noqa: E731
+    caches = [in_place_cache(3), in_place_cache(3)]
+    prompt = kv(3, 5)  # 3 utterances, a 5-token prompt
+    for c in caches:
+        c.update(*prompt, 0)
+    repeated, shared = caches[0].layers[0], caches[1].layers[0]
+    repeated.batch_repeat_interleave(2)
+    shared.share_prompt(2)
+    for idx in ([1, 0, 2, 2, 5, 4], [1, 1, 4, 5]):  # beams move; then utterance 1's rows leave
+        new = kv(len(repeated.keys), 1)
+        repeated.update(*new)
+        shared.write(*new)
+        for a, b in zip(_rows_keys(repeated), _rows_keys(shared), strict=True):
+            assert torch.equal(a, b)
+        for layer in (repeated, shared):
+            layer.reorder_cache(torch.tensor(idx))
+    new = kv(4, 1)
+    repeated.update(*new)
+    shared.write(*new)
+    for a, b in zip(_rows_keys(repeated), _rows_keys(shared), strict=True):
+        assert a.shape == (4, 2, 8, 4) and torch.equal(a, b)
+    assert torch.equal(shared.update(*kv(4, 1))[0][:, :, :8], _rows_keys(shared)[0][:, :, :8])  # transformers' call
+    assert shared.buf[0].shape[0] == 2 and shared.get_seq_length() == repeated.get_seq_length() + 1 == 9
+
+
+def test_the_shared_prompt_attention_equals_the_per_row_one():
+    """one_query_shared (an utterance's prompt once, all its beams' queries in one product) against
+    one_query over the repeated rows: grouped-query heads, left padding, 3 utterances of 4 beams."""
+    g = torch.Generator().manual_seed(1)
+    u, beams, tp, tg = 3, 4, 7, 5
+    q = torch.randn(u * beams, 4, 16, generator=g)
+    pk, pv = (torch.randn(u, 2, tp, 16, generator=g) for _ in range(2))
+    gk, gv = (torch.randn(u * beams, 2, tg, 16, generator=g) for _ in range(2))
+    hidden = torch.zeros(u * beams, 1, 1, tp + tg, dtype=torch.bool)
+    hidden[beams:2 * beams, ..., :3] = True  # the second utterance's prompt is left-padded
+    keys, values = (torch.cat([p.repeat_interleave(beams, 0), x], 2) for p, x in ((pk, gk), (pv, gv)))
+    want = attention.one_query(q, keys, values, 0.25, hidden=hidden)
+    got = attention.one_query_shared(q, pk, pv, gk, gv, beams, 0.25, hidden=hidden)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, attention.one_query_shared(q, pk, pv, gk, gv, beams, 0.25))  # the mask counts
 
 
 def _model(tmp_path, strategy: str = "ms", frozen: str = "float32"):
@@ -151,7 +207,7 @@ def test_the_llama_step_gives_the_full_calls_logits(tmp_path, monkeypatch, strat
         emb, mask, _ = m.build(f, Rates(4, 2), None, left_pad=True)
         emb, mask = emb.repeat_interleave(5, 0), mask.repeat_interleave(5, 0)
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        caches = [_in_place_cache(5), _in_place_cache(5)]
+        caches = [in_place_cache(5), in_place_cache(5)]
         seen["now"] = "prompt"
         seen["prompt"] = []
         for c in caches:
@@ -283,7 +339,7 @@ def test_the_llama_step_equals_the_full_call_beyond_mavsrs_own_llms(tmp_path, ca
     mask[1, :5], mask[4, :3] = False, False  # left padding
     emb = torch.randn(6, 12, 64, generator=g).to(dtype)
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    caches = [_in_place_cache(4), _in_place_cache(4)]
+    caches = [in_place_cache(4), in_place_cache(4)]
     with torch.no_grad():
         for c in caches:
             llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=c, use_cache=True)

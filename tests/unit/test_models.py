@@ -11,10 +11,10 @@ import torch
 from model_helpers import as_trained, input_dependent
 
 from mavsr_cli import config as C
-from mavsr_cli import decoding
 from mavsr_cli.datasets import synth
 from mavsr_cli.decoding import beam_search, generate, greedy_search
 from mavsr_cli.errors import MavsrError
+from mavsr_cli.model import kv_cache
 from mavsr_cli.model import llm as llm_mod
 from mavsr_cli.model.audio_encoder import WhisperAudioEncoder
 from mavsr_cli.model.build import build_model
@@ -776,11 +776,11 @@ def test_a_bf16_frozen_llm_trains_fp32_tensors_and_decodes(parts):
         assert m16.build(_feats(), Rates(4, 2), None, left_pad=True)[0].dtype == torch.bfloat16
         assert m32.build(_feats(), Rates(4, 2), None, left_pad=True)[0].dtype == torch.float32
     cached = []
-    real = decoding._in_place_cache
+    real = kv_cache.in_place_cache
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(decoding, "_in_place_cache", lambda extra: cached.append(real(extra)) or cached[-1])
+        mp.setattr(kv_cache, "in_place_cache", lambda extra: cached.append(real(extra)) or cached[-1])
         generate(m16, _feats(), Rates(4, 2), 4, beam=3)
-    assert cached and {x.dtype for layer in cached[0].layers for x in layer.buf} == {torch.bfloat16}
+    assert cached and {x.dtype for layer in cached[0].layers for x in layer.buf + layer.gen} == {torch.bfloat16}
     # the prompt's last row reaches the output layer whole (a strided bf16 row made PyTorch's CPU product
     # copy the layer's weight once per row: 2 GB at Llama-3.2-1B's vocabulary, benchmarks/README.md)
     seen = []
