@@ -56,3 +56,24 @@ def test_no_line_is_longer_than_the_limit():
     long = [f"{path.relative_to(PKG.parent)}:{i} ({len(line)} chars)" for path in _modules()
             for i, line in enumerate(path.read_text().splitlines(), 1) if len(line) > MAX_LINE]
     assert not long, long
+
+
+def test_the_readmes_code_map_names_every_module():
+    """README's table of modules (the newcomer's map) names each module of the package: a top-level
+    one in its own row, one in a sub-package in its package's row."""
+    readme = (PKG.parent / "README.md").read_text()
+    table = readme[readme.index("| module | what it holds |"):]
+    rows = {line.split("|")[1].strip(): line for line in table[: table.index("\n\n")].splitlines()[2:]}
+    missing = []
+    for path in _modules():
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        rel = path.relative_to(PKG)
+        if len(rel.parts) == 1:
+            found = any(f"`{path.name}`" in key for key in rows)
+        else:
+            row = rows.get(f"`{rel.parts[0]}/`", "")
+            found = f"`{path.name}`" in row or f"`{path.stem}`" in row  # stages/ names its commands
+        if not found:
+            missing.append(str(rel))
+    assert not missing, missing
