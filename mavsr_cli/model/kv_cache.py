@@ -79,6 +79,7 @@ class _InPlace:
     def share_prompt(self, k: int) -> None:
         """From here on, k rows per utterance (its beams, adjacent) that share its prompt."""
         self.buf = [x[:, :, : self.n].clone() for x in self.buf]  # the prompt only, once per utterance
+        self.keys, self.values = self.buf  # the prompt call's views held the old storage alive
         b, h, _, d = self.buf[0].shape
         self.gen = [x.new_empty(b * k, h, self.extra, d) for x in self.buf]
         self.prompt, self.shared = self.n, k

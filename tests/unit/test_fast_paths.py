@@ -8,7 +8,7 @@ from model_helpers import as_trained, input_dependent
 from mavsr_cli import config as C
 from mavsr_cli.datasets import synth
 from mavsr_cli.decoding import _search_mask, beam_search, generate
-from mavsr_cli.model import attention
+from mavsr_cli.model import attention, kv_cache
 from mavsr_cli.model import llm as llm_mod
 from mavsr_cli.model.build import build_model
 from mavsr_cli.model.kv_cache import in_place_cache
@@ -100,8 +100,10 @@ def test_a_beam_cache_holding_the_prompt_once_gives_every_row_the_repeated_layou
     for c in caches:
         c.update(*prompt, 0)
     repeated, shared = caches[0].layers[0], caches[1].layers[0]
+    before = shared.buf[0].untyped_storage().data_ptr()
     repeated.batch_repeat_interleave(2)
     shared.share_prompt(2)
+    assert all(x.untyped_storage().data_ptr() != before for x in (*shared.buf, shared.keys, shared.values))  # freed
     for idx in ([1, 0, 2, 2, 5, 4], [1, 1, 4, 5]):  # beams move; then utterance 1's rows leave
         new = kv(len(repeated.keys), 1)
         repeated.update(*new)
@@ -177,6 +179,7 @@ def _sdpa_everywhere(monkeypatch):
     """Attend as on a GPU: no device for mavsr's one-query attention, and it fails if called."""
     monkeypatch.setattr(attention, "ONE_QUERY_DEVICES", ())
     monkeypatch.setattr(attention, "one_query", lambda *a, **k: pytest.fail("one_query ran"))
+    monkeypatch.setattr(attention, "one_query_shared", lambda *a, **k: pytest.fail("one_query_shared ran"))
 
 
 @pytest.mark.parametrize("strategy,frozen,hooked,gpu_attention", [
@@ -230,6 +233,42 @@ def test_the_llama_step_gives_the_full_calls_logits(tmp_path, monkeypatch, strat
     assert len(seen["step"]) == len(seen["full"]) == (15 if hooked else 0)
     for (arg, out), (ref_arg, ref_out) in zip(seen["step"], seen["full"], strict=True):
         assert torch.equal(arg, ref_arg) and torch.equal(out, ref_out)  # as the hooks saw them: not overwritten
+
+
+@pytest.mark.parametrize("frozen", ["float32", "bfloat16"])
+def test_the_llama_step_on_a_prompt_held_once_gives_the_full_calls_logits(tmp_path, frozen):
+    """The step's branch for a beam's cache holding each prompt once (the CPU's): five steps over 3
+    left-padded prompts of 5 beams each, the beams moving within their utterance after every step,
+    against the full transformers call on the prompts repeated per beam: the same logits to rounding."""
+    m = _model(tmp_path, "ms", frozen)
+    llm = m.llm.get_base_model()
+    g = torch.Generator().manual_seed(6)
+    f = {"audio": (torch.randn(3, 60, 32, generator=g), torch.tensor([60, 36, 48])),
+         "video": (torch.randn(3, 30, 32, generator=g), torch.tensor([30, 18, 24]))}
+    tol = {"rtol": 2e-2, "atol": 2e-2} if frozen == "bfloat16" else {"rtol": 1e-5, "atol": 1e-5}
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=frozen == "bfloat16")
+    with torch.no_grad(), bf16:
+        emb, mask, _ = m.build(f, Rates(4, 2), None, left_pad=True)
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        caches = [in_place_cache(5), in_place_cache(5)]
+        for c in caches:
+            llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=c, use_cache=True)
+        step = one_token_step(llm, mask.shape[1] + 5)
+        assert step.shares_prompt
+        caches[0].batch_repeat_interleave(5)
+        kv_cache.share_prompt(caches[1], 5)
+        full, last = _search_mask(mask, 5).repeat_interleave(5, 0), pos[:, -1].repeat_interleave(5)
+        for t in range(5):
+            tok = llm.get_input_embeddings()(torch.randint(0, 100, (15, 1), generator=g))
+            at, attend = last + t + 1, full[..., : mask.shape[1] + t + 1]
+            ref = llm(inputs_embeds=tok, attention_mask=attend, position_ids=at[:, None], cache=caches[0],
+                      use_cache=True).logits[:, -1]
+            got = step(tok, at, attend, caches[1])
+            assert got.dtype == ref.dtype
+            torch.testing.assert_close(got, ref, **tol, msg=f"step {t}")
+            idx = torch.cat([u * 5 + torch.randperm(5, generator=g) for u in range(3)])
+            for c in caches:
+                c.reorder_cache(idx)
 
 
 def test_a_batched_beam_with_the_steps_gpu_attention_gives_sdpas_hypotheses(tmp_path, monkeypatch):
