@@ -96,7 +96,8 @@ class _InPlace:
                 x[:, :, lo:hi] = x[:, :, lo:hi].index_select(0, beam_idx)
         if self.shared == 1:
             self._views()
-
+        else:  # nothing else may hold the prompts' old storage
+            self.keys, self.values = self.buf
 
 
 def share_prompt(cache, k: int) -> None:

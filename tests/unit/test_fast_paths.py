@@ -117,6 +117,7 @@ def test_a_beam_cache_holding_the_prompt_once_gives_every_row_the_repeated_layou
     shared.write(*new)
     for a, b in zip(_rows_keys(repeated), _rows_keys(shared), strict=True):
         assert a.shape == (4, 2, 8, 4) and torch.equal(a, b)
+    assert shared.keys is shared.buf[0]  # no view keeps the three utterances' prompts alive
     assert torch.equal(shared.update(*kv(4, 1))[0][:, :, :8], _rows_keys(shared)[0][:, :, :8])  # transformers' call
     assert shared.buf[0].shape[0] == 2 and shared.get_seq_length() == repeated.get_seq_length() + 1 == 9
 
