@@ -31,12 +31,16 @@ def one_query(q, key, value, scaling: float, hidden=None, additive=None) -> torc
     kv = key.shape[1]
     q = q.reshape(b, kv, h // kv, d)  # query head i reads kv head i // (H / Hkv), as repeat_kv pairs them
     w = torch.matmul(q, key.transpose(-1, -2)).mul_(scaling)  # (B, Hkv, G, T)
+    return torch.matmul(_weights(w, hidden, additive, value.dtype), value).reshape(b, h * d)
+
+
+def _weights(w: torch.Tensor, hidden, additive, dtype: torch.dtype) -> torch.Tensor:
+    """Scaled scores (B, Hkv, G, T) -> attention weights: masked, softmax in float32, in `dtype`."""
     if hidden is not None:
         w.masked_fill_(hidden, float("-inf"))
     elif additive is not None:
         w = w + additive
-    p = w.float().softmax(-1).to(value.dtype)
-    return torch.matmul(p, value).reshape(b, h * d)
+    return w.float().softmax(-1).to(dtype)
 
 
 def one_query_shared(q, pk, pv, gk, gv, beams: int, scaling: float, hidden=None) -> torch.Tensor:
@@ -52,10 +56,7 @@ def one_query_shared(q, pk, pv, gk, gv, beams: int, scaling: float, hidden=None)
     qu = q.reshape(u, beams, kv, g, d).transpose(1, 2).reshape(u, kv, beams * g, d)  # an utterance's queries
     sp = torch.matmul(qu, pk.transpose(-1, -2)).view(u, kv, beams, g, tp).transpose(1, 2).reshape(n, kv, g, tp)
     sg = torch.matmul(q.reshape(n, kv, g, d), gk.transpose(-1, -2))  # (N, Hkv, G, Tg)
-    w = torch.cat([sp, sg], -1).mul_(scaling)  # (N, Hkv, G, Tp + Tg)
-    if hidden is not None:
-        w.masked_fill_(hidden, float("-inf"))
-    p = w.float().softmax(-1).to(pv.dtype)
+    p = _weights(torch.cat([sp, sg], -1).mul_(scaling), hidden, None, pv.dtype)  # (N, Hkv, G, Tp + Tg)
     pp = p[..., :tp].reshape(u, beams, kv, g, tp).transpose(1, 2).reshape(u, kv, beams * g, tp)
     out = torch.matmul(pp, pv).view(u, kv, beams, g, d).transpose(1, 2).reshape(n, kv, g, d)
     return out.add_(torch.matmul(p[..., tp:], gv)).reshape(n, h * d)

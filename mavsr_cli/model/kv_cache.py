@@ -68,7 +68,12 @@ class _InPlace:
         return self.n if self.is_initialized else 0
 
     def _views(self):
-        self.keys, self.values = (x[:, :, : self.n] for x in self.buf)
+        """keys/values: every row's, (N, Hkv, T, hd); in the shared layout the prompts' own storage
+        (so that no view holds a storage the layer has let go)."""
+        if self.shared > 1:
+            self.keys, self.values = self.buf
+        else:
+            self.keys, self.values = (x[:, :, : self.n] for x in self.buf)
         return self.keys, self.values
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -79,10 +84,10 @@ class _InPlace:
     def share_prompt(self, k: int) -> None:
         """From here on, k rows per utterance (its beams, adjacent) that share its prompt."""
         self.buf = [x[:, :, : self.n].clone() for x in self.buf]  # the prompt only, once per utterance
-        self.keys, self.values = self.buf  # the prompt call's views held the old storage alive
         b, h, _, d = self.buf[0].shape
         self.gen = [x.new_empty(b * k, h, self.extra, d) for x in self.buf]
         self.prompt, self.shared = self.n, k
+        self._views()  # the prompt call's views held the old storage alive
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         rows = self.gen if self.shared > 1 else self.buf
@@ -94,10 +99,7 @@ class _InPlace:
             lo, hi = (0, self.n - self.prompt) if self.shared > 1 else (self.prompt, self.n)
             for x in rows:
                 x[:, :, lo:hi] = x[:, :, lo:hi].index_select(0, beam_idx)
-        if self.shared == 1:
-            self._views()
-        else:  # nothing else may hold the prompts' old storage
-            self.keys, self.values = self.buf
+        self._views()
 
 
 def share_prompt(cache, k: int) -> None:
