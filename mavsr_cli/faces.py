@@ -10,9 +10,11 @@ Per video, `track` returns one (68, 2) array per frame, or None where no face wa
 the detector every `every` frames, on a copy scaled to at most `max_side` pixels; where that finds
 no face, on copies twice as large, up to the frame's own size (dlib's HOG detector finds faces from
 about 70 px wide, so a 1080p frame scaled to 480 px alone would hide every face under about 300 px,
-such as a person seen from the waist up). A finer look takes a new face only from FINER_FACE px wide
-in its pixels, unless it is near the speaker: the detector's boxes near its smallest size are loose,
-and points fitted from them can put the mouth half a crop off. While no face is tracked the detector
+such as a person seen from the waist up); and, where none of those finds a face, a frame of at
+most UPSAMPLED_SIDE / 2 px a side at twice its size, taking faces from SMALLEST_FACE px. A finer look
+takes a new face only from FINER_FACE px wide in its pixels, unless it is near the speaker: the
+detector's boxes near its smallest size are loose, and points fitted from them can put the mouth
+half a crop off. While no face is tracked the detector
 runs on every frame, its finer looks only every `every` frames. In between, the
 shape predictor follows the face from the previous frame's points, so detection costs a fraction
 of the frames. With several faces, the one nearest the previous face is kept (the largest at the
@@ -43,6 +45,13 @@ BOX_SIDE, BOX_SHIFT = 2.8, (0.0, -0.04)
 # tests' videos of one photograph, points fitted from the detector's boxes of 72 and 87 px (near its
 # smallest size) put the mouth 40-65 px off in the 96 px crop; from boxes of 96 px and more, mostly within 5.
 FINER_FACE = 96
+# pixels a side: a frame of at most half this is also looked at twice as large, where the looks at
+# its own size find no face (a face of 56-70 px, which they miss or see only in loose boxes)
+UPSAMPLED_SIDE = 1280
+# pixels of the frame: the narrowest face taken from the look at twice the frame's size. The detector's
+# boxes come in steps (87, 105, 125, 151 px there): a 105 px box held faces of 42-52 px, whose points,
+# fitted in the frame, put the mouth 40-65 px off in the crop; from 125 px boxes (about 58 px) within 5
+SMALLEST_FACE = 56
 
 
 @dataclass(frozen=True)
@@ -80,7 +89,8 @@ def describe(opt: DetectOptions = DetectOptions()) -> str:
 
         digest = hashlib.sha256(_predictor_path().read_bytes()).hexdigest()[:16]
         _DESCRIBED[opt] = (f"mavsr {__version__} tracker, dlib {dlib.__version__} HOG frontal faces, {PREDICTOR} "
-                           f"sha256:{digest}, every {opt.every} frames, max side {opt.max_side} px")
+                           f"sha256:{digest}, every {opt.every} frames, max side {opt.max_side} px, "
+                           f"twice the size up to {UPSAMPLED_SIDE} px for faces from {SMALLEST_FACE} px")
     return _DESCRIBED[opt]
 
 
@@ -122,12 +132,12 @@ class FaceLandmarker:
         the first `looks` of `scales` that shows a face; given the `speaker`'s last (68, 2) points,
         the coarsest that shows one near them (not `_far`), else the coarsest that shows any.
         Beyond the first look, a box under FINER_FACE px in the look's pixels counts only near the
-        speaker. frame: (H, W) uint8."""
+        speaker, and a face under SMALLEST_FACE px in the frame's not at all. frame: (H, W) uint8."""
         h, w = frame.shape
         first: list = []
         for k, scale in enumerate(scales(h, w, self.opt.max_side)[:looks]):
-            boxes = [b for b, side in self._boxes(frame, scale)
-                     if k == 0 or side >= FINER_FACE or (speaker is not None and not _far(b, speaker))]
+            boxes = [b for b, side in self._boxes(frame, scale) if side >= SMALLEST_FACE * scale
+                     and (k == 0 or side >= FINER_FACE or (speaker is not None and not _far(b, speaker)))]
             boxes.sort(key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
             if boxes and (speaker is None or any(not _far(b, speaker) for b in boxes)):
                 return boxes
@@ -195,12 +205,13 @@ class FaceLandmarker:
 def scales(h: int, w: int, max_side: int) -> list[float]:
     """The sizes the detector looks at a (H, W) frame at, coarse to fine: scaled to at most
     `max_side` a side, then twice that, up to the frame's own size (a last step under 1.25x is
-    merged into the one before: it would find little the finer look does not)."""
+    merged into the one before: it would find little the finer look does not); and a frame of at
+    most UPSAMPLED_SIDE / 2 a side at twice its size, last."""
     out = [min(1.0, max_side / max(h, w))]
     while out[-1] < 1.0:
         nxt = min(1.0, out[-1] * 2)
         out.append(1.0 if 1.0 / nxt < 1.25 else nxt)
-    return out
+    return out + [2.0] if 2 * max(h, w) <= UPSAMPLED_SIDE else out
 
 
 def box_around(points: np.ndarray) -> tuple[float, float, float, float]:

@@ -50,11 +50,12 @@ def test_the_mouth_crop_follows_a_moving_face(tmp_path, landmarker, size, fps):
 
 
 def test_the_detector_looks_coarse_to_fine_up_to_the_frames_own_size():
-    assert faces.scales(224, 224, 480) == [1.0]
-    assert faces.scales(480, 640, 480) == [0.75, 1.0]
+    assert faces.scales(224, 224, 480) == [1.0, 2.0]  # a frame of at most 640 px a side: twice as large too
+    assert faces.scales(480, 640, 480) == [0.75, 1.0, 2.0]
     assert faces.scales(1080, 1920, 480) == [0.25, 0.5, 1.0]
     assert faces.scales(600, 800, 480) == [0.6, 1.0]  # twice 0.6 is beyond the frame's own size
     assert faces.scales(1000, 1000, 480) == [0.48, 1.0]  # 0.96 then 1.0: a last step under 1.25x, merged
+    assert faces.scales(700, 700, 1000) == [1.0]
 
 
 @pytest.mark.parametrize("size,scale", [((1280, 720), 0.45), ((1920, 1080), 0.6), ((1920, 1080), 1.0)])
@@ -78,6 +79,34 @@ def test_a_face_a_tenth_of_a_large_frame_is_found_and_cropped(tmp_path, landmark
     assert track.missed == 0
     offsets = [marker_offset(r) for r in mouth_rois(frames, track.landmarks)]
     assert max(offsets) < 5, offsets
+
+
+def test_a_face_of_about_58_px_in_a_small_frame_is_found_at_twice_the_frames_size(tmp_path, landmarker):
+    """A 58 px face in a 640x480 frame: the looks at 0.75 and 1x the frame's size take no face (at
+    1x the detector's box is 73 px, loose, and a finer look does not take it), so before 2026-12-07,
+    evening, the video was refused. The look at twice the frame's size boxes the face at 125 px,
+    and over 2 s of motion the crop stays on the mouth."""
+    video = tmp_path / "small.mp4"
+    talking_face(video, size=(640, 480), fps=25, seconds=2.0, scale=0.3, audio=False)
+    frames = read_video_at(video, 25)
+    assert faces.scales(*frames.shape[1:], landmarker.opt.max_side) == [0.75, 1.0, 2.0]
+    assert landmarker.faces(frames[0], looks=2) == []  # the looks up to the frame's own size
+    track = faces.detect(frames, landmarker)
+    assert track.missed == 0
+    offsets = [marker_offset(r) for r in mouth_rois(frames, track.landmarks)]
+    assert max(offsets) < 5, offsets
+
+
+def test_a_face_under_about_50_px_is_refused_not_cropped_wrong(tmp_path, landmarker):
+    """A 42 px face: the look at twice the frame's size boxes it at 87-105 px, where points fitted
+    in the frame put the mouth 40-65 px off (SMALLEST_FACE); it is not taken, and the video is
+    refused in one line."""
+    video = tmp_path / "tiny.mp4"
+    talking_face(video, size=(640, 480), fps=25, seconds=1.0, scale=0.22, audio=False)
+    frames = read_video_at(video, 25)
+    assert any(landmarker._boxes(f, 2.0) for f in frames)  # seen at twice the size, in boxes too small to take
+    with pytest.raises(MavsrError, match="no face found in any of 25 frames"):
+        faces.detect(frames, landmarker)
 
 
 def test_a_small_speaker_is_kept_when_a_larger_face_comes_into_view(landmarker):
