@@ -75,7 +75,7 @@ def main() -> None:
         f"{__import__('dlib').__version__}; a 2 s video at 25 fps per size (50 frames); median of {args.reps} "
         "interleaved repetitions. Detector on frames scaled to at most "
         f"{faces.DetectOptions.max_side} px a side, then, where it finds no face, twice as large up to the "
-        "frame's own size.",
+        f"frame's own size, and a frame of at most {faces.UPSAMPLED_SIDE // 2} px a side at twice its size.",
         "",
         "| frames | detector every k frames | frames/s | ms/frame | crop error, mean px | max px |",
         "|---|---|---|---|---|---|",

@@ -6,21 +6,21 @@ package. Its points follow the iBUG 300-W order, the convention `roi.py` aligns 
 LRS2/LRS3 landmark pickles use. Nothing is downloaded at run time. The predictor was trained on
 iBUG 300-W, whose licence excludes commercial use; README says so.
 
-Per video, `track` returns one (68, 2) array per frame, or None where no face was found. It runs
-the detector every `every` frames, on a copy scaled to at most `max_side` pixels; where that finds
-no face, on copies twice as large, up to the frame's own size (dlib's HOG detector finds faces from
+Per video, `track` returns one (68, 2) array per frame, or None where no face was found. It runs the
+detector every `every` frames, on a copy scaled to at most `max_side` pixels; where that finds no
+face, on copies twice as large, up to the frame's own size (dlib's HOG detector finds faces from
 about 70 px wide, so a 1080p frame scaled to 480 px alone would hide every face under about 300 px,
-such as a person seen from the waist up); and, where none of those finds a face, a frame of at
-most UPSAMPLED_SIDE / 2 px a side at twice its size, taking faces from SMALLEST_FACE px. A finer look
-takes a new face only from FINER_FACE px wide in its pixels, unless it is near the speaker: the
-detector's boxes near its smallest size are loose, and points fitted from them can put the mouth
-half a crop off. While no face is tracked the detector
-runs on every frame, its finer looks only every `every` frames. In between, the
-shape predictor follows the face from the previous frame's points, so detection costs a fraction
-of the frames. With several faces, the one nearest the previous face is kept (the largest at the
-start), and such frames are counted. A face lost for less than `keep_speaker` frames is looked
-for where it was: a face found elsewhere meanwhile (another person) is not taken. The gaps are
-filled and smoothed by `roi.mouth_rois`, as for landmarks read from pickles.
+such as a person seen from the waist up); and, where none of those finds a face, a frame of at most
+UPSAMPLED_SIDE / 2 px a side at twice its size, taking boxes from SMALLEST_FACE px in the frame. A
+finer look takes a new face only from FINER_FACE px wide in its pixels, unless it is near the
+speaker: the detector's boxes near its smallest size are loose, and points fitted from them can put
+the mouth half a crop off. While no face is tracked the detector runs on every frame, its finer
+looks only every `every` frames. In between, the shape predictor follows the face from the previous
+frame's points, so detection costs a fraction of the frames. With several faces, the one nearest the
+previous face is kept (the largest at the start), and such frames are counted. A face lost for less
+than `keep_speaker` frames is looked for where it was: a face found elsewhere meanwhile (another
+person) is not taken. The gaps are filled and smoothed by `roi.mouth_rois`, as for landmarks read
+from pickles.
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def describe(opt: DetectOptions = DetectOptions()) -> str:
         digest = hashlib.sha256(_predictor_path().read_bytes()).hexdigest()[:16]
         _DESCRIBED[opt] = (f"mavsr {__version__} tracker, dlib {dlib.__version__} HOG frontal faces, {PREDICTOR} "
                            f"sha256:{digest}, every {opt.every} frames, max side {opt.max_side} px, "
-                           f"twice the size up to {UPSAMPLED_SIDE} px for faces from {SMALLEST_FACE} px")
+                           f"frames up to {UPSAMPLED_SIDE // 2} px also at twice the size, "
+                           f"boxes from {SMALLEST_FACE} px")
     return _DESCRIBED[opt]
 
 

@@ -49,7 +49,7 @@ def test_the_mouth_crop_follows_a_moving_face(tmp_path, landmarker, size, fps):
     assert max(offsets) < 5, offsets  # the mouth at the centre of every 96x96 crop
 
 
-def test_the_detector_looks_coarse_to_fine_up_to_the_frames_own_size():
+def test_the_detector_looks_coarse_to_fine_up_to_the_frames_own_size_and_small_frames_at_twice_it():
     assert faces.scales(224, 224, 480) == [1.0, 2.0]  # a frame of at most 640 px a side: twice as large too
     assert faces.scales(480, 640, 480) == [0.75, 1.0, 2.0]
     assert faces.scales(1080, 1920, 480) == [0.25, 0.5, 1.0]
@@ -97,14 +97,15 @@ def test_a_face_of_about_58_px_in_a_small_frame_is_found_at_twice_the_frames_siz
     assert max(offsets) < 5, offsets
 
 
-def test_a_face_under_about_50_px_is_refused_not_cropped_wrong(tmp_path, landmarker):
+def test_a_face_of_42_px_is_refused_not_cropped_wrong(tmp_path, landmarker):
     """A 42 px face: the look at twice the frame's size boxes it at 87-105 px, where points fitted
-    in the frame put the mouth 40-65 px off (SMALLEST_FACE); it is not taken, and the video is
-    refused in one line."""
+    in the frame put the mouth 40-65 px off; a 105 px box passes FINER_FACE but not SMALLEST_FACE,
+    so it is not taken, and the video is refused in one line."""
     video = tmp_path / "tiny.mp4"
     talking_face(video, size=(640, 480), fps=25, seconds=1.0, scale=0.22, audio=False)
     frames = read_video_at(video, 25)
-    assert any(landmarker._boxes(f, 2.0) for f in frames)  # seen at twice the size, in boxes too small to take
+    sides = [side for f in frames[:: landmarker.opt.every] for _, side in landmarker._boxes(f, 2.0)]
+    assert any(faces.FINER_FACE <= s < 2 * faces.SMALLEST_FACE for s in sides), sides  # on detector frames
     with pytest.raises(MavsrError, match="no face found in any of 25 frames"):
         faces.detect(frames, landmarker)
 
