@@ -119,7 +119,8 @@ class TrainConfig:
     # FSDP or grad_checkpointing); train.backward joint does the same
     pack_rates: bool = False
     # per_config: each configuration's forward and backward in turn, gradients accumulating, so a step's
-    # activations peak at one configuration's (not under FSDP); joint: one backward over all of them at once
+    # activations peak at one configuration's; joint: one backward over all of them at once. pack_rates and FSDP
+    # run joint whatever this says (meta.json's `backward` records what ran)
     backward: str = "per_config"
     accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation; same gradient as one batch)
     max_frames: int = 0  # >0: dynamic batches of at most this many video frames (25 per s) instead of batch_size

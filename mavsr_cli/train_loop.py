@@ -244,6 +244,12 @@ class Trainer:
         self.engine = wrap(MatryoshkaLoss(model, rates, t.pack_rates), cfg, self.device, self.world)
         self.fsdp = self.world > 1 and t.distributed == "fsdp"
         self.per_config = per_config_backward(t, self.world)
+        # what runs, in every checkpoint's meta and meta.json (config.yaml keeps what was asked)
+        self.meta["backward"] = "per_config" if self.per_config else "joint"
+        if self.meta["backward"] != t.backward:
+            why = ("train.pack_rates packs the configurations into one pass" if t.pack_rates else
+                   "under FSDP each configuration's backward would gather and reduce every layer again")
+            self.log(f"train: one joint backward, not per_config as train.backward asks: {why}")
         self.params = [p for p in self.engine.parameters() if p.requires_grad]
         self.opt = optimizer(self.params, t, fused=not self.fsdp)
         self.min_batch = self.world * t.accum_steps

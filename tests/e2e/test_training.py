@@ -95,6 +95,8 @@ def test_two_gloo_processes_train_the_same_weights_as_one(recipe, ref, engine, b
     for a, b in zip(losses(exp), losses(ref), strict=True):
         assert a == pytest.approx(b, abs=1e-4)
     assert max_diff(final_state(exp), final_state(ref)) < SAME_WEIGHTS
+    ran = "joint" if engine == "fsdp" or backward == "joint" else "per_config"  # FSDP runs one backward
+    assert json.loads((exp / "meta.json").read_text())["backward"] == ran  # what ran, whatever was asked
 
 
 def test_gradient_checkpointing_trains_the_same_weights_and_says_the_configurations_run_apart(recipe, ref):
