@@ -190,11 +190,19 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def joint_because(t, world: int) -> str:
+    """Why a step runs one joint backward whatever train.backward asks, or "" where it need not."""
+    if t.pack_rates:
+        return "train.pack_rates packs the configurations into one pass"
+    if world > 1 and t.distributed == "fsdp":
+        return "under FSDP each configuration's backward would gather and reduce every layer's shards again"
+    return ""
+
+
 def per_config_backward(t, world: int) -> bool:
-    """Whether a step runs the backward configuration by configuration (train.backward): not when
-    the configurations are packed into one pass, nor under FSDP (each backward would gather and
-    reduce every layer's shards again)."""
-    return t.backward == "per_config" and not t.pack_rates and not (world > 1 and t.distributed == "fsdp")
+    """Whether a step runs the backward configuration by configuration (train.backward, unless
+    joint_because says why not)."""
+    return t.backward == "per_config" and not joint_because(t, world)
 
 
 def wrap(loss_mod: MatryoshkaLoss, cfg: Config, device: torch.device, world: int):
@@ -246,10 +254,6 @@ class Trainer:
         self.per_config = per_config_backward(t, self.world)
         # what runs, in every checkpoint's meta and meta.json (config.yaml keeps what was asked)
         self.meta["backward"] = "per_config" if self.per_config else "joint"
-        if self.meta["backward"] != t.backward:
-            why = ("train.pack_rates packs the configurations into one pass" if t.pack_rates else
-                   "under FSDP each configuration's backward would gather and reduce every layer again")
-            self.log(f"train: one joint backward, not per_config as train.backward asks: {why}")
         self.params = [p for p in self.engine.parameters() if p.requires_grad]
         self.opt = optimizer(self.params, t, fused=not self.fsdp)
         self.min_batch = self.world * t.accum_steps
@@ -291,8 +295,13 @@ class Trainer:
             self._open_logs()
 
     def _log_passes(self) -> None:
-        """One line when a joint MS step, which would share one merged LLM pass among its configurations
-        (model/merged.py), must run them apart: FSDP and gradient checkpointing act on a layer's call."""
+        """One line when the backward runs joint although train.backward asks per_config
+        (joint_because), and one when a joint MS step, which would share one merged LLM pass among its
+        configurations (model/merged.py), must run them apart: FSDP and gradient checkpointing act on a
+        layer's call."""
+        if self.meta["backward"] != self.t.backward:
+            self.log(f"train: one joint backward, not per_config as train.backward asks: "
+                     f"{joint_because(self.t, self.world)}")
         from .model import merged
 
         m = self.model

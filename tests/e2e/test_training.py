@@ -97,6 +97,8 @@ def test_two_gloo_processes_train_the_same_weights_as_one(recipe, ref, engine, b
     assert max_diff(final_state(exp), final_state(ref)) < SAME_WEIGHTS
     ran = "joint" if engine == "fsdp" or backward == "joint" else "per_config"  # FSDP runs one backward
     assert json.loads((exp / "meta.json").read_text())["backward"] == ran  # what ran, whatever was asked
+    said = (exp / "train.log").read_text().count("one joint backward, not per_config")
+    assert said == (ran != backward)  # once, by the main process, where it differs from what was asked
 
 
 def test_gradient_checkpointing_trains_the_same_weights_and_says_the_configurations_run_apart(recipe, ref):
