@@ -298,8 +298,9 @@ def beam_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, beam: int,
     out = llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
               logits_to_keep=_last_position(emb))
     logp = torch.log_softmax(out.logits[:, -1].float(), -1).repeat_interleave(k, 0)  # (B*K, V)
-    step_logits, embed = one_token_step(causal_lm(llm), mask.shape[1] + max_new_tokens), llm.get_input_embeddings()
-    if getattr(step_logits, "shares_prompt", False) and k > 1:
+    step_logits = one_token_step(causal_lm(llm), mask.shape[1] + max_new_tokens, beams=k)
+    embed = llm.get_input_embeddings()
+    if getattr(step_logits, "shares_prompt", False):
         kv_cache.share_prompt(cache, k)  # the prompt once per utterance, read once per step
     else:
         cache.batch_repeat_interleave(k)

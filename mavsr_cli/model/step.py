@@ -11,7 +11,13 @@ are the same numbers as the full call's (tested with `torch.equal` on the CPU). 
 an attention other than mavsr's, takes the full call. One exception, on the CPU: a beam search
 whose cache holds each utterance's prompt once (`shares_prompt`; model/kv_cache.py), which the
 full call could not read; there the step attends with `attention.one_query_shared`, equal to the
-per-row attention to rounding (tested), and every other operation is the same.
+per-row attention to rounding (tested). Being equal to rounding already, that step also reads each
+float32 LoRA projection as one product on its weight with the adapters added in, W + s * B @ A
+(peft's merge, made once per search on a copy; the model is untouched): one product instead of
+three and no add, 1.06-1.08x a beam-15 decode of 8 utterances (benchmarks/vs_authors.md), for a
+copy of the adapted weights while the search runs (q and v of Llama-3.2-1B: 335 MB in float32, and
+about 5 GFLOP to make, a fraction of one step there). A bf16 LLM keeps its adapters apart: merged
+into bf16 weights they would lose most of their bits.
 
 The step holds its rows as (N, D) matrices and each operation at its cheapest equal form: a
 product is `torch.mm` on the weight's transposed view (what `F.linear` calls for a matrix without
@@ -40,11 +46,12 @@ _STATIC_ROPE = ("default", "llama3", "linear")  # cos/sin depend on the position
 _PROJ = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
 
 
-def one_token_step(lm, positions: int):
+def one_token_step(lm, positions: int, beams: int = 1):
     """A function (emb (N, 1, D), pos (N,), mask (N, 1, 1, T) bool, cache) -> logits (N, V) for the
-    causal LM `lm`; `positions` bounds the positions it will be asked (prompt + generated tokens)."""
+    causal LM `lm`; `positions` bounds the positions it will be asked (prompt + generated tokens),
+    `beams` the rows per utterance (a beam search's: its step may hold the prompt once)."""
     if LlamaStep.fits(lm):
-        return LlamaStep(lm, positions)
+        return LlamaStep(lm, positions, beams)
 
     def full(emb, pos, mask, cache):
         out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos[:, None], cache=cache, use_cache=True)
@@ -63,11 +70,12 @@ class LlamaStep:
                 and getattr(rotary, "rope_type", None) in _STATIC_ROPE and not lm.training
                 and not _hooked(lm))  # a hook anywhere, a layer's or the model's too: the full call runs it
 
-    def __init__(self, lm, positions: int) -> None:
+    def __init__(self, lm, positions: int, beams: int = 1) -> None:
         self.lm = lm
         dev = lm.lm_head.weight.device
-        # where it attends with matmuls, a beam's prompt can be held once per utterance (kv_cache.share_prompt)
-        self.shares_prompt = dev.type in attention.ONE_QUERY_DEVICES
+        # where it attends with matmuls, a beam's prompt can be held once per utterance (kv_cache.share_prompt);
+        # that step is equal to rounding, and reads its LoRA merged (the module's docstring)
+        self.shares_prompt = beams > 1 and dev.type in attention.ONE_QUERY_DEVICES
         at = torch.arange(positions, device=dev)[None]
         cos, sin = (t[0] for t in lm.model.rotary_emb(torch.zeros(1, device=dev), at))
         half = sin.shape[-1] // 2
@@ -75,7 +83,8 @@ class LlamaStep:
         self.table = [cos, torch.cat([-sin[:, :half], sin[:, half:]], -1)]
         self.half = half
         self.cast: dict[torch.dtype, list[torch.Tensor]] = {}
-        self.proj = [{name: _linear(getattr(getattr(layer, part), name)) for part, names in _PROJ for name in names}
+        self.proj = [{name: _linear(getattr(getattr(layer, part), name), merge=self.shares_prompt)
+                      for part, names in _PROJ for name in names}
                      for layer in lm.model.layers]
         self.norms = [(_rms_norm(layer.input_layernorm), _rms_norm(layer.post_attention_layernorm))
                       for layer in lm.model.layers]
@@ -184,8 +193,9 @@ def _product(weight: torch.Tensor, bias: torch.Tensor | None):
     return lambda x: torch.addmm(bias, x, wt)
 
 
-def _linear(mod: torch.nn.Module):
-    """x (N, in) -> mod(x) as the operations mod's forward runs for it now (see the module's docstring)."""
+def _linear(mod: torch.nn.Module, merge: bool = False):
+    """x (N, in) -> mod(x) as the operations mod's forward runs for it now (see the module's docstring);
+    `merge`: a float32 LoRA layer outside autocast as one product on its merged weight (equal to rounding)."""
     from peft.tuners.lora import Linear as LoraLinear
 
     if _hooked(mod):
@@ -201,6 +211,10 @@ def _linear(mod: torch.nn.Module):
         return _AsModule(mod)
     if any(type(m) is not torch.nn.Linear or m.bias is not None for a in names for m in (mod.lora_A[a], mod.lora_B[a])):
         return _AsModule(mod)
+    if merge and _float32(mod, names):
+        merged = _product(_merged(mod, names), mod.base_layer.bias)
+        merged.merged = True  # for the tests: which projections the step reads merged
+        return merged
     base = _product(mod.base_layer.weight, mod.base_layer.bias)
     lora = [(mod.lora_A[a].weight.dtype, mod.lora_A[a].weight.t(), mod.lora_B[a].weight.t(), mod.scaling[a])
             for a in names]
@@ -214,3 +228,19 @@ def _linear(mod: torch.nn.Module):
             out = add_fresh(out, delta)
         return out.to(dtype)
     return forward
+
+
+def _float32(mod, names: list[str]) -> bool:
+    """Base and adapters in float32, no autocast: merging would round a bf16 adapter into bf16 weights."""
+    weights = [mod.base_layer.weight] + [m.weight for a in names for m in (mod.lora_A[a], mod.lora_B[a])]
+    dev = mod.base_layer.weight.device.type
+    return all(w.dtype == torch.float32 for w in weights) and not torch.is_autocast_enabled(dev)
+
+
+@torch.no_grad()
+def _merged(mod, names: list[str]) -> torch.Tensor:
+    """W + sum over the active adapters of scaling * B @ A (out, in): peft's merge, on a copy."""
+    w = mod.base_layer.weight.detach().clone()
+    for a in names:
+        w.addmm_(mod.lora_B[a].weight, mod.lora_A[a].weight, alpha=mod.scaling[a])
+    return w

@@ -236,13 +236,16 @@ def test_the_llama_step_gives_the_full_calls_logits(tmp_path, monkeypatch, strat
         assert torch.equal(arg, ref_arg) and torch.equal(out, ref_out)  # as the hooks saw them: not overwritten
 
 
-@pytest.mark.parametrize("frozen", ["float32", "bfloat16"])
-def test_the_llama_step_on_a_prompt_held_once_gives_the_full_calls_logits(tmp_path, frozen):
+@pytest.mark.parametrize("strategy,frozen", [("ms", "float32"), ("mss", "float32"), ("ms", "bfloat16")])
+def test_the_llama_step_on_a_prompt_held_once_gives_the_full_calls_logits(tmp_path, strategy, frozen):
     """The step's branch for a beam's cache holding each prompt once (the CPU's): five steps over 3
     left-padded prompts of 5 beams each, the beams moving within their utterance after every step,
-    against the full transformers call on the prompts repeated per beam: the same logits to rounding."""
-    m = _model(tmp_path, "ms", frozen)
+    against the full transformers call on the prompts repeated per beam: the same logits to rounding.
+    In float32 that step reads every LoRA projection merged (MS's adapter, MSS's two), on copies:
+    the model's weights stay as they were; a bf16 LLM keeps its adapters apart."""
+    m = _model(tmp_path, strategy, frozen)
     llm = m.llm.get_base_model()
+    before = {n: p.clone() for n, p in llm.named_parameters()}
     g = torch.Generator().manual_seed(6)
     f = {"audio": (torch.randn(3, 60, 32, generator=g), torch.tensor([60, 36, 48])),
          "video": (torch.randn(3, 30, 32, generator=g), torch.tensor([30, 18, 24]))}
@@ -254,8 +257,11 @@ def test_the_llama_step_on_a_prompt_held_once_gives_the_full_calls_logits(tmp_pa
         caches = [in_place_cache(5), in_place_cache(5)]
         for c in caches:
             llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=c, use_cache=True)
-        step = one_token_step(llm, mask.shape[1] + 5)
-        assert step.shares_prompt
+        step = one_token_step(llm, mask.shape[1] + 5, beams=5)
+        assert step.shares_prompt and not one_token_step(llm, mask.shape[1] + 5).shares_prompt
+        merged = [getattr(f, "merged", False) for p in step.proj for f in p.values()]
+        assert sum(merged) == (4 if frozen == "float32" else 0)  # q and v of 2 layers
+        assert all(torch.equal(p, before[n]) for n, p in llm.named_parameters())
         caches[0].batch_repeat_interleave(5)
         kv_cache.share_prompt(caches[1], 5)
         full, last = _search_mask(mask, 5).repeat_interleave(5, 0), pos[:, -1].repeat_interleave(5)
