@@ -289,7 +289,9 @@ def beam_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, beam: int,
     its cache expanded. Per step, each utterance keeps the `beam` best live hypotheses from the
     2*beam best candidates; a candidate ending in EOS among the first `beam` is finished with
     score sum(log p) / length**length_penalty. An utterance is done when it holds `beam`
-    finished hypotheses (early stopping), and the best finished one is returned.
+    finished hypotheses (early stopping), and the best finished one is returned. On the CPU the
+    step holds each prompt once and reads float32 LoRA merged (model/step.py): its logits equal
+    the full call's to rounding, and do not depend on the batch.
     emb (B, L, D) left-padded, mask (B, L) -> token ids per utterance.
     """
     b, k = emb.shape[0], beam

@@ -11,13 +11,23 @@ are the same numbers as the full call's (tested with `torch.equal` on the CPU). 
 an attention other than mavsr's, takes the full call. One exception, on the CPU: a beam search
 whose cache holds each utterance's prompt once (`shares_prompt`; model/kv_cache.py), which the
 full call could not read; there the step attends with `attention.one_query_shared`, equal to the
-per-row attention to rounding (tested). Being equal to rounding already, that step also reads each
-float32 LoRA projection as one product on its weight with the adapters added in, W + s * B @ A
-(peft's merge, made once per search on a copy; the model is untouched): one product instead of
-three and no add, 1.06-1.08x a beam-15 decode of 8 utterances (benchmarks/vs_authors.md), for a
-copy of the adapted weights while the search runs (q and v of Llama-3.2-1B: 335 MB in float32, and
-about 5 GFLOP to make, a fraction of one step there). A bf16 LLM keeps its adapters apart: merged
-into bf16 weights they would lose most of their bits.
+per-row attention to rounding (tested). Being equal to rounding already, that step also takes two
+faster forms of its products, each equal to rounding (`rounding` below):
+
+- each float32 LoRA projection as one product on its weight with the adapters added in,
+  W + s * B @ A (peft's merge, made once per search on a copy; the model is untouched): one product
+  instead of three and no add, 1.06-1.08x a beam-15 decode of 8 utterances, for a copy of the
+  adapted weights while the search runs (q and v of Llama-3.2-1B: 335 MB in float32, about
+  5 GFLOP to make, a fraction of one step there). A bf16 LLM keeps its adapters apart: merged into
+  bf16 weights they would lose most of their bits;
+- each float32 product on an x86-64 CPU as oneDNN's (`torch.ops.mkldnn._linear_pointwise`, the
+  product inductor's CPU code calls) on the plain weight, where torch.mm calls MKL, whose packing of
+  the transposed weight dominates at a beam's few rows: at Llama-3.2-1B's shapes with 120 rows
+  1.24-1.83x faster (the output layer 323 against 592 ms), with 15 rows 1.6-3.1x; at the compared
+  tiny shapes 0.85-1.18x (1.02-1.05x a decode). Its rows do not depend on the rows beside them from 2 rows up (a
+  beam's rows are at least 2; tested), so a batch still decodes as its utterances alone.
+
+benchmarks/vs_authors.md has the figures.
 
 The step holds its rows as (N, D) matrices and each operation at its cheapest equal form: a
 product is `torch.mm` on the weight's transposed view (what `F.linear` calls for a matrix without
@@ -37,6 +47,8 @@ or a patched forward takes the full call, which runs them where they belong.
 """
 
 from __future__ import annotations
+
+import platform
 
 import torch
 
@@ -74,7 +86,7 @@ class LlamaStep:
         self.lm = lm
         dev = lm.lm_head.weight.device
         # where it attends with matmuls, a beam's prompt can be held once per utterance (kv_cache.share_prompt);
-        # that step is equal to rounding, and reads its LoRA merged (the module's docstring)
+        # that step is equal to rounding, and takes the faster forms of its products (the module's docstring)
         self.shares_prompt = beams > 1 and dev.type in attention.ONE_QUERY_DEVICES
         at = torch.arange(positions, device=dev)[None]
         cos, sin = (t[0] for t in lm.model.rotary_emb(torch.zeros(1, device=dev), at))
@@ -83,13 +95,13 @@ class LlamaStep:
         self.table = [cos, torch.cat([-sin[:, :half], sin[:, half:]], -1)]
         self.half = half
         self.cast: dict[torch.dtype, list[torch.Tensor]] = {}
-        self.proj = [{name: _linear(getattr(getattr(layer, part), name), merge=self.shares_prompt)
+        self.proj = [{name: _linear(getattr(getattr(layer, part), name), rounding=self.shares_prompt)
                       for part, names in _PROJ for name in names}
                      for layer in lm.model.layers]
         self.norms = [(_rms_norm(layer.input_layernorm), _rms_norm(layer.post_attention_layernorm))
                       for layer in lm.model.layers]
         self.act = [_activation(layer.mlp.act_fn) for layer in lm.model.layers]
-        self.final_norm, self.head = _rms_norm(lm.model.norm), _linear(lm.lm_head)
+        self.final_norm, self.head = _rms_norm(lm.model.norm), _linear(lm.lm_head, self.shares_prompt)
         # per layer: add and multiply in place, unless a module called as itself may keep what it saw
         self.ops = [(torch.add, torch.mul) if any(isinstance(f, _AsModule) for f in
                                                   (*self.proj[i].values(), *self.norms[i], self.act[i]))
@@ -185,23 +197,30 @@ def _rms_norm(mod: torch.nn.Module):
     return forward
 
 
-def _product(weight: torch.Tensor, bias: torch.Tensor | None):
-    """x (N, in) -> F.linear(x, weight, bias), as the one BLAS call F.linear makes for a matrix."""
+def _product(weight: torch.Tensor, bias: torch.Tensor | None, rounding: bool = False):
+    """x (N, in) -> F.linear(x, weight, bias), as the one BLAS call F.linear makes for a matrix, or
+    where `rounding` allows it, oneDNN's product (the module's docstring; rows N >= 2)."""
+    if rounding and _onednn(weight):
+        def product(x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        product.onednn = True  # for the tests: which products the step takes from oneDNN
+        return product
     wt = weight.t()
     if bias is None:
         return lambda x: torch.mm(x, wt)
     return lambda x: torch.addmm(bias, x, wt)
 
 
-def _linear(mod: torch.nn.Module, merge: bool = False):
+def _linear(mod: torch.nn.Module, rounding: bool = False):
     """x (N, in) -> mod(x) as the operations mod's forward runs for it now (see the module's docstring);
-    `merge`: a float32 LoRA layer outside autocast as one product on its merged weight (equal to rounding)."""
+    `rounding`: equal to rounding is enough (a beam's step on the CPU): a float32 LoRA layer outside
+    autocast as one product on its merged weight, and float32 products from oneDNN."""
     from peft.tuners.lora import Linear as LoraLinear
 
     if _hooked(mod):
         return _AsModule(mod)
     if type(mod) is torch.nn.Linear:
-        return _product(mod.weight, mod.bias)
+        return _product(mod.weight, mod.bias, rounding)
     if type(mod) is not LoraLinear or mod.disable_adapters or mod.merged or type(mod.base_layer) is not torch.nn.Linear:
         return _AsModule(mod)
     if not (hasattr(mod, "lora_variant") and hasattr(mod, "_cast_input_dtype")):
@@ -211,8 +230,8 @@ def _linear(mod: torch.nn.Module, merge: bool = False):
         return _AsModule(mod)
     if any(type(m) is not torch.nn.Linear or m.bias is not None for a in names for m in (mod.lora_A[a], mod.lora_B[a])):
         return _AsModule(mod)
-    if merge and _float32(mod, names):
-        merged = _product(_merged(mod, names), mod.base_layer.bias)
+    if rounding and _float32(mod, names):
+        merged = _product(_merged(mod, names), mod.base_layer.bias, rounding)
         merged.merged = True  # for the tests: which projections the step reads merged
         return merged
     base = _product(mod.base_layer.weight, mod.base_layer.bias)
@@ -235,6 +254,13 @@ def _float32(mod, names: list[str]) -> bool:
     weights = [mod.base_layer.weight] + [m.weight for a in names for m in (mod.lora_A[a], mod.lora_B[a])]
     dev = mod.base_layer.weight.device.type
     return all(w.dtype == torch.float32 for w in weights) and not torch.is_autocast_enabled(dev)
+
+
+def _onednn(weight: torch.Tensor) -> bool:
+    """oneDNN's product for this float32 weight on an x86-64 CPU, outside autocast (measured there only)."""
+    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and platform.machine() in ("x86_64", "AMD64")
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and not torch.is_autocast_enabled("cpu"))
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from mavsr_cli.model import llm as llm_mod
 from mavsr_cli.model.build import build_model
 from mavsr_cli.model.kv_cache import in_place_cache
 from mavsr_cli.model.last_layer import last_layer_at, query_windows
-from mavsr_cli.model.step import LlamaStep, _AsModule, _linear, _rms_norm, one_token_step
+from mavsr_cli.model.step import LlamaStep, _AsModule, _linear, _onednn, _product, _rms_norm, one_token_step
 from mavsr_cli.rates import Rates
 
 
@@ -259,8 +259,10 @@ def test_the_llama_step_on_a_prompt_held_once_gives_the_full_calls_logits(tmp_pa
             llm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, cache=c, use_cache=True)
         step = one_token_step(llm, mask.shape[1] + 5, beams=5)
         assert step.shares_prompt and not one_token_step(llm, mask.shape[1] + 5).shares_prompt
-        merged = [getattr(f, "merged", False) for p in step.proj for f in p.values()]
-        assert sum(merged) == (4 if frozen == "float32" else 0)  # q and v of 2 layers
+        products = [f for p in step.proj for f in p.values()] + [step.head]
+        assert sum(getattr(f, "merged", False) for f in products) == (4 if frozen == "float32" else 0)  # q, v x 2
+        onednn = frozen == "float32" and _onednn(llm.lm_head.weight)  # an x86-64 CPU
+        assert [getattr(f, "onednn", False) for f in products] == [onednn] * 15
         assert all(torch.equal(p, before[n]) for n, p in llm.named_parameters())
         caches[0].batch_repeat_interleave(5)
         kv_cache.share_prompt(caches[1], 5)
@@ -276,6 +278,25 @@ def test_the_llama_step_on_a_prompt_held_once_gives_the_full_calls_logits(tmp_pa
             idx = torch.cat([u * 5 + torch.randperm(5, generator=g) for u in range(3)])
             for c in caches:
                 c.reorder_cache(idx)
+
+
+@pytest.mark.parametrize("out,inp", [(96, 64), (64, 160), (501, 64)])
+def test_the_beam_steps_onednn_products_do_not_depend_on_the_rows_beside(out, inp):
+    """oneDNN's product (the CPU beam step's) gives a row the same numbers whether it runs with 1 or
+    39 other rows, first or last, as torch.mm does, and F.linear's numbers to rounding: a batch of
+    utterances decodes as each alone. (One row alone, which a beam never has, takes another kernel.)"""
+    g = torch.Generator().manual_seed(out)
+    w, b, x = torch.randn(out, inp, generator=g), torch.randn(out, generator=g), torch.randn(40, inp, generator=g)
+    if not _onednn(w):
+        pytest.skip("oneDNN's product is taken on an x86-64 CPU only")
+    for bias in (None, b):
+        product = _product(w, bias, rounding=True)
+        assert product.onednn and not getattr(_product(w, bias), "onednn", False)
+        full = product(x)
+        torch.testing.assert_close(full, torch.nn.functional.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+        for m in (2, 3, 15, 16, 17, 30, 39):
+            assert torch.equal(product(x[:m].contiguous()), full[:m]), m
+            assert torch.equal(product(x[-m:].contiguous()), full[-m:]), m
 
 
 def test_a_batched_beam_with_the_steps_gpu_attention_gives_sdpas_hypotheses(tmp_path, monkeypatch):
