@@ -23,11 +23,11 @@ faster forms of its products, each equal to rounding (`rounding` below):
 - each float32 product on an x86-64 CPU as oneDNN's (`torch.ops.mkldnn._linear_pointwise`, the
   product inductor's CPU code calls) on the plain weight, where torch.mm calls MKL, whose packing of
   the transposed weight dominates at a beam's few rows: at Llama-3.2-1B's shapes with 120 rows
-  1.24-1.83x faster (the output layer 323 against 592 ms), with 15 rows 1.6-3.1x; at the compared
-  tiny shapes 0.85-1.18x (1.02-1.05x a decode). Its rows do not depend on the rows beside them from 2 rows up (a
+  1.21-1.87x faster (the output layer 335 against 628 ms), with 15 rows 1.75-3.05x; at the compared
+  tiny shapes, whose weights stay in the CPU's caches, about even alone (0.57-1.41x), and 1.03x
+  (beam 15 x 8) and 1.06x (beam 15 x 1) a decode in one process (benchmarks/cpu_products.md,
+  benchmarks/vs_authors.md). Its rows do not depend on the rows beside them from 2 rows up (a
   beam's rows are at least 2; tested), so a batch still decodes as its utterances alone.
-
-benchmarks/vs_authors.md has the figures.
 
 The step holds its rows as (N, D) matrices and each operation at its cheapest equal form: a
 product is `torch.mm` on the weight's transposed view (what `F.linear` calls for a matrix without

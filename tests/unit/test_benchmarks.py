@@ -26,6 +26,22 @@ def test_param_counts_builds_llama_at_its_published_size_and_ms_costs_nothing_at
     assert trained["ms"] < trained["ss"] < trained["mss"] < trained["separate models"]
 
 
+def test_the_cpu_products_benchmark_times_both_products_and_their_errors():
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the beam step takes oneDNN's product on x86-64 CPUs only")
+    r = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks/cpu_products.py"), "--shapes", "tiny",
+                        "--rounds", "1", "--reps", "1"], capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| ") and "rows" not in line]
+    assert len(rows) == 10 and {int(row[1]) for row in rows} == {120, 15}
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[3]) > 0
+        assert 0 < float(row[5]) < 1e-5 and 0 < float(row[6]) < 1e-5  # both float32 products, neither exact
+
+
 def test_tiny_models_benchmark_reports_both_ways_and_length_batches_pad_less():
     r = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "benchmarks/tiny_models.py"), "--reps", "1",
                         "--audio-batches", "1", "--lm-examples", "256"],
