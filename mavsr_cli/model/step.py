@@ -29,17 +29,19 @@ faster forms of its products, each equal to rounding (`rounding` below):
   benchmarks/vs_authors.md). Its rows do not depend on the rows beside them from 2 rows up (a
   beam's rows are at least 2; tested), so a batch still decodes as its utterances alone.
 
-The step holds its rows as (N, D) matrices and each operation at its cheapest equal form: a
-product is `torch.mm` on the weight's transposed view (what `F.linear` calls for a matrix without
-bias), an elementwise result only the step holds is overwritten in place (`mul_`, `add_`; not in a
-layer where a module is called as itself, which may keep what it saw), and `rotate_half(x) * sin`
-is `cat(x2, x1) * [-sin1, sin2]` (negation is exact). Same operands, same rounding, two thirds of
-the operator calls of the module-by-module step (1.06-1.08x a beam-15 decode).
+Apart from those two forms, the step holds its rows as (N, D) matrices and each operation at its
+cheapest equal form: a product is `torch.mm` on the weight's transposed view (what `F.linear`
+calls for a matrix without bias), an elementwise result only the step holds is overwritten in
+place (`mul_`, `add_`; not in a layer where a module is called as itself, which may keep what it
+saw), and `rotate_half(x) * sin` is `cat(x2, x1) * [-sin1, sin2]` (negation is exact). Same
+operands, same rounding, two thirds of the operator calls of the module-by-module step (1.06-1.08x
+a beam-15 decode).
 
-Each linear layer is resolved once per search: a plain `nn.Linear` is its product; peft's LoRA
-`Linear` with vanilla adapters, no dropout (or dropout in eval mode) and nothing merged is
-`base(x) + B(A(x)) * scaling` per active adapter, the sum `peft.tuners.lora.Linear.forward`
-computes, without its per-call checks of adapter names, variants and merges. A norm is resolved to
+Each linear layer is resolved once per search (the beam step on the CPU as above): a plain
+`nn.Linear` is its product; peft's LoRA `Linear` with vanilla adapters, no dropout (or dropout in
+eval mode) and nothing merged is `base(x) + B(A(x)) * scaling` per active adapter, the sum
+`peft.tuners.lora.Linear.forward` computes, without its per-call checks of adapter names, variants
+and merges. A norm is resolved to
 `LlamaRMSNorm.forward`'s operations when it is that module unchanged. Anything else (hooks, DoRA,
 dropout while training, another norm) is called as the module, on the (N, 1, D) input the full call
 gives it. A model with a hook anywhere (on a layer or the model too, or torch's global module hooks)
@@ -230,7 +232,7 @@ def _linear(mod: torch.nn.Module, rounding: bool = False):
         return _AsModule(mod)
     if any(type(m) is not torch.nn.Linear or m.bias is not None for a in names for m in (mod.lora_A[a], mod.lora_B[a])):
         return _AsModule(mod)
-    if rounding and _float32(mod, names):
+    if rounding and names and _float32(mod, names):
         merged = _product(_merged(mod, names), mod.base_layer.bias, rounding)
         merged.merged = True  # for the tests: which projections the step reads merged
         return merged

@@ -1,6 +1,8 @@
 """issue 21's fast paths against the code they replace: the last layer only where the loss reads, and
 a search step's matmul attention. Each equals the plain computation."""
 
+import platform
+
 import pytest
 import torch
 from model_helpers import as_trained, input_dependent
@@ -261,7 +263,8 @@ def test_the_llama_step_on_a_prompt_held_once_gives_the_full_calls_logits(tmp_pa
         assert step.shares_prompt and not one_token_step(llm, mask.shape[1] + 5).shares_prompt
         products = [f for p in step.proj for f in p.values()] + [step.head]
         assert sum(getattr(f, "merged", False) for f in products) == (4 if frozen == "float32" else 0)  # q, v x 2
-        onednn = frozen == "float32" and _onednn(llm.lm_head.weight)  # an x86-64 CPU
+        x86 = platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available()
+        onednn = frozen == "float32" and x86
         assert [getattr(f, "onednn", False) for f in products] == [onednn] * 15
         assert all(torch.equal(p, before[n]) for n, p in llm.named_parameters())
         caches[0].batch_repeat_interleave(5)
@@ -280,23 +283,30 @@ def test_the_llama_step_on_a_prompt_held_once_gives_the_full_calls_logits(tmp_pa
                 c.reorder_cache(idx)
 
 
-@pytest.mark.parametrize("out,inp", [(96, 64), (64, 160), (501, 64)])
+@pytest.mark.parametrize("out,inp", [(96, 64), (64, 160), (501, 64), (512, 2048), (256, 8192)])
 def test_the_beam_steps_onednn_products_do_not_depend_on_the_rows_beside(out, inp):
     """oneDNN's product (the CPU beam step's) gives a row the same numbers whether it runs with 1 or
-    39 other rows, first or last, as torch.mm does, and F.linear's numbers to rounding: a batch of
-    utterances decodes as each alone. (One row alone, which a beam never has, takes another kernel.)"""
+    119 other rows, first or last, on one thread or two (Llama-3.2-1B's widths among the shapes), as
+    torch.mm does, and F.linear's numbers to rounding: a batch of utterances decodes as each alone,
+    and as its utterances finish. (One row alone, which a beam never has, takes another kernel.)"""
     g = torch.Generator().manual_seed(out)
-    w, b, x = torch.randn(out, inp, generator=g), torch.randn(out, generator=g), torch.randn(40, inp, generator=g)
+    w, b = torch.randn(out, inp, generator=g) * inp ** -0.5, torch.randn(out, generator=g)
+    x = torch.randn(120, inp, generator=g)
     if not _onednn(w):
         pytest.skip("oneDNN's product is taken on an x86-64 CPU only")
-    for bias in (None, b):
-        product = _product(w, bias, rounding=True)
-        assert product.onednn and not getattr(_product(w, bias), "onednn", False)
-        full = product(x)
-        torch.testing.assert_close(full, torch.nn.functional.linear(x, w, bias), rtol=1e-5, atol=1e-5)
-        for m in (2, 3, 15, 16, 17, 30, 39):
-            assert torch.equal(product(x[:m].contiguous()), full[:m]), m
-            assert torch.equal(product(x[-m:].contiguous()), full[-m:]), m
+    threads = torch.get_num_threads()
+    try:
+        for n, bias in ((1, None), (2, b)):
+            torch.set_num_threads(n)
+            product = _product(w, bias, rounding=True)
+            assert product.onednn and not getattr(_product(w, bias), "onednn", False)
+            full = product(x)
+            torch.testing.assert_close(full, torch.nn.functional.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+            for m in (2, 3, 15, 16, 30, 45, 60, 75, 90, 105, 119):
+                assert torch.equal(product(x[:m].contiguous()), full[:m]), (n, m)
+                assert torch.equal(product(x[-m:].contiguous()), full[-m:]), (n, m)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_batched_beam_with_the_steps_gpu_attention_gives_sdpas_hypotheses(tmp_path, monkeypatch):
