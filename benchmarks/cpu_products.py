@@ -25,8 +25,8 @@ sys.path.insert(0, str(HERE.parents[1]))
 SHAPES = {  # name: (out, in) of nn.Linear's weight
     "Llama-3.2-1B": [("q, o", 2048, 2048), ("k, v", 512, 2048), ("gate, up", 8192, 2048),
                      ("down", 2048, 8192), ("output layer", 128256, 2048)],
-    "tiny": [("q, o", 256, 256), ("k, v", 128, 256), ("gate, up", 680, 256),
-                             ("down", 256, 680), ("output layer", 2052, 256)],
+    "tiny": [("q, o", 256, 256), ("k, v", 128, 256), ("gate, up", 680, 256), ("down", 256, 680),
+             ("output layer", 2052, 256)],
 }
 ROWS = (120, 15)
 
@@ -88,8 +88,7 @@ def main() -> None:
     lines = ["# A CPU beam step's products: torch.mm (MKL) against oneDNN's", "",
              f"{time.strftime('%Y-%m-%d')}, {_cpu()} ({platform.machine()}), {args.threads} threads, "
              f"torch {torch.__version__}; medians of {args.rounds} interleaved rounds of {args.reps} calls; "
-             "error: largest difference from the float64 product over its "
-             "largest value", ""]
+             "error: largest difference from the float64 product over its largest value", ""]
     with torch.no_grad():
         for model, shapes in SHAPES.items():
             if args.shapes not in ("all", model):

@@ -290,8 +290,8 @@ def beam_search(llm, emb: torch.Tensor, mask: torch.Tensor, eos: int, beam: int,
     2*beam best candidates; a candidate ending in EOS among the first `beam` is finished with
     score sum(log p) / length**length_penalty. An utterance is done when it holds `beam`
     finished hypotheses (early stopping), and the best finished one is returned. On the CPU the
-    step holds each prompt once and reads float32 LoRA merged (model/step.py): its logits equal
-    the full call's to rounding, and do not depend on the batch.
+    step holds each prompt once, reads float32 LoRA merged and takes oneDNN's products
+    (model/step.py): its logits equal the full call's to rounding, and do not depend on the batch.
     emb (B, L, D) left-padded, mask (B, L) -> token ids per utterance.
     """
     b, k = emb.shape[0], beam

@@ -203,8 +203,10 @@ def _product(weight: torch.Tensor, bias: torch.Tensor | None, rounding: bool = F
     """x (N, in) -> F.linear(x, weight, bias), as the one BLAS call F.linear makes for a matrix, or
     where `rounding` allows it, oneDNN's product (the module's docstring; rows N >= 2)."""
     if rounding and _onednn(weight):
+        op = torch.ops.mkldnn._linear_pointwise
+
         def product(x: torch.Tensor) -> torch.Tensor:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+            return op(x, weight, bias, "none", [], "")
         product.onednn = True  # for the tests: which products the step takes from oneDNN
         return product
     wt = weight.t()
